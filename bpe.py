@@ -1,0 +1,614 @@
+"""Byte-level BPE tokenizer: train, encode, decode; ids identical to tiktoken's, in plain Python.
+
+A tokenizer turns text into a list of integer ids and back. Byte-level BPE (byte pair encoding), the
+scheme of GPT-2 and GPT-4, starts from the 256 possible bytes of UTF-8 and learns "merges": the most
+frequent adjacent pair of tokens becomes a new token, again and again, until the vocabulary is full.
+
+Run it:
+
+    python bpe.py --input corpus.txt --vocab_size 8192 --out tok.bpe     # train, print bytes/token
+    python bpe.py --tokenizer tok.bpe --encode "Hello world"             # ids and the pieces they stand for
+
+Use it:
+
+    tok = Tokenizer.train(open("corpus.txt").read(), vocab_size=8192)
+    ids = tok.encode("Hello world<|endoftext|>", allowed_special="all")
+    assert tok.decode(ids) == "Hello world<|endoftext|>"
+    tok.save("tok.bpe"); tok = Tokenizer.load("tok.bpe")
+    gpt2 = Tokenizer.from_gpt2("vocab.bpe", "encoder.json")      # OpenAI's GPT-2 files
+    enc = tok.to_tiktoken()                                       # same ids, Rust speed
+
+A worked example you can check by hand. Train on "aaabdaaabac" (one pre-token, since it is all letters)
+with vocab_size=259, i.e. three merges after the 256 bytes (a=97, b=98, c=99, d=100):
+
+    ids [97 97 97 98 100 97 97 97 98 97 99]     pairs: (97,97) x4, (97,98) x2, every other pair x1
+    merge 1: (97,97) -> 256 "aa"     [256 97 98 100 256 97 98 97 99]  ("aaa" merges left to right: "aa","a")
+    merge 2: (97,98) -> 257 "ab"     [256 257 100 256 257 97 99]      ((97,98) and (256,97) tie at 2: the
+                                                                        smaller pair wins)
+    merge 3: (256,257) -> 258 "aaab" [258 100 258 97 99]
+
+so Tokenizer.train("aaabdaaabac", 259, special_tokens=()).encode("aaabdaaabac") == [258, 100, 258, 97, 99].
+
+The file reads top to bottom:
+  1. split patterns         the regex that cuts text into pre-tokens; merges never cross their edges
+  2. pairs and merging      the whole idea in ten lines, and the simplest trainer built from it
+  3. training               the same merges, fast: count each distinct pre-token once, update incrementally
+  4. encoding               tiktoken's rule: merge the adjacent pair of lowest rank; a cache
+  5. decoding               ids -> bytes -> text
+  6. saving and loading     a versioned text format, written atomically
+  7. GPT-2's files          vocab.bpe / encoder.json and their printable stand-ins for bytes
+  8. tiktoken               export to and import from tiktoken.Encoding
+  9. command line
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import heapq
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import regex  # the third-party `regex` module: unlike `re`, it knows Unicode classes such as \p{L} (letters)
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Split patterns
+#
+# Before BPE sees the text, a regex cuts it into "pre-tokens" (words with their leading space, runs of
+# digits, punctuation, whitespace) and merges happen only inside a pre-token. So " dog" can become one
+# token, but "dog." never does, and the vocabulary is not wasted on "dog.", "dog!", "dog?".
+
+# GPT-2 (2019): contractions, an optional space + letters / digits / other symbols, then whitespace runs.
+# "\s+(?!\S)" keeps the last space of a run for the word after it: "a   b" -> "a", "  ", " b".
+# (OpenAI's published form spells the contractions out: 's|'t|'re|'ve|'m|'ll|'d; the group is the same set.)
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+# GPT-4 (tiktoken's cl100k_base): case-insensitive contractions, a word may start with one punctuation
+# character ("(dog", "_init"), digits come in groups of at most 3 (so numbers do not eat the vocabulary),
+# and newlines are kept apart from other whitespace. `?+` and `++` are possessive: they never give back.
+# This is the default for new tokenizers.
+GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+
+# Splitting 10 MB with either regex costs more than everything else in training, and most of the text
+# repeats (" the", " of", ...). So we first cut the text, at C speed, into "chunks" at places where a new
+# pre-token provably begins under both patterns, count the chunks, and run the big regex only once per
+# distinct chunk.
+#
+# The cut: before a space " " whose left neighbour is not whitespace ("dog| bites"). Why that is safe:
+#  (a) No pre-token contains a non-space character followed by a space. Each alternative allows a space
+#      only as its first character (" ?\p{L}+", "[^\r\n\p{L}\p{N}]?+\p{L}+", " ?[^\s...]++[\r\n]*") or
+#      inside an all-whitespace run ("\s*[\r\n]", "\s+(?!\S)", "\s+"), which cannot hold the non-space.
+#      So a pre-token ends right before the cut in the whole text.
+#  (b) Nothing before the cut can tell a space from the end of the text: a space stops "\p{L}+",
+#      "\p{N}+", "[^\s\p{L}\p{N}]++", "[\r\n]*" exactly like the end does, and "(?!\S)" succeeds on both.
+#      So the pre-tokens before the cut are the same whether the text goes on or not.
+#  (c) Neither pattern looks behind, so the pre-tokens after the cut do not depend on what came before.
+# Hence findall(whole text) == findall(chunk 1) + findall(chunk 2) + ... (the tests check this on the
+# shared corpora). `re`'s \S means "not str.isspace()", which excludes every character that `regex`'s \s
+# matches, so every left neighbour we cut after is non-whitespace for the patterns too.
+CHUNK_CUT = re.compile(r"(?<=\S)(?= )")
+
+
+def split_chunks(text: str) -> list[str]:
+    """Cut text before every space that follows a non-space: "a dog  bites" -> ["a", " dog  ", " bites"]."""
+    return CHUNK_CUT.split(text)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Counting pairs and merging: the idea
+#
+# A token sequence is a list of ids; the 256 byte values are ids 0..255. Training repeats two steps:
+#   count every adjacent pair:  [97, 97, 97, 98] -> {(97, 97): 2, (97, 98): 1}   (overlapping pairs count)
+#   merge the most frequent one into a new id, left to right:
+#                               merge([97, 97, 97, 98], (97, 97), 256) -> [256, 97, 98]
+# Ties go to the smallest pair (left id, then right id), so the result never depends on dict order.
+# Merge k (k = 0, 1, ...) gets id 256 + k. This is rustbpe's rule, and the tests check our merges against it.
+
+def count_pairs(ids: list[int], counts: dict | None = None, weight: int = 1) -> dict[tuple[int, int], int]:
+    """Add `weight` for every adjacent pair in ids: [1, 2, 3, 1, 2] -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}."""
+    counts = {} if counts is None else counts
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + weight
+    return counts
+
+
+def merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+    """Replace each occurrence of pair, scanning left to right: merge([1, 2, 3, 1, 2], (1, 2), 4) -> [4, 3, 4]."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def train_merges_simple(pretoken_counts: dict[str, int], num_merges: int) -> list[tuple[int, int]]:
+    """The plainest trainer (minbpe's): recount all pairs of all pre-tokens before every merge.
+
+    pretoken_counts maps each distinct pre-token to how often it occurs. Returns the merged pairs in order.
+    It does O(merges x corpus) work, fine for a page of text; `train_merges` below gets the same answer fast.
+    """
+    words = [list(w.encode("utf-8")) for w in pretoken_counts]
+    freqs = list(pretoken_counts.values())
+    merges = []
+    for k in range(num_merges):
+        counts: dict[tuple[int, int], int] = {}
+        for ids, n in zip(words, freqs):
+            count_pairs(ids, counts, n)
+        if not counts:
+            break  # every pre-token is a single token: nothing left to merge
+        pair = min(counts, key=lambda p: (-counts[p], p))  # highest count, then smallest pair
+        words = [merge(ids, pair, 256 + k) for ids in words]
+        merges.append(pair)
+    return merges
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Training, fast
+#
+# Three observations make training cheap in Python:
+#  - Text repeats. Count each distinct pre-token once with its frequency (10 MB of English: ~2.2M pre-tokens,
+#    ~68K distinct) and weight its pairs by that frequency.
+#  - A merge only changes the pre-tokens ("words") that contain the merged pair. Keep an index
+#    pair -> words containing it, and update the pair counts of those words only.
+#  - The best pair comes from a heap. Counts of existing pairs only ever go down (a merge creates pairs
+#    only with the new id), so a stale heap entry overstates its count: when we pop one whose count is out
+#    of date, we push it back with the true count ("lazy" refresh). An entry whose count is current is the
+#    true maximum, and the heap's order on (-count, pair) gives rustbpe's tie rule.
+#
+# Representation: a word is a Python str whose characters are token ids (chr(id)); a pair is a 2-character
+# str. Bytes 0..255 map to chr(0)..chr(255), which is exactly what bytes.decode("latin-1") produces, and
+# merging a pair is str.replace(pair, chr(new_id)), which scans left to right without overlaps, like
+# merge() above, but at C speed. Comparing 2-character strings compares (left id, right id) in order.
+# (Ids up to 65,535 include the surrogate code points; Python strings hold them fine, we never encode them.)
+
+def count_pretokens(texts: str | Iterable[str], pattern: str, special_tokens: Sequence[str] = ()) -> Counter:
+    """{pre-token: occurrences} over all documents; documents are consumed one at a time, never all held."""
+    split_pattern = regex.compile(pattern)
+    special_cut = re.compile("|".join(re.escape(s) for s in sorted(special_tokens, key=len, reverse=True)))
+    chunk_counts: Counter = Counter()
+    for text in [texts] if isinstance(texts, str) else texts:
+        # Special-token text (e.g. "<|endoftext|>" between stories) is a delimiter, not something to learn.
+        for part in special_cut.split(text) if special_tokens else [text]:
+            chunk_counts.update(split_chunks(part))  # Counter.update over a list runs in C
+    pretoken_counts: Counter = Counter()
+    for chunk, n in chunk_counts.items():
+        for pretoken in split_pattern.findall(chunk):
+            pretoken_counts[pretoken] += n
+    return pretoken_counts
+
+
+def train_merges(pretoken_counts: dict[str, int], num_merges: int, verbose: bool = False) -> list[tuple[int, int]]:
+    """The merges train_merges_simple would pick, computed incrementally (see the notes above)."""
+    words = [w.encode("utf-8").decode("latin-1") for w in pretoken_counts]  # one char per byte = byte id
+    freqs = list(pretoken_counts.values())
+    pair_counts: dict[str, int] = defaultdict(int)
+    words_with_pair: dict[str, set[int]] = defaultdict(set)
+    for j, (word, n) in enumerate(zip(words, freqs)):
+        for i in range(len(word) - 1):
+            pair_counts[word[i:i + 2]] += n
+            words_with_pair[word[i:i + 2]].add(j)
+    heap = [(-n, pair) for pair, n in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges: list[tuple[int, int]] = []
+    t0 = last_report = time.perf_counter()
+    while len(merges) < num_merges and heap:
+        negative_count, pair = heapq.heappop(heap)
+        count = pair_counts[pair]
+        if count == 0:
+            continue  # the pair no longer occurs anywhere
+        if -negative_count != count:
+            heapq.heappush(heap, (-count, pair))  # stale entry: put it back with its true count
+            continue
+        new_token = chr(256 + len(merges))
+        changed = set()
+        for j in words_with_pair.pop(pair):
+            old = words[j]
+            if pair not in old:
+                continue  # the index is lazy too: this word lost the pair to an earlier merge
+            new = old.replace(pair, new_token)
+            words[j] = new
+            n = freqs[j]
+            # Recount this word's pairs: remove the old ones, add the new ones. Only pairs with the new
+            # token are new; they go into the index and, once all words are done, into the heap.
+            for i in range(len(old) - 1):
+                pair_counts[old[i:i + 2]] -= n
+            for i in range(len(new) - 1):
+                p = new[i:i + 2]
+                pair_counts[p] += n
+                if new_token in p:
+                    words_with_pair[p].add(j)
+                    changed.add(p)
+        for p in changed:
+            heapq.heappush(heap, (-pair_counts[p], p))
+        merges.append((ord(pair[0]), ord(pair[1])))
+        now = time.perf_counter()
+        if verbose and (now - last_report > 1.0 or len(merges) == num_merges):
+            last_report = now
+            print(f"merge {len(merges):,}/{num_merges:,}: pair {merges[-1]} x {count:,}, "
+                  f"{len(merges) / (now - t0):,.0f} merges/s", flush=True)
+    return merges
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4-8. The Tokenizer: encoding, decoding, saving, GPT-2's files, tiktoken
+
+FORMAT_HEADER = "bpe.py tokenizer v1"
+CACHE_LIMIT = 1 << 20  # chunks remembered by encode; cleared when full so that memory stays bounded on streams
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer: mergeable_ranks {token bytes: id}, a split pattern, special tokens.
+
+    The ranks are all it needs, as in tiktoken: a token's id is also its merge priority (lower merges first).
+    """
+
+    def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = GPT4_PATTERN,
+                 special_tokens: dict[str, int] | None = None):
+        self.mergeable_ranks = dict(mergeable_ranks)
+        self.pattern = pattern
+        self.special_tokens = dict(special_tokens or {})
+        missing = [b for b in range(256) if bytes([b]) not in self.mergeable_ranks]
+        if missing:
+            raise ValueError(f"mergeable_ranks lacks the single byte {bytes([missing[0]])!r}: "
+                             "a byte-level tokenizer needs all 256 bytes to encode any text")
+        self._decoder = {i: b for b, i in self.mergeable_ranks.items()}
+        self._decoder.update((i, s.encode("utf-8")) for s, i in self.special_tokens.items())
+        if len(self._decoder) != len(self.mergeable_ranks) + len(self.special_tokens):
+            raise ValueError("two tokens share an id: every token and special token needs its own id")
+        self._split = regex.compile(pattern)
+        self._special_cut = re.compile(
+            "(" + "|".join(re.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)) + ")")
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids: the largest id + 1 (= len(mergeable_ranks) + len(special_tokens) when ids are dense)."""
+        return max(self._decoder) + 1
+
+    @property
+    def eot_token(self) -> int | None:
+        return self.special_tokens.get("<|endoftext|>")
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, specials={list(self.special_tokens)}, "
+                f"pattern={'GPT-4' if self.pattern == GPT4_PATTERN else 'GPT-2' if self.pattern == GPT2_PATTERN else 'custom'})")
+
+    # --- training ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, texts: str | Iterable[str], vocab_size: int, pattern: str = GPT4_PATTERN,
+              special_tokens: Sequence[str] = ("<|endoftext|>",), verbose: bool = False) -> Tokenizer:
+        """Learn vocab_size - 256 - len(special_tokens) merges; specials take the ids after the merges."""
+        special_tokens = list(dict.fromkeys(special_tokens))
+        if vocab_size < 256 + len(special_tokens):
+            raise ValueError(f"vocab_size {vocab_size} is too small: it must hold the 256 byte tokens "
+                             f"+ {len(special_tokens)} special tokens, so at least {256 + len(special_tokens)}")
+        if vocab_size > 65_536:
+            raise ValueError(f"vocab_size {vocab_size} is above 65,536: token shards store ids as uint16")
+        t0 = time.perf_counter()
+        pretoken_counts = count_pretokens(texts, pattern, special_tokens)
+        if not pretoken_counts:
+            raise ValueError("the training text is empty: give at least one non-empty document")
+        if verbose:
+            print(f"pre-tokenized: {sum(pretoken_counts.values()):,} pre-tokens, {len(pretoken_counts):,} "
+                  f"distinct, {time.perf_counter() - t0:.2f} s", flush=True)
+        num_merges = vocab_size - 256 - len(special_tokens)
+        merges = train_merges(pretoken_counts, num_merges, verbose)
+        if verbose and len(merges) < num_merges:
+            print(f"stopped after {len(merges):,} merges: every pre-token is a single token", flush=True)
+        token_bytes = [bytes([b]) for b in range(256)]
+        for left, right in merges:
+            token_bytes.append(token_bytes[left] + token_bytes[right])
+        ranks = {b: i for i, b in enumerate(token_bytes)}
+        specials = {s: len(token_bytes) + k for k, s in enumerate(special_tokens)}
+        return cls(ranks, pattern, specials)
+
+    # --- encoding ---------------------------------------------------------------------------------------
+    #
+    # tiktoken's rule, for each pre-token: if its bytes are a token, that is the answer (the common case,
+    # " the"). Otherwise start from single bytes and repeatedly merge the adjacent pair whose concatenation
+    # has the lowest rank, leftmost first on a tie, until no adjacent pair is a token. For a trained
+    # tokenizer this replays the training merges in order; it also works for vocabularies given only as
+    # ranks (tiktoken's), where no list of merges exists.
+
+    def _encode_pretoken(self, piece: bytes) -> list[int]:
+        ranks = self.mergeable_ranks
+        if piece in ranks:
+            return [ranks[piece]]
+        parts = [piece[i:i + 1] for i in range(len(piece))]
+        while len(parts) > 1:
+            best_rank, best_i = None, -1
+            for i in range(len(parts) - 1):
+                rank = ranks.get(parts[i] + parts[i + 1])
+                if rank is not None and (best_rank is None or rank < best_rank):
+                    best_rank, best_i = rank, i
+            if best_rank is None:
+                break
+            parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+        return [ranks[p] for p in parts]
+
+    def _encode_chunk(self, chunk: str) -> tuple[int, ...]:
+        ids: list[int] = []
+        for piece in self._split.findall(chunk):
+            ids += self._encode_pretoken(piece.encode("utf-8"))
+        if len(self._cache) >= CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[chunk] = result = tuple(ids)
+        return result
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encode text, treating special-token text like any other text."""
+        # Chunks repeat a lot (" the", " of"), so each distinct chunk is split and merged once, then cached.
+        cache, ids = self._cache, []
+        for chunk in split_chunks(text):
+            tokens = cache.get(chunk)
+            ids += tokens if tokens is not None else self._encode_chunk(chunk)
+        return ids
+
+    def encode(self, text: str, allowed_special: set[str] | str = frozenset(),
+               disallowed_special: set[str] | str = "all") -> list[int]:
+        """Encode text like tiktoken: special-token text raises ValueError unless allowed ("all" allows all)."""
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        disallowed = set(self.special_tokens) - allowed if disallowed_special == "all" else set(disallowed_special)
+        for special in disallowed:
+            if special in text:
+                raise ValueError(f"text contains the special token {special!r}: pass allowed_special={{{special!r}}} "
+                                 f"(or 'all') to encode it as a special token, or use encode_ordinary for plain text")
+        if not allowed or not self.special_tokens:
+            return self.encode_ordinary(text)
+        ids: list[int] = []
+        # re.split with a capturing group keeps the separators at odd positions: [text, special, text, ...]
+        for k, part in enumerate(self._special_cut.split(text)):
+            if k % 2 == 1 and part in allowed:
+                ids.append(self.special_tokens[part])
+            else:
+                ids += self.encode_ordinary(part)
+        return ids
+
+    def encode_ordinary_batch(self, texts: list[str]) -> list[list[int]]:
+        """encode_ordinary for many documents (one thread; the chunk cache is shared across them)."""
+        return [self.encode_ordinary(text) for text in texts]
+
+    def encode_batch(self, texts: list[str], allowed_special: set[str] | str = frozenset(),
+                     disallowed_special: set[str] | str = "all") -> list[list[int]]:
+        return [self.encode(text, allowed_special, disallowed_special) for text in texts]
+
+    # --- decoding ---------------------------------------------------------------------------------------
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes the ids stand for. One token may hold part of a UTF-8 character, so bytes are exact."""
+        try:
+            return b"".join(map(self._decoder.__getitem__, ids))
+        except KeyError as e:
+            raise ValueError(f"cannot decode id {e.args[0]!r}: the vocabulary has ids 0..{self.vocab_size - 1}") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of the ids; bytes that are not valid UTF-8 (e.g. half a character) become U+FFFD, as in tiktoken."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # --- saving and loading -----------------------------------------------------------------------------
+    #
+    # The format, UTF-8 text, one record per line:
+    #
+    #     bpe.py tokenizer v1
+    #     pattern "'(?i:[sdmt]|ll|ve|re)|..."          the split regex as a JSON string
+    #     specials 1
+    #     "<|endoftext|>" 8191                          each special token: JSON string, id
+    #     ranks 8191
+    #     AA== 0                                        each token: base64 of its bytes, id (as in .tiktoken
+    #     ...                                            files: tokens are bytes, often not valid UTF-8)
+    #     sha256 9f86d0...                              SHA-256 of every line above, including their newlines
+    #
+    # The counts catch truncation early, the checksum catches any edit, and the first line names the
+    # version, so a file is either loaded exactly or rejected with the line that is wrong.
+
+    def dumps(self) -> str:
+        """The tokenizer as text in the format above (what save() writes; gpt.py keeps it in checkpoints)."""
+        lines = [FORMAT_HEADER, f"pattern {json.dumps(self.pattern)}", f"specials {len(self.special_tokens)}"]
+        lines += [f"{json.dumps(s)} {i}" for s, i in self.special_tokens.items()]
+        lines.append(f"ranks {len(self.mergeable_ranks)}")
+        lines += [f"{base64.b64encode(b).decode('ascii')} {i}" for b, i in self.mergeable_ranks.items()]
+        body = "".join(line + "\n" for line in lines)
+        return body + f"sha256 {hashlib.sha256(body.encode('utf-8')).hexdigest()}\n"
+
+    @classmethod
+    def loads(cls, text: str, source: str = "tokenizer text") -> Tokenizer:
+        """Parse dumps() output; any damage raises ValueError naming `source` and the line."""
+        lines = text.split("\n")
+        line_no = 0
+
+        def fail(problem: str) -> ValueError:
+            return ValueError(f"{source} line {line_no}: {problem}")
+
+        def next_line() -> str:
+            nonlocal line_no
+            line_no += 1
+            if line_no > len(lines) or (line_no == len(lines) and lines[-1] == ""):
+                raise fail("unexpected end of file: the file is truncated")
+            return lines[line_no - 1]
+
+        def read_count(keyword: str) -> int:
+            line = next_line()
+            name, _, value = line.partition(" ")
+            if name != keyword or not value.isdigit():
+                raise fail(f"expected '{keyword} <count>', found {line[:60]!r}")
+            return int(value)
+
+        def read_entry(decode_key) -> tuple:
+            line = next_line()
+            key, _, value = line.rpartition(" ")
+            try:
+                if not value.isdigit():
+                    raise ValueError("the id is not a number")
+                return decode_key(key), int(value)
+            except ValueError as e:  # also bad JSON and bad base64 (both subclass ValueError)
+                raise fail(f"expected '<token> <id>', found {line[:60]!r} ({e})") from None
+
+        if next_line() != FORMAT_HEADER:
+            raise fail(f"expected {FORMAT_HEADER!r}: not a bpe.py tokenizer file, or another version of the format")
+        line = next_line()
+        try:
+            if not line.startswith("pattern "):
+                raise ValueError
+            pattern = json.loads(line[len("pattern "):])
+        except ValueError:  # json.JSONDecodeError is a ValueError
+            raise fail(f"expected 'pattern <json string>', found {line[:60]!r}") from None
+        specials = dict(read_entry(json.loads) for _ in range(read_count("specials")))
+        ranks = dict(read_entry(lambda key: base64.b64decode(key, validate=True)) for _ in range(read_count("ranks")))
+        body = "".join(line + "\n" for line in lines[:line_no])
+        if next_line() != f"sha256 {hashlib.sha256(body.encode('utf-8')).hexdigest()}":
+            raise fail("checksum does not match the lines above: the file was edited or corrupted")
+        if line_no + 1 != len(lines) or lines[-1] != "":
+            raise fail("unexpected text after the checksum line")
+        return cls(ranks, pattern, specials)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write dumps() to path atomically: a temporary file in the same folder, then os.replace."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+                f.write(self.dumps())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such tokenizer file (train one with: python bpe.py --input ... --out {path})")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not a bpe.py tokenizer (byte {e.start} is not UTF-8)") from None
+        return cls.loads(text, source=str(path))
+
+    # --- GPT-2's files ----------------------------------------------------------------------------------
+    #
+    # OpenAI's GPT-2 tokenizer comes as two files (Hugging Face ships the same content as vocab.json and
+    # merges.txt):
+    #   encoder.json  {token string: id} for 50,257 tokens, <|endoftext|> = 50256
+    #   vocab.bpe     "#version: 0.2", then the 50,000 merges in order, one "left right" pair per line
+    # Tokens are bytes, but JSON holds text, so GPT-2 writes each byte as a printable stand-in character:
+    # the 188 printable Latin-1 bytes ("!".."~", "¡".."¬", "®".."ÿ") stand for themselves, and the other 68
+    # (control characters, space, DEL, ...) take chr(256), chr(257), ... in byte order. So the space 0x20
+    # is written "Ġ" (chr(288)) and " the" is "Ġthe". Note GPT-2's byte tokens have ids in this printable
+    # order ("!" = 0), not byte values; only the ranks matter to encoding, so that is fine.
+
+    @staticmethod
+    def gpt2_byte_chars() -> dict[int, str]:
+        """GPT-2's byte -> stand-in character table (see above)."""
+        printable = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+        others = [b for b in range(256) if b not in printable]
+        return {**{b: chr(b) for b in printable}, **{b: chr(256 + k) for k, b in enumerate(others)}}
+
+    @classmethod
+    def from_gpt2(cls, vocab_bpe: str | os.PathLike, encoder_json: str | os.PathLike) -> Tokenizer:
+        """GPT-2's tokenizer from OpenAI's vocab.bpe and encoder.json (ids identical to tiktoken's "gpt2")."""
+        vocab_bpe, encoder_json = Path(vocab_bpe), Path(encoder_json)
+        for path in (vocab_bpe, encoder_json):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no such file (GPT-2's vocab.bpe and encoder.json are needed)")
+        to_byte = {c: b for b, c in cls.gpt2_byte_chars().items()}
+        try:
+            encoder = json.loads(encoder_json.read_text(encoding="utf-8"))
+            specials = {s: i for s, i in encoder.items() if s == "<|endoftext|>"}
+            ranks = {bytes(to_byte[c] for c in s): i for s, i in encoder.items() if s not in specials}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{encoder_json}: not GPT-2's encoder.json ({type(e).__name__}: {e})") from None
+        # vocab.bpe must agree: merge k (line k + 2) makes the token with id 256 + k.
+        lines = vocab_bpe.read_text(encoding="utf-8").split("\n")
+        if not lines[0].startswith("#version"):
+            raise ValueError(f"{vocab_bpe} line 1: expected '#version: 0.2': not GPT-2's vocab.bpe")
+        merges = [line for line in lines[1:] if line]
+        for k, line in enumerate(merges):
+            left, _, right = line.partition(" ")
+            token = bytes(to_byte.get(c, 0) for c in left + right)  # an unknown character cannot match below
+            if not all(c in to_byte for c in left + right) or ranks.get(token) != 256 + k:
+                raise ValueError(f"{vocab_bpe} line {k + 2}: merge {line!r} does not match encoder.json id {256 + k}")
+        return cls(ranks, GPT2_PATTERN, specials)
+
+    # --- tiktoken -----------------------------------------------------------------------------------------
+
+    def to_tiktoken(self, name: str = "bpe"):
+        """A tiktoken.Encoding with the same ranks, pattern and specials: identical ids, encoded in Rust."""
+        import tiktoken
+        return tiktoken.Encoding(name, pat_str=self.pattern, mergeable_ranks=self.mergeable_ranks,
+                                 special_tokens=self.special_tokens)
+
+    @classmethod
+    def from_tiktoken(cls, enc) -> Tokenizer:
+        """From a tiktoken.Encoding, e.g. tiktoken.get_encoding("gpt2") (downloads its files once)."""
+        # tiktoken keeps these as private attributes; they are the Encoding's constructor arguments.
+        return cls(enc._mergeable_ranks, enc._pat_str, enc._special_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. Command line
+
+def read_utf8(path: str | os.PathLike) -> str:
+    """A file's text; a clear error names the file and the byte offset where it stops being UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte offset {e.start}: {data[e.start:e.start + 4]!r})") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer, or encode text with one.")
+    parser.add_argument("--input", nargs="+", metavar="FILE", help="UTF-8 text files to train on")
+    parser.add_argument("--vocab_size", type=int, default=8192, help="256 bytes + merges + special tokens")
+    parser.add_argument("--pattern", choices=["gpt4", "gpt2"], default="gpt4", help="split regex")
+    parser.add_argument("--out", default="tok.bpe", help="where to save the trained tokenizer")
+    parser.add_argument("--tokenizer", metavar="FILE", help="a saved tokenizer, for --encode")
+    parser.add_argument("--encode", metavar="TEXT", help="text to encode (special tokens allowed)")
+    args = parser.parse_args(argv)
+    try:
+        if args.input:
+            for path in args.input:
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"--input {path}: no such file")
+            texts = (read_utf8(path) for path in args.input)  # one file in memory at a time
+            t0 = time.perf_counter()
+            tok = Tokenizer.train(texts, args.vocab_size, GPT4_PATTERN if args.pattern == "gpt4" else GPT2_PATTERN,
+                                  verbose=True)
+            seconds = time.perf_counter() - t0
+            tok.save(args.out)
+            n_bytes = n_tokens = 0
+            for path in args.input:
+                text = read_utf8(path)
+                n_bytes += len(text.encode("utf-8"))
+                n_tokens += len(tok.encode(text, allowed_special="all"))
+            print(f"trained vocab_size {tok.vocab_size:,} in {seconds:.2f} s; {n_bytes / max(n_tokens, 1):.3f} "
+                  f"bytes/token on the input; saved {args.out}")
+        elif args.tokenizer and args.encode is not None:
+            tok = Tokenizer.load(args.tokenizer)
+            ids = tok.encode(args.encode, allowed_special="all")
+            print(ids)
+            print(" | ".join(repr(tok.decode_bytes([i]))[1:] for i in ids))
+        else:
+            parser.error("give --input FILE... to train, or --tokenizer FILE --encode TEXT to encode")
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

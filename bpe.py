@@ -435,8 +435,8 @@ class Tokenizer:
         def next_line() -> str:
             nonlocal line_no
             line_no += 1
-            if line_no > len(lines) or (line_no == len(lines) and lines[-1] == ""):
-                raise fail("unexpected end of file: the file is truncated")
+            if line_no >= len(lines):  # a complete file ends with "\n", so lines[-1] is the empty rest
+                raise fail("the file ends here: it is truncated")
             return lines[line_no - 1]
 
         def read_count(keyword: str) -> int:

@@ -1,0 +1,745 @@
+"""Stream a text dataset through a BPE tokenizer into token shards that gpt.py, llm.c and modded-nanogpt read.
+
+    python prepare_fineweb.py                                   # FineWeb-edu sample-10BT, 100M tokens
+    python prepare_fineweb.py --max_tokens=all                  # ... the whole sample (about 10B tokens)
+    python prepare_fineweb.py --dataset=tinystories             # TinyStories, with its own validation split
+    python prepare_fineweb.py --input=a.txt,b.jsonl --val_from=end   # your own files, offline
+    python prepare_fineweb.py --input=input.txt --vocab_size=257     # byte-level: 256 bytes + <|endoftext|>
+    python prepare_fineweb.py --dataset=tinystories --tokenizer=gpt2 # GPT-2's tokenizer instead of a new one
+
+What happens, in order:
+  1. The documents are opened as a stream (`datasets` in streaming mode, for hub datasets and local files
+     alike), so nothing is downloaded ahead: the first shard is on disk after seconds, not after 30 GB.
+  2. A tokenizer is trained with bpe.py on the first --tokenizer_train_mb MB of training documents
+     (default 100 MB, vocab 8192, GPT-4 split pattern), or loaded (--tokenizer=gpt2, a folder, a file).
+  3. Worker processes encode chunks of documents with the tokenizer's tiktoken twin (same ids, in Rust);
+     results come back in order, so the output is the same for any number of --workers.
+  4. Documents, each preceded by <|endoftext|>, are packed whole into shards of at most --shard_size
+     tokens, until --max_tokens training tokens.
+
+Output, in data/<name>/ (name: fineweb, tinystories, or the first input file's stem):
+  <name>_val_000000.bin, <name>_train_000001.bin, ...  shards, numbered in the order their documents come
+                                                       (the shard format is described beside the writer)
+  tokenizer.bpe                                        the tokenizer, in bpe.py's format (also for gpt2)
+  meta.json                                            vocab size, <|endoftext|> id, and tokens, documents
+                                                       and UTF-8 bytes per shard and per split (gpt.py reads it)
+
+Validation never overlaps training: it is the dataset's own validation split where there is one, else the
+first --val_size documents (a count, or a fraction of all documents), or the last ones with --val_from=end.
+
+Interruptions: a shard is written under a .tmp name and renamed when complete, and meta.json lists the
+complete shards after each one. Rerunning the same command resumes: it skips the documents already in
+complete shards and writes the next shard; documents come in a fixed order, so the shards are
+byte-identical to those of an uninterrupted run. Rerunning a finished run does nothing; --overwrite
+starts over.
+
+Sections: flags; document sources (hub stream, local files); tokenizer (train or load); encoding workers;
+shard writer (with the format); main.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+
+from bpe import GPT2_PATTERN, GPT4_PATTERN, Tokenizer
+
+EOT = "<|endoftext|>"  # separates documents in .txt inputs and precedes every document in the shards
+
+# ----------------------------------------------------------------------------------------------------------
+# Flags
+
+# --dataset shortcuts: (hub id, config). Any other hub id with a text column works as is.
+HUB_DATASETS = {
+    "fineweb": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
+    "tinystories": ("roneneldan/TinyStories", None),
+}
+PATTERNS = {"gpt4": GPT4_PATTERN, "gpt2": GPT2_PATTERN}
+HUB_VAL_DOCUMENTS = 10_000  # default validation size for a hub stream without a validation split (~10M tokens)
+LOCAL_VAL_FRACTION = 0.1    # default for local files, as nanoGPT's 90/10 split
+
+
+def parse_count(text: str) -> int:
+    """'100M' -> 100_000_000. Accepts K, M, B suffixes and plain integers ('2_000_000' too)."""
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9}.get(text[-1:].upper(), 1)
+    number = text[:-1] if scale > 1 else text
+    try:
+        value = float(number.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (examples: 5000, 100M, 2.5B)") from None
+    if value != int(value * scale) / scale or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole, non-negative count")
+    return int(value * scale)
+
+
+def parse_max_tokens(text: str) -> int | None:
+    """A token budget, or 'all' (None): stream the whole dataset."""
+    return None if text.lower() == "all" else parse_count(text)
+
+
+def parse_val_size(text: str) -> float:
+    """A document count (5000) or a fraction of all documents (0.1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a document count nor a fraction") from None
+    if not (0 < value < 1 or (value >= 1 and value == int(value))):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a fraction between 0 and 1 or a whole count >= 1")
+    return value
+
+
+class FlagParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage dump
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = FlagParser(description="Tokenize FineWeb-edu, TinyStories or your own files into llm.c-format shards.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = parser.add_argument_group("source")
+    source.add_argument("--dataset", help="fineweb, tinystories, or a hub id with a text column "
+                        "(default: fineweb unless --input is given)")
+    source.add_argument("--config", help="hub config (default: sample-10BT for fineweb, none otherwise)")
+    source.add_argument("--input", metavar="FILE[,FILE...]", help="local .txt (documents separated by "
+                        f"{EOT} lines, else by blank lines), .jsonl/.json or .parquet (a text column)")
+    source.add_argument("--text_column", default="text", help="column holding the documents")
+    tokenizer = parser.add_argument_group("tokenizer")
+    tokenizer.add_argument("--tokenizer", default="train", help="train (a new one with bpe.py), gpt2 (tiktoken's "
+                           "download), a folder with vocab.bpe+encoder.json or merges.txt+vocab.json, "
+                           "or a saved bpe.py tokenizer file")
+    tokenizer.add_argument("--vocab_size", type=int, default=8192,
+                           help="for training: 256 bytes + merges + <|endoftext|> (257 = byte-level)")
+    tokenizer.add_argument("--pattern", choices=sorted(PATTERNS), default="gpt4", help="split regex for training")
+    tokenizer.add_argument("--tokenizer_train_mb", type=float, default=100,
+                           help="train on about this many MB of the first training documents")
+    output = parser.add_argument_group("output")
+    output.add_argument("--name", help="shard name prefix (default: fineweb, tinystories, the first input's stem)")
+    output.add_argument("--out_dir", help="output folder (default: data/<name>)")
+    output.add_argument("--max_tokens", type=parse_max_tokens, default="100M",
+                        help="stop after this many training tokens (at a document boundary); 'all' for everything")
+    output.add_argument("--shard_size", type=parse_count, default="100M", help="tokens per shard at most")
+    output.add_argument("--val_size", type=parse_val_size, help="validation documents where the dataset has no "
+                        f"validation split: a count or a fraction (default: {LOCAL_VAL_FRACTION} for --input, "
+                        f"{HUB_VAL_DOCUMENTS} for a hub stream, which cannot be counted ahead)")
+    output.add_argument("--val_from", choices=["start", "end"], default="start",
+                        help="take the validation documents from the start or the end of the source")
+    output.add_argument("--overwrite", action="store_true", help="replace the output folder's shards")
+    system = parser.add_argument_group("system")
+    system.add_argument("--workers", type=int, default=os.cpu_count(), help="encoding processes")
+    args = parser.parse_args(argv)
+    if args.dataset and args.input:
+        parser.error("give either --dataset or --input, not both")
+    if args.workers < 1:
+        parser.error(f"--workers={args.workers}: need at least 1")
+    if args.shard_size < 1:
+        parser.error("--shard_size must be at least 1 token")
+    if not 256 + 1 <= args.vocab_size <= 65_536:  # uint16 holds ids 0..65535
+        parser.error(f"--vocab_size={args.vocab_size}: must be 257 (bytes + <|endoftext|>) to 65536 "
+                     "(token ids are stored as uint16)")
+    if args.tokenizer_train_mb <= 0:
+        parser.error("--tokenizer_train_mb must be positive")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Document sources
+#
+# Everything is read with `datasets` in streaming mode: hub datasets arrive file by file over HTTP, local
+# files are read in 10 MB chunks, and either way a document is a string. Empty documents are skipped.
+
+@dataclass
+class Source:
+    """Where documents come from: a hub dataset (hub_id) or local files."""
+    name: str
+    hub_id: str | None
+    hub_config: str | None
+    files: list[Path]
+    text_column: str
+
+    def describe(self) -> str:
+        if self.hub_id:
+            return self.hub_id + (f" ({self.hub_config})" if self.hub_config else "")
+        return ",".join(str(path) for path in self.files)
+
+
+LOCAL_LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def open_source(args: argparse.Namespace) -> Source:
+    """The source named by the flags; local files are checked here (exist, not empty, UTF-8 .txt)."""
+    if not args.input:
+        hub_id, config = HUB_DATASETS.get(args.dataset or "fineweb", (args.dataset, None))
+        name = args.name or (args.dataset or "fineweb").split("/")[-1].lower()
+        return Source(name, hub_id, args.config or config, [], args.text_column)
+    files = [Path(part) for part in args.input.split(",") if part]
+    for path in files:
+        if path.suffix.lower() not in LOCAL_LOADERS:
+            raise ValueError(f"--input {path}: unsupported file type {path.suffix!r} (use .txt, .jsonl, .json, .parquet)")
+        if not path.is_file():
+            raise FileNotFoundError(f"--input {path}: no such file")
+        if path.stat().st_size == 0:
+            raise ValueError(f"--input {path}: the file is empty")
+        if path.suffix.lower() == ".txt":
+            check_utf8(path)
+    return Source(args.name or files[0].stem, None, None, files, args.text_column)
+
+
+def check_utf8(path: Path, block_size: int = 1 << 20) -> None:
+    """Fail early, naming the byte, rather than after hours of encoding (about 1 s per GB)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while block := f.read(block_size):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as error:
+                bad = offset + error.start
+                raise ValueError(f"--input {path}: not UTF-8 text (byte offset {bad}); convert it first, "
+                                 "e.g. iconv -f latin1 -t utf-8") from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"--input {path}: not UTF-8 text (it ends inside a character)") from None
+
+
+def has_eot_lines(path: Path, block_size: int = 1 << 20) -> bool:
+    """Whether a .txt file separates its documents with <|endoftext|> (else blank lines do)."""
+    marker = EOT.encode()
+    tail = b""  # the end of the previous block, so a marker cut in two is still found
+    with open(path, "rb") as f:
+        while block := f.read(block_size):
+            if marker in tail + block:
+                return True
+            tail = block[-len(marker):]
+    return False
+
+
+def check_column(dataset, column: str, where: str) -> None:
+    if dataset.column_names is not None and column not in dataset.column_names:
+        raise ValueError(f"{where} has no {column!r} column (it has: {', '.join(dataset.column_names)}); "
+                         "pick one with --text_column")
+
+
+def column_texts(dataset, column: str) -> Iterator[str]:
+    """The strings of one column of a streaming dataset, read in batches (2x faster than row by row)."""
+    for batch in dataset.select_columns([column]).iter(batch_size=1024):
+        yield from batch[column]
+
+
+def read_text_file(path: Path) -> Iterator[str]:
+    """A .txt file's documents: the text between <|endoftext|> lines if it has any, else between blank
+    lines. Line breaks around a document are dropped; the text inside is kept exactly."""
+    import datasets
+    if has_eot_lines(path):
+        # One row per line (keeping its "\n"), regrouped here at the marker lines.
+        lines = datasets.load_dataset("text", data_files=str(path), split="train", streaming=True,
+                                      keep_linebreaks=True)
+        document = []
+        for line in column_texts(lines, "text"):
+            if line.strip() == EOT:
+                yield "".join(document).strip("\n")
+                document = []
+            else:
+                document.append(line)
+        yield "".join(document).strip("\n")
+    else:
+        # datasets' "paragraph" rows are text.split("\n\n"), so a run of 3 newlines leaves one on the next row.
+        paragraphs = datasets.load_dataset("text", data_files=str(path), split="train", streaming=True,
+                                           sample_by="paragraph")
+        for paragraph in column_texts(paragraphs, "text"):
+            yield paragraph.strip("\n")
+
+
+def read_file(path: Path, column: str) -> Iterator[str]:
+    """One local file's documents, in file order."""
+    import datasets
+    loader = LOCAL_LOADERS[path.suffix.lower()]
+    if loader == "text":
+        documents = read_text_file(path)
+    else:
+        dataset = datasets.load_dataset(loader, data_files=str(path), split="train", streaming=True)
+        check_column(dataset, column, f"--input {path}")
+        documents = column_texts(dataset, column)
+    try:
+        yield from documents
+    except (ValueError, OSError) as error:  # also UnicodeDecodeError and pyarrow's errors (subclasses)
+        first_line = str(error).strip().split("\n")[0]
+        raise ValueError(f"--input {path}: cannot read it as {loader} ({type(error).__name__}: {first_line})") from None
+
+
+def read_hub(source: Source, split: str) -> Iterator[str]:
+    """One split of a hub dataset, streamed over HTTP."""
+    import datasets
+    try:
+        dataset = datasets.load_dataset(source.hub_id, source.hub_config, split=split, streaming=True)
+    except Exception as error:  # the hub raises many types (ConnectionError, HfHubHTTPError, ...)
+        raise hub_error(source, error) from None
+    check_column(dataset, source.text_column, source.describe())
+    yield from column_texts(dataset, source.text_column)
+
+
+def hub_error(source: Source, error: Exception) -> ValueError:
+    first_line = str(error).strip().split("\n")[0]
+    return ValueError(f"cannot open {source.describe()} on the Hugging Face hub ({type(error).__name__}: "
+                      f"{first_line}); check the name and your connection, or use local files: --input=FILE")
+
+
+def hub_split_names(source: Source) -> list[str]:
+    import datasets
+    try:
+        return datasets.get_dataset_split_names(source.hub_id, source.hub_config)
+    except Exception as error:
+        raise hub_error(source, error) from None
+
+
+def read_documents(source: Source, split: str = "train") -> Iterator[str]:
+    """All non-empty documents of the source in order (split: a hub split name)."""
+    if source.hub_id:
+        documents = read_hub(source, split)
+    else:
+        documents = (text for path in source.files for text in read_file(path, source.text_column))
+    return (text for text in documents if text)
+
+
+def count_documents(source: Source) -> int:
+    return sum(1 for _ in read_documents(source))
+
+
+def validation_range(source: Source, val_size: float | None, val_from: str) -> range | None:
+    """Indices (in source order) of the validation documents; None where the dataset has its own split."""
+    if source.hub_id:
+        if "validation" in hub_split_names(source):
+            return None
+        val_size = val_size or HUB_VAL_DOCUMENTS
+        if val_from == "end" or val_size < 1:
+            raise ValueError(f"{source.describe()} has no validation split and a stream cannot be counted ahead: "
+                             "use a document count from the start (--val_size=5000) or local files (--input)")
+        return range(int(val_size))
+    total = count_documents(source)
+    val_size = val_size or LOCAL_VAL_FRACTION
+    n_val = round(val_size * total) if val_size < 1 else int(val_size)
+    if total == 0:
+        raise ValueError(f"--input {source.describe()}: no documents (the files hold only blank lines)")
+    if not 1 <= n_val < total:
+        raise ValueError(f"--val_size={val_size:g} gives {n_val} validation documents of {total}: "
+                         "both splits need at least one")
+    return range(n_val) if val_from == "start" else range(total - n_val, total)
+
+
+def split_documents(source: Source, split: str, val_range: range | None) -> Iterator[str]:
+    """The documents of "train" or "val", in source order; the two never share a document."""
+    if val_range is None:
+        return read_documents(source, "validation" if split == "val" else "train")
+    documents = read_documents(source)
+    if split == "val":
+        return islice(documents, val_range.start, val_range.stop)
+    if val_range.start == 0:  # validation came first: training is everything after it
+        return islice(documents, val_range.stop, None)
+    return islice(documents, val_range.start)  # validation is the end: training is everything before it
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer: train one with bpe.py, or load GPT-2's or a saved one
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """--tokenizer=gpt2 | FOLDER (GPT-2 files) | FILE (bpe.py's format)."""
+    if spec == "gpt2":
+        try:
+            encoding = tiktoken.get_encoding("gpt2")  # downloads two files once, then uses tiktoken's cache
+        except Exception as error:
+            raise ValueError(f"cannot download GPT-2's tokenizer ({type(error).__name__}); give a folder holding "
+                             "vocab.bpe and encoder.json (or merges.txt and vocab.json): --tokenizer=FOLDER") from None
+        return Tokenizer.from_tiktoken(encoding)
+    path = Path(spec)
+    if path.is_dir():
+        for merges, vocab in (("vocab.bpe", "encoder.json"), ("merges.txt", "vocab.json")):
+            if (path / merges).is_file() and (path / vocab).is_file():
+                return Tokenizer.from_gpt2(path / merges, path / vocab)
+        raise FileNotFoundError(f"--tokenizer={spec}: the folder holds neither vocab.bpe + encoder.json "
+                                "nor merges.txt + vocab.json")
+    if path.is_file():
+        return Tokenizer.load(path)
+    raise FileNotFoundError(f"--tokenizer={spec}: no such file or folder (use train, gpt2, a folder with "
+                            "GPT-2's files, or a saved tokenizer file)")
+
+
+def first_megabytes(texts: Iterable[str], megabytes: float) -> Iterator[str]:
+    """The leading documents up to about `megabytes` MB of UTF-8 (the last one may cross the limit)."""
+    budget = megabytes * 1e6
+    for text in texts:
+        yield text
+        budget -= len(text.encode("utf-8"))
+        if budget <= 0:
+            return
+
+
+def train_tokenizer(documents: Iterable[str], args: argparse.Namespace) -> Tokenizer:
+    texts = list(first_megabytes(documents, args.tokenizer_train_mb))  # 100 MB of str is fine in memory
+    n_bytes = sum(len(text.encode("utf-8")) for text in texts)
+    print(f"training a {args.vocab_size:,}-token tokenizer ({args.pattern} split) on {n_bytes / 1e6:.1f} MB "
+          f"({len(texts):,} training documents) ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    tokenizer = Tokenizer.train(texts, vocab_size=args.vocab_size, pattern=PATTERNS[args.pattern])
+    print(f"trained in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return tokenizer
+
+
+def check_tokenizer(tokenizer: Tokenizer) -> None:
+    if tokenizer.eot_token is None:
+        raise ValueError(f"the tokenizer has no {EOT} token, which the shards put before every document")
+    if tokenizer.vocab_size > 65_536:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size:,} tokens: shards store ids as uint16 "
+                         "(at most 65,536 tokens)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoding workers
+#
+# tiktoken encodes 5-10 MB/s per core, about 30x bpe.py's pure-Python encoder with identical ids, so the
+# workers use the tokenizer's to_tiktoken() twin. Each worker gets the Encoding once (pickled by the pool's
+# initializer), then chunks of about 1 MB of documents. The pool uses "spawn" on every OS: it is the only
+# method on Windows and the default on macOS, so what the tests run here is what those users run.
+
+worker_encoding: tiktoken.Encoding | None = None  # set in each worker process by start_worker
+
+
+def start_worker(encoding: tiktoken.Encoding) -> None:
+    global worker_encoding
+    worker_encoding = encoding
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the main process
+
+
+def encode_documents(texts: list[str]) -> tuple[np.ndarray, list[int], list[int]]:
+    """[doc, ...] -> (uint16 tokens, <|endoftext|> before each doc; tokens per doc; UTF-8 bytes per doc)."""
+    eot = worker_encoding.eot_token
+    flat, token_counts = [], []
+    for text in texts:
+        ids = worker_encoding.encode_ordinary(text)  # ordinary: "<|endoftext|>" inside a text is just text
+        flat.append(eot)
+        flat.extend(ids)
+        token_counts.append(len(ids) + 1)
+    byte_counts = [len(text.encode("utf-8")) for text in texts]
+    return np.array(flat, dtype="<u2"), token_counts, byte_counts
+
+
+def chunks_of(texts: Iterable[str], chunk_chars: int = 1 << 20) -> Iterator[list[str]]:
+    """Group documents into lists of about chunk_chars characters: big enough that the cost of sending a
+    chunk to a worker is noise, small enough that several are in flight."""
+    chunk, size = [], 0
+    for text in texts:
+        chunk.append(text)
+        size += len(text)
+        if size >= chunk_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def encode_in_order(pool, texts: Iterable[str], workers: int) -> Iterator[tuple[np.ndarray, list[int], list[int]]]:
+    """pool.imap(encode_documents, chunks) with at most 2 chunks per worker in flight. (imap itself reads
+    its whole input ahead on a thread: on a 10B-token stream, the whole dataset into memory.)"""
+    in_flight = deque()
+    for chunk in chunks_of(texts):
+        in_flight.append(pool.apply_async(encode_documents, (chunk,)))
+        if len(in_flight) >= 2 * workers:
+            yield in_flight.popleft().get()
+    while in_flight:
+        yield in_flight.popleft().get()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shard writer
+#
+# The shard format is llm.c's (dev/data/data_common.py), so llm.c and modded-nanogpt read these files as is:
+#
+#   bytes 0..1023   header: 256 little-endian int32 = [20240520 (magic), 1 (version), N (token count), 0, ...]
+#   bytes 1024..    N little-endian uint16 token ids
+#
+# so a complete shard is exactly 1024 + 2 * N bytes. Every document is preceded by <|endoftext|> and lies
+# whole in one shard (a document longer than --shard_size gets a shard of its own), so every shard starts
+# at a document boundary. Reading one back:
+#
+#   header = np.fromfile(path, dtype="<i4", count=256);  tokens = np.fromfile(path, dtype="<u2", offset=1024)
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+
+
+def shard_header(n_tokens: int) -> bytes:
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, n_tokens
+    return header.tobytes()
+
+
+def read_shard(path: str | os.PathLike) -> np.ndarray:
+    """A shard's tokens, after checking the header against the file size."""
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if len(header) < HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: not a version-{SHARD_VERSION} llm.c token shard")
+    tokens = np.fromfile(path, dtype="<u2", offset=4 * HEADER_INTS)
+    if len(tokens) != header[2]:
+        raise ValueError(f"{path}: header says {header[2]:,} tokens, file holds {len(tokens):,}")
+    return tokens
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomically: readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Packs documents into shards and records each complete shard in meta.json.
+
+    meta.json is the run's ledger: "shards" lists the complete shards (name -> split, tokens, documents,
+    bytes), "splits" sums them per split, and "complete" turns true at the end. It is rewritten after every
+    shard, so a killed run leaves exactly the shards it lists, plus at most a .tmp file that resuming deletes.
+    """
+
+    def __init__(self, out_dir: Path, name: str, shard_size: int, meta: dict):
+        self.out_dir, self.name, self.shard_size, self.meta = out_dir, name, shard_size, meta
+        self.file = None  # the open .tmp file of the shard being written
+        self.split = self.path = None
+        self.tokens = self.documents = self.bytes = 0
+
+    def add(self, split: str, tokens: np.ndarray, n_bytes: int) -> None:
+        """Append one document's tokens (<|endoftext|> first) to the current shard of `split`."""
+        if self.file is not None and (split != self.split or self.tokens + len(tokens) > self.shard_size):
+            self.finish()
+        if self.file is None:
+            self.split = split
+            self.path = self.out_dir / f"{self.name}_{split}_{len(self.meta['shards']):06d}.bin"
+            self.file = open(self.path.with_name(self.path.name + ".tmp"), "wb")
+            self.file.write(shard_header(0))  # the real count goes in when the shard is complete
+            self.tokens = self.documents = self.bytes = 0
+        self.file.write(tokens.tobytes())
+        self.tokens += len(tokens)
+        self.documents += 1
+        self.bytes += n_bytes
+
+    def finish(self) -> None:
+        """Complete the current shard: header, flush to disk, rename, record in meta.json."""
+        if self.file is None:
+            return
+        self.file.seek(0)
+        self.file.write(shard_header(self.tokens))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.file = None
+        os.replace(self.path.with_name(self.path.name + ".tmp"), self.path)
+        record_shard(self.meta, self.path.name, self.split, self.tokens, self.documents, self.bytes)
+        write_json(self.out_dir / "meta.json", self.meta)
+
+    def discard(self) -> None:
+        """Drop the incomplete shard (on an interruption)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+            self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)
+
+
+def record_shard(meta: dict, name: str, split: str, tokens: int, documents: int, n_bytes: int) -> None:
+    meta["shards"][name] = {"split": split, "tokens": tokens, "documents": documents, "bytes": n_bytes}
+    totals = meta["splits"][split]
+    totals["shards"].append(name)
+    totals["tokens"] += tokens
+    totals["documents"] += documents
+    totals["bytes"] += n_bytes
+
+
+class Progress:
+    """One \\r-updated line on stderr per split: documents, tokens, tokens/s, shards written."""
+
+    def __init__(self, split: str):
+        self.split = split
+        self.started = self.last_print = time.perf_counter()
+        self.tokens = self.documents = 0
+        self.printed = False
+
+    def update(self, documents: int, tokens: int, shards: int, force: bool = False) -> None:
+        self.documents += documents
+        self.tokens += tokens
+        now = time.perf_counter()
+        if force or now - self.last_print >= 0.5:
+            self.last_print, self.printed = now, True
+            rate = self.tokens / max(now - self.started, 1e-9)
+            print(f"\r{self.split:>5}: {self.documents:,} documents, {self.tokens:,} tokens, {rate:,.0f} tokens/s, "
+                  f"{shards} shards written ", end="", file=sys.stderr, flush=True)
+
+    def end_line(self) -> None:
+        if self.printed:
+            print(file=sys.stderr)
+            self.printed = False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+
+def run_settings(args: argparse.Namespace, source: Source, tokenizer: Tokenizer | None) -> dict:
+    """Everything that decides the shards' content: a rerun with other settings must not mix with these."""
+    settings = {"source": source.describe(), "text_column": source.text_column, "val_size": args.val_size,
+                "val_from": args.val_from, "max_tokens": args.max_tokens, "shard_size": args.shard_size,
+                "tokenizer": args.tokenizer}
+    if source.files:
+        settings["input_bytes"] = [path.stat().st_size for path in source.files]
+    if tokenizer is None:  # trained here: its recipe
+        settings.update(vocab_size=args.vocab_size, pattern=args.pattern, tokenizer_train_mb=args.tokenizer_train_mb)
+    else:
+        settings["tokenizer_sha256"] = hashlib.sha256(tokenizer.dumps().encode("utf-8")).hexdigest()
+    return settings
+
+
+def our_files(out_dir: Path) -> list[Path]:
+    """The files a run writes (shards, their .tmp, meta.json, tokenizer.bpe): what --overwrite removes."""
+    names = ("*_train_*.bin", "*_val_*.bin", "*.bin.tmp", "meta.json", "meta.json.tmp", "tokenizer.bpe")
+    return [path for pattern in names for path in out_dir.glob(pattern)]
+
+
+def resume_state(out_dir: Path, settings: dict) -> dict | None:
+    """meta.json of an earlier run with the same settings (None: start fresh); other settings are an error."""
+    meta_path = out_dir / "meta.json"
+    if not meta_path.is_file():
+        if list(out_dir.glob("*.bin")):
+            raise ValueError(f"{out_dir} holds .bin files that no meta.json describes; pass --overwrite to "
+                             "replace them or choose another --out_dir")
+        return None
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    old = meta.get("settings", {})
+    changed = [key for key in settings if old.get(key) != settings[key]]
+    if changed:
+        what = "a different tokenizer" if any(key.startswith(("tokenizer", "vocab", "pattern")) for key in changed) \
+            else "different settings"
+        details = ", ".join(f"{key}: {old.get(key)!r} -> {settings[key]!r}" for key in changed)
+        raise ValueError(f"{out_dir} holds shards made with {what} ({details}); pass --overwrite to replace "
+                         "them or choose another --out_dir")
+    return meta
+
+
+def prepare(args: argparse.Namespace) -> int:
+    source = open_source(args)
+    out_dir = Path(args.out_dir or Path("data") / source.name)
+    loaded = None if args.tokenizer == "train" else load_tokenizer(args.tokenizer)
+    settings = run_settings(args, source, loaded)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:
+        for path in our_files(out_dir):
+            path.unlink()
+    meta = resume_state(out_dir, settings)
+    if meta is not None and meta["complete"]:
+        print(f"nothing to do: {out_dir} already holds this run's {len(meta['shards'])} shards "
+              f"({meta['splits']['train']['tokens']:,} training tokens); --overwrite rebuilds them", file=sys.stderr)
+        return 0
+
+    val_range = validation_range(source, args.val_size, args.val_from)
+    if meta is None:
+        tokenizer = loaded or train_tokenizer(split_documents(source, "train", val_range), args)
+        check_tokenizer(tokenizer)
+        tokenizer.save(out_dir / "tokenizer.bpe")
+        meta = {"dataset": source.describe(), "tokenizer": "tokenizer.bpe", "vocab_size": tokenizer.vocab_size,
+                "eot_id": tokenizer.eot_token, "pattern": tokenizer.pattern,
+                "format": "llm.c shards: 256 int32 header [20240520, 1, token count, 0...], then uint16 tokens",
+                "command": " ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]]),
+                "settings": settings, "complete": False,
+                "splits": {split: {"shards": [], "tokens": 0, "documents": 0, "bytes": 0} for split in ("train", "val")},
+                "shards": {}}
+        write_json(out_dir / "meta.json", meta)
+    else:  # resume: the shards meta.json lists are complete; anything else is from the interrupted shard
+        tokenizer = Tokenizer.load(out_dir / "tokenizer.bpe")
+        for path in [*out_dir.glob("*.tmp"), *out_dir.glob("*.bin")]:
+            if path.name not in meta["shards"]:
+                path.unlink()
+        print(f"resuming: {len(meta['shards'])} complete shards in {out_dir} "
+              f"({meta['splits']['train']['tokens']:,} training tokens)", file=sys.stderr)
+
+    # Validation first when it is the start of the source (or its own split), so shard numbers follow
+    # source order and val is shard 0 as in llm.c; last when it is the end of the source.
+    split_order = ["train", "val"] if val_range is not None and val_range.start > 0 else ["val", "train"]
+    writer = ShardWriter(out_dir, source.name, args.shard_size, meta)
+    progress = Progress("")
+    started, new_tokens = time.perf_counter(), 0
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # `kill` stops as cleanly as Ctrl-C
+    pool = multiprocessing.get_context("spawn").Pool(args.workers, start_worker, (tokenizer.to_tiktoken(),))
+    try:
+        for split in split_order:
+            done = meta["splits"][split]
+            budget = args.max_tokens if split == "train" else None
+            if budget is not None and done["tokens"] >= budget:
+                continue
+            documents = islice(split_documents(source, split, val_range), done["documents"], None)
+            progress = Progress(split)
+            split_tokens = done["tokens"]
+            for tokens, token_counts, byte_counts in encode_in_order(pool, documents, args.workers):
+                start = 0
+                for n_tokens, n_bytes in zip(token_counts, byte_counts):
+                    writer.add(split, tokens[start:start + n_tokens], n_bytes)
+                    start += n_tokens
+                    split_tokens += n_tokens
+                    if budget is not None and split_tokens >= budget:
+                        break
+                progress.update(len(token_counts), start, len(meta["shards"]))
+                new_tokens += start
+                if budget is not None and split_tokens >= budget:
+                    break
+            writer.finish()
+            progress.update(0, 0, len(meta["shards"]), force=True)
+            progress.end_line()
+    except KeyboardInterrupt:
+        writer.discard()
+        progress.end_line()
+        print(f"interrupted: {out_dir} keeps its {len(meta['shards'])} complete shards (listed in meta.json); "
+              "rerun the same command to continue from there", file=sys.stderr)
+        return 130
+    finally:
+        progress.end_line()
+        pool.terminate()
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+    for split in ("train", "val"):
+        if meta["splits"][split]["documents"] == 0:
+            raise ValueError(f"the {split} split of {source.describe()} has no documents")
+    meta["complete"] = True
+    write_json(out_dir / "meta.json", meta)
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    print(f"wrote {len(meta['shards'])} shards to {out_dir}: train {train['tokens']:,} tokens "
+          f"({train['documents']:,} documents, {train['bytes'] / max(train['tokens'], 1):.2f} bytes/token), "
+          f"val {val['tokens']:,} tokens ({val['documents']:,} documents); "
+          f"encoded {new_tokens / (time.perf_counter() - started):,.0f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_flags(argv)
+    try:
+        return prepare(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # required: "spawn" workers import this file, and must not run main() again
+    sys.exit(main())

@@ -245,7 +245,8 @@ def train_merges(pretoken_counts: dict[str, int], num_merges: int, verbose: bool
 # 4-8. The Tokenizer: encoding, decoding, saving, GPT-2's files, tiktoken
 
 FORMAT_HEADER = "bpe.py tokenizer v1"
-CACHE_LIMIT = 1 << 20  # chunks remembered by encode; cleared when full so that memory stays bounded on streams
+NOT_A_TOKEN = sys.maxsize  # the "rank" of a pair whose concatenation is not a token: larger than any rank
+CACHE_LIMIT = 1 << 20  # entries per encode cache; cleared when full so that memory stays bounded on streams
 
 
 class Tokenizer:
@@ -270,7 +271,8 @@ class Tokenizer:
         self._split = regex.compile(pattern)
         self._special_cut = re.compile(
             "(" + "|".join(re.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)) + ")")
-        self._cache: dict[str, tuple[int, ...]] = {}
+        self._cache: dict[str, tuple[int, ...]] = {}  # chunk -> ids
+        self._pretoken_cache: dict[bytes, tuple[int, ...]] = {}  # pre-token that is not a token -> ids
 
     @property
     def vocab_size(self) -> int:
@@ -323,26 +325,41 @@ class Tokenizer:
     # tokenizer this replays the training merges in order; it also works for vocabularies given only as
     # ranks (tiktoken's), where no list of merges exists.
 
-    def _encode_pretoken(self, piece: bytes) -> list[int]:
+    def _merge_pretoken(self, piece: bytes) -> tuple[int, ...]:
+        """Ids of a pre-token whose bytes are not a single token."""
+        ids = self._pretoken_cache.get(piece)  # a word seen before, in another chunk
+        if ids is not None:
+            return ids
         ranks = self.mergeable_ranks
-        if piece in ranks:
-            return [ranks[piece]]
         parts = [piece[i:i + 1] for i in range(len(piece))]
-        while len(parts) > 1:
-            best_rank, best_i = None, -1
-            for i in range(len(parts) - 1):
-                rank = ranks.get(parts[i] + parts[i + 1])
-                if rank is not None and (best_rank is None or rank < best_rank):
-                    best_rank, best_i = rank, i
-            if best_rank is None:
+        # pair_ranks[i] = rank of parts[i] + parts[i + 1]. After a merge only the two neighbours change, so
+        # each step is one min() and one index() (both in C) plus two lookups, not a rescan of all pairs.
+        pair_ranks = [ranks.get(a + b, NOT_A_TOKEN) for a, b in zip(parts, parts[1:])]
+        while pair_ranks:
+            best = min(pair_ranks)
+            if best == NOT_A_TOKEN:
                 break
-            parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
-        return [ranks[p] for p in parts]
+            i = pair_ranks.index(best)  # the leftmost of equal ranks, as in tiktoken
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            del pair_ranks[i]
+            if i > 0:
+                pair_ranks[i - 1] = ranks.get(parts[i - 1] + parts[i], NOT_A_TOKEN)
+            if i < len(pair_ranks):
+                pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], NOT_A_TOKEN)
+        if len(self._pretoken_cache) >= CACHE_LIMIT:
+            self._pretoken_cache.clear()
+        self._pretoken_cache[piece] = ids = tuple(ranks[p] for p in parts)
+        return ids
 
     def _encode_chunk(self, chunk: str) -> tuple[int, ...]:
-        ids: list[int] = []
+        ranks, ids = self.mergeable_ranks, []
         for piece in self._split.findall(chunk):
-            ids += self._encode_pretoken(piece.encode("utf-8"))
+            piece = piece.encode("utf-8")
+            token = ranks.get(piece)  # most pre-tokens (" the", ",") are a token: no merging to do
+            if token is not None:
+                ids.append(token)
+            else:
+                ids += self._merge_pretoken(piece)
         if len(self._cache) >= CACHE_LIMIT:
             self._cache.clear()
         self._cache[chunk] = result = tuple(ids)

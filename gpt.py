@@ -3,25 +3,239 @@ gpt.py: a GPT-2 in one file that reads top to bottom: the model, the training lo
 
 The model is GPT-2 exactly (OpenAI's weights load into it and give the same logits as HF transformers),
 plus a few switches a learner wants to try: sinusoidal or rotary positions, ReLU, untied embeddings.
+The loop trains it on CUDA (one GPU, or many with torchrun), Apple's MPS or the CPU, and a stopped run
+continues from its checkpoint exactly as if it had never stopped.
+
+Run it (prepare_fineweb.py first writes the token shards it trains on):
+    python gpt.py --data_dir=data/tinystories                  # train; out/ckpt.pt and out/log.jsonl
+    python gpt.py --init_from=resume                           # continue out/ckpt.pt where it stopped
+    python gpt.py --sample --ckpt=out/ckpt.pt --prompt="Once"  # stream a sample to stdout
+    torchrun --standalone --nproc_per_node=8 gpt.py ...        # 8 GPUs (DDP); multi-node: torchrun's --nnodes
+    python gpt.py --help                                       # every knob with its default and meaning
+
+Seed configurations (the vocabulary size always comes from the data's meta.json):
+    GPT-2 124M (the defaults) on FineWeb-edu with GPT-2's tokenizer, 0.5M tokens per step:
+        python prepare_fineweb.py --tokenizer=gpt2 --max_tokens=all
+        torchrun --standalone --nproc_per_node=8 gpt.py --batch_size=64 --total_batch_tokens=524288 \
+            --warmup_steps=715 --max_steps=19073 --compile
+    gpt2-nano: 12 layers, 8 heads, 512 wide, sinusoidal positions, ReLU, an 8192-token vocabulary:
+        python prepare_fineweb.py
+        python gpt.py --n_layer=12 --n_head=8 --n_embd=512 --pos_emb=sinusoidal --activation=relu
+    TinyStories: 4 layers, 4 heads, 128 wide, context 256 (runs on a laptop CPU):
+        python prepare_fineweb.py --dataset=tinystories
+        python gpt.py --data_dir=data/tinystories --n_layer=4 --n_head=4 --n_embd=128 --block_size=256 \
+            --dropout=0.1 --batch_size=32 --learning_rate=1e-3 --min_lr=1e-4 --max_steps=5000 --eval_interval=500
+    OpenAI's GPT-2: sample with `--sample --init_from=gpt2` (or gpt2-medium/-large/-xl, --gpt2_dir=DIR
+    offline); fine-tune with `--init_from=gpt2 --data_dir=... --learning_rate=3e-5` on GPT-2-tokenized data.
 
 Sections, in reading order:
-    1. The model: attention (the plain computation, then the fused kernel), MLP, block, config, GPT
+    1. Configuration: every knob as a plain global, and the flag parser that overrides them
+    2. The model: attention (the plain computation, then the fused kernel), MLP, block, config, GPT
        (forward, generation with a KV cache, sampling filters, beam search, GPT-2 import and export)
+    3. Data: the shard format, and random windows read from it
+    4. Training: device and precision, optimiser, learning-rate schedule, evaluation, checkpoints, the loop
+    5. Sampling, export to Hugging Face, plotting the log
+    6. main: train, sample, export or plot
 """
+import codecs
+import difflib
 import json
 import math
 import os
+import signal
+import sys
 import tempfile
-from dataclasses import dataclass
+import time
+from bisect import bisect_right
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. The model
+# 1. Configuration
+#
+# Every knob is a plain global below. `python gpt.py --batch_size=16` (or `--batch_size 16`) overrides one;
+# `--help` lists them all with these comments. A value must parse as its default's type (an int is fine for
+# a float; bools take true/false/1/0, and a bare `--sample` means true), so a typo stops the run instead of
+# training the wrong model. The defaults are GPT-2 124M; the docstring has the other seed configurations.
+
+# ---- knobs (the flag parser reads this block: `name = default  # comment` lines under "# group" headings)
+# I/O
+out_dir = "out"  # ckpt.pt and log.jsonl (one JSON object per step and per evaluation) go here
+init_from = "scratch"  # scratch | resume (continue <out_dir>/ckpt.pt or --ckpt) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
+ckpt = ""  # checkpoint to resume, sample or export; empty means <out_dir>/ckpt.pt
+gpt2_dir = ""  # folder with HF's GPT-2 files (model.safetensors, merges.txt, vocab.json); empty: download them
+eval_interval = 250  # evaluate every this many steps (and checkpoint, see always_save_checkpoint)
+eval_iters = 20  # batches per split in each evaluation
+log_interval = 1  # print a training line every this many steps (log.jsonl gets every step)
+always_save_checkpoint = False  # checkpoint at every evaluation, not only when the val loss improves
+# data
+data_dir = "data/fineweb"  # the shards, meta.json and tokenizer.bpe written by prepare_fineweb.py
+batch_size = 8  # sequences per micro-step in each process
+total_batch_tokens = 0  # tokens per optimizer step over all processes (sets gradient accumulation); 0: one micro-step
+# model (the vocabulary size comes from the data's meta.json)
+n_layer = 12  # transformer blocks
+n_head = 12  # attention heads per block; must divide n_embd
+n_embd = 768  # channels of the residual stream
+block_size = 1024  # context length in tokens
+dropout = 0.0  # 0 for pretraining on plenty of data; ~0.1 for small models on little data
+bias = True  # biases in Linear and LayerNorm layers, as in GPT-2
+pos_emb = "learned"  # learned | sinusoidal | rope
+activation = "gelu"  # gelu | relu
+tie_weights = True  # the output layer shares the token embedding matrix
+attention = "sdpa"  # sdpa (fused kernel) | manual (the same computation written out)
+# optimiser and schedule
+learning_rate = 6e-4  # peak learning rate, reached at the end of the warmup
+min_lr = 6e-5  # where the cosine decay ends (about learning_rate / 10)
+warmup_steps = 100  # linear warmup from ~0, while Adam's moment estimates settle
+max_steps = 5000  # optimizer steps to train for
+lr_decay_steps = 0  # step at which the cosine reaches min_lr; 0 means max_steps (set it to extend a run later)
+weight_decay = 0.1  # AdamW decay of the 2-D weights (matmuls, embeddings); biases and norm gains get none
+beta1 = 0.9  # AdamW's momentum
+beta2 = 0.95  # AdamW's second-moment decay; below 0.999 so a sudden large gradient fades quickly
+grad_clip = 1.0  # clip the global gradient norm to this; 0 turns clipping off
+# system
+device = "auto"  # auto (cuda, then mps, then cpu) | cuda | cuda:N | mps | cpu
+dtype = "auto"  # auto (bfloat16 where the device has it, float16 on older CUDA GPUs, float32 on CPU) | float32 | bfloat16 | float16
+compile = False  # torch.compile the model: faster steps on CUDA after a minute of compiling; ignored on MPS and Windows
+peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0: a table of known GPUs, else measured with a matmul
+seed = 1337  # seeds the weights, the data order and the samples
+# sampling, export and plotting
+sample = False  # sample from --ckpt (or --init_from=gpt2...) instead of training
+prompt = "<|endoftext|>"  # text to continue, or FILE:path to read it from a file; the default starts a new document
+num_samples = 1  # samples to draw; one sample streams to stdout as it is generated
+max_new_tokens = 200  # tokens to generate per sample
+temperature = 0.8  # below 1 sharpens the distribution, above 1 flattens it; 0 is greedy
+top_k = 200  # sample only from the k most likely tokens; 0 turns it off
+top_p = 1.0  # sample only from the most likely tokens that make up this much probability; 1 turns it off
+greedy = False  # always take the most likely token (the same as --temperature=0)
+beam = 0  # beam search with this many beams (deterministic; one sample); 0 samples instead
+ignore_eot = False  # keep generating past <|endoftext|> instead of stopping there
+export_hf = ""  # write the checkpoint's model to this folder as a Hugging Face GPT-2 and exit
+plot = False  # plot <out_dir>/log.jsonl into <out_dir>/loss.png and exit
+# ---- end of knobs
+
+MODEL_KNOBS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos_emb", "activation",
+               "tie_weights", "attention")  # the knobs that are GPTConfig fields
+INIT_CHOICES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def config_knobs() -> list[tuple[str, str, str]]:
+    """(group, name, comment) of every knob, in file order, read from the source of the block above.
+
+    Reading the source (never executing it) gives --help the same words a reader of this file sees."""
+    source = Path(__file__).read_text(encoding="utf-8")
+    block = source.split("# ---- knobs (")[1].split("# ---- end of knobs")[0]
+    knobs, group = [], ""
+    for line in block.splitlines()[1:]:
+        if line.startswith("# "):
+            group = line[2:]
+        elif line:
+            name, _, comment = line.partition("  # ")
+            knobs.append((group, name.split(" = ")[0], comment))
+    return knobs
+
+
+def help_text() -> str:
+    lines = ["usage: python gpt.py [--key=value ...]      train (the default)",
+             "       python gpt.py --sample [--ckpt=out/ckpt.pt] [--prompt=TEXT] ...",
+             "       python gpt.py --export_hf=DIR [--ckpt=...]   |   python gpt.py --plot [--out_dir=...]"]
+    group = None
+    for knob_group, name, comment in config_knobs():
+        if knob_group != group:
+            group = knob_group
+            lines.append(f"\n{group}:")
+        default = globals()[name]
+        shown = repr(default) if isinstance(default, str) else str(default).lower() if isinstance(default, bool) else default
+        lines.append(f"  --{name}={shown}".ljust(34) + f" {comment}")
+    return "\n".join(lines)
+
+
+def parse_value(name: str, text: str, default: bool | int | float | str) -> bool | int | float | str:
+    """text converted to the type of the knob's default, or a ValueError that names the flag."""
+    if isinstance(default, bool):
+        if text.lower() not in BOOL_WORDS:
+            raise ValueError(f"--{name} takes true/false/1/0, got {text!r}")
+        return BOOL_WORDS[text.lower()]
+    if isinstance(default, (int, float)):
+        kind = type(default)
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"--{name} takes {'an int' if kind is int else 'a number'}, got {text!r}") from None
+    return text
+
+
+def parse_flags(argv: list[str]) -> dict:
+    """Command-line flags -> {knob: typed value} for the knobs that were given. --help prints the knobs and exits."""
+    defaults = {name: globals()[name] for _, name, _ in config_knobs()}
+    overrides, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg in ("-h", "--help"):
+            print(help_text())
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: flags look like --key=value (see --help)")
+        name, has_value, text = arg[2:].partition("=")
+        if name not in defaults:
+            close = difflib.get_close_matches(name, defaults, n=3)
+            hint = f"did you mean {' or '.join('--' + c for c in close)}?" if close else "see --help for the list"
+            raise ValueError(f"unknown flag --{name}: {hint}")
+        default = defaults[name]
+        if not has_value:
+            if isinstance(default, bool) and (i == len(argv) or argv[i].lower() not in BOOL_WORDS):
+                text = "true"  # a bare --sample switches it on
+            elif i < len(argv):
+                text, i = argv[i], i + 1  # --key value
+            else:
+                raise ValueError(f"--{name} needs a value, e.g. --{name}={default}")
+        overrides[name] = parse_value(name, text, default)
+    return overrides
+
+
+def make_config(overrides: dict, base: dict | None = None) -> SimpleNamespace:
+    """The knobs' defaults, then base (a checkpoint's saved settings, when resuming), then the flags."""
+    settings = {name: globals()[name] for _, name, _ in config_knobs()}
+    settings.update({k: v for k, v in (base or {}).items() if k in settings})
+    settings.update(overrides)
+    cfg = SimpleNamespace(**settings)
+    if cfg.init_from not in INIT_CHOICES:
+        raise ValueError(f"--init_from={cfg.init_from!r} is not one of {', '.join(INIT_CHOICES)}")
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype={cfg.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    for name in ("batch_size", "eval_interval", "eval_iters", "log_interval", "num_samples", "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name}={getattr(cfg, name)} must be at least 1")
+    for name in ("max_steps", "warmup_steps", "lr_decay_steps", "total_batch_tokens", "beam", "top_k", "grad_clip"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name}={getattr(cfg, name)} must not be negative")
+    return cfg
+
+
+def model_config(cfg: SimpleNamespace, vocab_size: int) -> "GPTConfig":  # (GPTConfig is defined in section 2)
+    """The model knobs as a GPTConfig (which checks them, e.g. that n_head divides n_embd)."""
+    return GPTConfig(vocab_size=vocab_size, **{name: getattr(cfg, name) for name in MODEL_KNOBS})
+
+
+def checkpoint_path(cfg: SimpleNamespace) -> Path:
+    return Path(cfg.ckpt) if cfg.ckpt else Path(cfg.out_dir) / "ckpt.pt"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. The model
 #
 # Shapes in the comments: B = batch, T = time (tokens), C = channels (n_embd), nh = heads, hs = C // nh,
 # V = vocabulary size.
@@ -545,3 +759,734 @@ def write_atomically(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Data
+#
+# prepare_fineweb.py writes each split as shards in llm.c's format, and meta.json beside them:
+#
+#     header: 256 int32 (1024 bytes): [0] magic 20240520, [1] version 1, [2] token count N, the rest 0
+#     body:   N uint16 token ids (so the file is exactly 1024 + 2 * N bytes)
+#
+#     meta.json: {"dataset", "tokenizer": "tokenizer.bpe", "vocab_size", "eot_id",
+#                 "splits": {"train": {"shards": [...], "tokens", "documents", "bytes"}, "val": {...}}, ...}
+#
+# Documents are concatenated, each after an <|endoftext|>, so a training example is any window of
+# block_size + 1 consecutive tokens: the first block_size are the input and the last block_size, shifted by
+# one, the targets. Windows are drawn at random positions, so an epoch has no fixed order to resume.
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_BYTES = 256 * 4
+
+
+def shard_token_count(path: Path) -> int:
+    """Check a shard's header and size; return its token count."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: shard listed in meta.json is missing; re-run prepare_fineweb.py")
+    with open(path, "rb") as f:
+        header = np.frombuffer(f.read(HEADER_BYTES), dtype=np.int32)
+    if header.size < 256:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes is shorter than the 1024-byte shard header; "
+                         f"re-run prepare_fineweb.py")
+    magic, version, count = (int(v) for v in header[:3])
+    if magic != SHARD_MAGIC:
+        raise ValueError(f"{path}: not a token shard (magic {magic}, expected {SHARD_MAGIC})")
+    if version != SHARD_VERSION:
+        raise ValueError(f"{path}: shard version {version}, this reader knows version {SHARD_VERSION}")
+    size, expected = path.stat().st_size, HEADER_BYTES + 2 * count
+    if size != expected:
+        raise ValueError(f"{path}: the header says {count:,} tokens ({expected:,} bytes) but the file has "
+                         f"{size:,} bytes (truncated?); re-run prepare_fineweb.py")
+    return count
+
+
+def load_meta(data_dir: Path) -> dict:
+    """meta.json of a prepared dataset, checked to list train and val shards."""
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no shards in {data_dir} (no meta.json): run prepare_fineweb.py to write them, "
+                                f"or point --data_dir at its output")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        shard_lists = {split: meta["splits"][split]["shards"] for split in ("train", "val")}
+        int(meta["vocab_size"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{meta_path}: not a meta.json written by prepare_fineweb.py ({type(e).__name__}: {e})") from None
+    for split, shards in shard_lists.items():
+        if not shards:
+            raise FileNotFoundError(f"{meta_path} lists no {split} shards: run prepare_fineweb.py again")
+    return meta
+
+
+class TokenWindows:
+    """Random windows of block_size + 1 tokens from one split's shards.
+
+    Each window has a global id: shard 0's possible start positions first, then shard 1's, and so on, so a
+    uniform id is a uniform position over the whole split. Reading a batch opens a fresh memmap of each
+    shard it touches and drops it afterwards: a long-lived memmap keeps every page it ever read mapped and
+    counted as the process's resident memory, which grows towards the size of the dataset."""
+
+    def __init__(self, data_dir: Path, shard_names: list[str], block_size: int, split: str):
+        self.block_size = block_size
+        self.paths, self.token_counts, self.first_window = [], [], []
+        total_windows = 0
+        for name in shard_names:
+            path = data_dir / name
+            count = shard_token_count(path)
+            if count > block_size:  # shards shorter than one window (a small last shard) hold no window
+                self.paths.append(path)
+                self.token_counts.append(count)
+                self.first_window.append(total_windows)
+                total_windows += count - block_size
+        if not self.paths:
+            raise ValueError(f"block_size={block_size} needs windows of {block_size + 1} tokens but every {split} "
+                             f"shard in {data_dir} is shorter: lower --block_size or prepare more data")
+        self.num_windows = total_windows
+
+    def draw(self, generator: torch.Generator, num_batches: int, batch_size: int) -> torch.Tensor:
+        """(num_batches, batch_size) random window ids; all randomness of the data order comes from generator."""
+        return torch.randint(self.num_windows, (num_batches, batch_size), generator=generator)
+
+    def read(self, window_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) window ids -> inputs x and targets y, each (B, T) int64 on device."""
+        maps, rows = {}, []
+        for window in window_ids.tolist():
+            shard = bisect_right(self.first_window, window) - 1
+            if shard not in maps:
+                maps[shard] = np.memmap(self.paths[shard], dtype=np.uint16, mode="r", offset=HEADER_BYTES,
+                                        shape=(self.token_counts[shard],))
+            start = window - self.first_window[shard]
+            rows.append(maps[shard][start:start + self.block_size + 1])
+        batch = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T + 1), copied out of the maps
+        del maps, rows  # unmap the shards
+        if device.type == "cuda":  # pinned memory lets the copy to the GPU run while the CPU goes on
+            batch = batch.pin_memory().to(device, non_blocking=True)
+        else:
+            batch = batch.to(device)
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Training
+#
+# Device and precision, the optimiser, the learning-rate schedule, evaluation, checkpoints, then the loop.
+
+
+@dataclass
+class Runtime:
+    """Where the model runs and in what precision: decided once, by setup_device, for everything else."""
+    device: torch.device
+    autocast_dtype: torch.dtype    # float32 means no autocast
+    scaler: torch.amp.GradScaler   # enabled only for float16, whose narrow range needs the loss scaled up
+    compile: bool                  # whether torch.compile is used
+    fused_adamw: bool              # AdamW's fused kernel (CUDA): one launch for all parameters
+
+    def autocast(self):
+        """Matmuls in bfloat16/float16, reductions (softmax, norms, the loss) kept in float32."""
+        if self.autocast_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def setup_device(device_name: str, dtype_name: str = "auto", local_rank: int = 0,
+                 compile_model: bool = False) -> Runtime:
+    """Pick the device and precision.
+
+    auto picks cuda, then mps, then cpu. Precision: bfloat16 autocast where the hardware has it (recent
+    NVIDIA GPUs, Apple GPUs on macOS 14+); float16 plus a GradScaler on CUDA GPUs without bfloat16 (V100,
+    T4); float32 on CPUs, where bfloat16 is emulated and about 100x slower unless the CPU has bf16 units
+    (ask for it with --dtype=bfloat16)."""
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind = device_name.split(":")[0]
+    if kind not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"--device={device_name!r} is not one of auto, cuda, cuda:N, mps, cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={device_name} but CUDA is not available (no GPU, or a CPU-only torch): use --device=cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device=mps but MPS is not available (it needs Apple silicon and macOS 12.3+): use --device=cpu")
+    device = torch.device(device_name if ":" in device_name or kind != "cuda" else f"cuda:{local_rank}")
+
+    if dtype_name == "auto":
+        if kind == "cuda":
+            dtype_name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        elif kind == "mps":
+            dtype_name = "bfloat16" if mps_has_bfloat16() else "float32"
+        else:
+            dtype_name = "float32"
+    if dtype_name == "float16" and kind != "cuda":
+        raise ValueError(f"--dtype=float16 needs loss scaling, done here on CUDA only: use bfloat16 or float32 on {kind}")
+    if dtype_name == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--dtype=bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16: use float16")
+
+    if kind == "cuda":
+        torch.cuda.set_device(device)
+        # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, ~8x faster and fine for training.
+        torch.set_float32_matmul_precision("high")
+    # torch.compile has no MPS backend worth using, and no Windows support for its default backend.
+    use_compile = compile_model and kind != "mps" and sys.platform != "win32"
+    if compile_model and not use_compile:
+        print(f"note: --compile is ignored on {kind if kind == 'mps' else 'Windows'}")
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype_name == "float16")
+    return Runtime(device, DTYPES[dtype_name], scaler, use_compile, fused_adamw=kind == "cuda")
+
+
+def mps_has_bfloat16() -> bool:
+    """Whether MPS autocast runs in bfloat16 here (macOS 14+ with a recent torch); tried, not guessed."""
+    try:
+        with torch.autocast("mps", dtype=torch.bfloat16):
+            torch.ones(2, 2, device="mps") @ torch.ones(2, 2, device="mps")
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU, so that a timer measures the work and not just its queueing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# Dense bfloat16 (float16 for V100 and T4) tensor-core peaks from the vendors' data sheets, in FLOP/s.
+# The first name contained in torch.cuda.get_device_name() wins, hence "H100 PCIe" before "H100".
+GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
+                  "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops_per_second(runtime: Runtime, configured: float) -> float:
+    """The device's peak, the denominator of MFU: --peak_flops, else the GPU table, else measured."""
+    if configured > 0:
+        return configured
+    if runtime.device.type == "cuda":
+        name = torch.cuda.get_device_name(runtime.device)
+        for gpu, flops in GPU_PEAK_FLOPS.items():
+            if gpu in name:
+                return flops
+    # Unknown device: time a large matmul in the training precision and take the best of a few.
+    n = 4096 if runtime.device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=runtime.device, dtype=runtime.autocast_dtype)
+    best = math.inf
+    for _ in range(4):
+        synchronize(runtime.device)
+        t0 = time.perf_counter()
+        a @ a
+        synchronize(runtime.device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def make_optimizer(model: GPT, cfg: SimpleNamespace, runtime: Runtime) -> torch.optim.AdamW:
+    """AdamW with weight decay on the 2-D weights only.
+
+    Decay pulls weights towards zero; it regularises the matmuls and embeddings, while biases and
+    LayerNorm gains (1-D) are few, and pulling a gain towards 0 would just fight the normalisation."""
+    params = [p for p in model.parameters() if p.requires_grad]  # a tied matrix appears once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=True if runtime.fused_adamw else None)
+
+
+def learning_rate_at(step: int, cfg: SimpleNamespace) -> float:
+    """Linear warmup to learning_rate over warmup_steps, then a cosine down to min_lr at lr_decay_steps."""
+    decay_steps = cfg.lr_decay_steps or cfg.max_steps
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    if step >= decay_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / (decay_steps - cfg.warmup_steps)  # 0 -> 1
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, splits: dict[str, TokenWindows], cfg: SimpleNamespace, runtime: Runtime,
+             rank: int = 0, world_size: int = 1) -> dict[str, float]:
+    """Mean loss over eval_iters batches of each split.
+
+    The batches come from a generator seeded afresh each time, so every evaluation sees the same windows
+    and two evaluations differ only because the model did. With W processes, process r evaluates batches
+    r, r + W, r + 2W, ...: the same batches as one process would, in a W-th of the time."""
+    model.eval()
+    losses = {}
+    for split, windows in splits.items():
+        batches = windows.draw(torch.Generator().manual_seed(cfg.seed), cfg.eval_iters, cfg.batch_size)
+        total = torch.zeros((), device=runtime.device)
+        for i in range(rank, cfg.eval_iters, world_size):
+            x, y = windows.read(batches[i], runtime.device)
+            with runtime.autocast():
+                _, loss = model(x, y)
+            total += loss.float()
+        if world_size > 1:
+            dist.all_reduce(total)
+        losses[split] = total.item() / cfg.eval_iters
+    model.train()
+    return losses
+
+
+def tokenizer_from_text(text: str):
+    """A bpe.Tokenizer from its saved text (Tokenizer.dumps). bpe.py is imported here, not at the top, so that
+    importing gpt.py needs nothing beside it (benchmarks load this file by path from elsewhere)."""
+    from bpe import Tokenizer
+    return Tokenizer.loads(text)
+
+
+def gpt2_tokenizer(gpt2_dir: str):
+    """GPT-2's tokenizer: from gpt2_dir's merges.txt + vocab.json when it has them, else tiktoken's "gpt2"."""
+    from bpe import Tokenizer
+    folder = Path(gpt2_dir) if gpt2_dir else None
+    if folder and (folder / "merges.txt").is_file() and (folder / "vocab.json").is_file():
+        return Tokenizer.from_gpt2(folder / "merges.txt", folder / "vocab.json")
+    import tiktoken
+    return Tokenizer.from_tiktoken(tiktoken.get_encoding("gpt2"))
+
+
+# -- Checkpoints ---------------------------------------------------------------------------------------------
+#
+# One dict holds everything a run needs to continue exactly where it stopped, and nothing but tensors,
+# dicts, lists, strings and numbers, so torch.load(..., weights_only=True) can read it without running any
+# code from the file:
+#     model, optimizer, scaler    state_dicts (the model's taken from the module as built: never a compiled
+#                                 or DDP wrapper, whose keys would carry "_orig_mod." or "module.")
+#     step, best_val_loss         steps done so far; the best evaluation loss so far
+#     config, model_config        every knob of the run; the GPTConfig fields
+#     tokenizer                   the tokenizer as text (Tokenizer.dumps), so sampling needs no other file
+#     rng                         the data generator's state (the position in the data) and each process's
+#                                 torch / CUDA / MPS generator states (dropout)
+#
+# When: at an evaluation whose val loss is the best so far (every evaluation with always_save_checkpoint),
+# at the end of the run, and when Ctrl-C stops it. A run that stops on a non-finite loss writes nothing, so
+# the last good checkpoint stays.
+
+
+def rng_states(device: torch.device) -> dict:
+    """This process's random generators that training draws from: dropout on the CPU, CUDA or MPS."""
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        states["mps"] = torch.mps.get_rng_state()
+    return states
+
+
+def restore_rng_states(states: dict, device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+    elif device.type == "mps" and "mps" in states:
+        torch.mps.set_rng_state(states["mps"])
+
+
+def training_state(model: GPT, optimizer: torch.optim.Optimizer, runtime: Runtime, step: int,
+                   best_val_loss: float, cfg: SimpleNamespace, tokenizer_text: str,
+                   data_generator: torch.Generator, world_size: int = 1) -> dict:
+    """Everything a run needs to continue exactly, as one dict. With several processes every one of them
+    must call this: their RNG states are gathered into the list."""
+    states = [rng_states(runtime.device)]
+    if world_size > 1:
+        states = [None] * world_size
+        dist.all_gather_object(states, rng_states(runtime.device))
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": runtime.scaler.state_dict(),
+            "step": step, "best_val_loss": best_val_loss, "config": dict(vars(cfg)),
+            "model_config": asdict(model.config), "tokenizer": tokenizer_text,
+            "rng": {"data": data_generator.get_state(), "processes": states}}
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    """Write atomically: a crash or Ctrl-C during the write leaves the previous checkpoint whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint dict, on the CPU; one-line errors for a missing, unreadable or foreign file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: train one first, or pass --ckpt=PATH")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds here (pickle, zip, unsupported global)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable checkpoint ({reason[:150]})") from None
+    missing = [k for k in ("model", "model_config", "config", "tokenizer", "step") if k not in checkpoint] \
+        if isinstance(checkpoint, dict) else ["everything"]
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of gpt.py (missing {', '.join(missing)})")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict, path: Path, dropout: float | None = None) -> GPT:
+    """The GPT a checkpoint describes, with its weights; dropout may be changed (it has no weights)."""
+    try:
+        config = GPTConfig(**checkpoint["model_config"])
+    except TypeError as e:
+        raise ValueError(f"{path}: its model_config does not fit this gpt.py's GPTConfig ({e})") from None
+    if dropout is not None:
+        config = replace(config, dropout=dropout)
+    model = GPT(config)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not match its model_config ({str(e).splitlines()[0]})") from None
+    return model
+
+
+def check_architecture(model_config: GPTConfig, overrides: dict, source: str) -> None:
+    """Refuse model flags that contradict a loaded model (resume or GPT-2): the weights fix its shape."""
+    conflicts = [f"--{k}={overrides[k]} but {source} has {k}={getattr(model_config, k)}"
+                 for k in MODEL_KNOBS if k in overrides and k not in ("dropout", "block_size")
+                 and overrides[k] != getattr(model_config, k)]
+    if conflicts:
+        raise ValueError(f"{conflicts[0]}: drop the model flags, they come from {source}")
+
+
+# -- The training loop ---------------------------------------------------------------------------------------
+
+def train(overrides: dict) -> None:
+    """Train (or continue training) the model the flags describe; see the docstring for the commands."""
+    cfg = make_config(overrides)
+    checkpoint = None
+    if cfg.init_from == "resume":
+        # The run continues with its own saved settings; flags given now still win (e.g. a larger max_steps).
+        checkpoint = load_checkpoint(checkpoint_path(cfg))
+        cfg = make_config(overrides, base=checkpoint["config"])
+
+    # torchrun starts one process per GPU (or per CPU slot) and tells each its place in these variables.
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    runtime = setup_device(cfg.device, cfg.dtype, local_rank, cfg.compile)
+    device = runtime.device
+    ddp = world_size > 1
+    if ddp:
+        if device.type == "mps":
+            raise ValueError("torchrun with MPS is not supported: run one process on a Mac")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        train_loop(cfg, overrides, checkpoint, runtime, rank, world_size)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, runtime: Runtime, rank: int,
+               world_size: int) -> None:
+    """One process's training: build the model, data and optimiser (or restore them), then loop."""
+    device, ddp = runtime.device, world_size > 1
+    master = rank == 0  # only process 0 prints, logs and writes checkpoints
+    resumed = checkpoint is not None
+    out_dir = Path(cfg.out_dir)
+    data_dir = Path(cfg.data_dir)
+    meta = load_meta(data_dir)
+
+    # The model: new, GPT-2's weights, or the checkpoint's. torch.manual_seed first, so every process builds
+    # the same initial weights (DDP also copies process 0's to the others).
+    torch.manual_seed(cfg.seed)
+    if checkpoint is not None:
+        model = model_from_checkpoint(checkpoint, checkpoint_path(cfg), dropout=cfg.dropout)
+        check_architecture(model.config, overrides, str(checkpoint_path(cfg)))
+        tokenizer_text = checkpoint["tokenizer"]
+    else:
+        tokenizer_text = (data_dir / meta.get("tokenizer", "tokenizer.bpe")).read_text(encoding="utf-8")
+        if cfg.init_from == "scratch":
+            model = GPT(model_config(cfg, vocab_size=int(meta["vocab_size"])))
+        else:  # fine-tune GPT-2 (with a lower --learning_rate), on data tokenized with GPT-2's tokenizer
+            model = GPT.from_gpt2(cfg.init_from, cfg.gpt2_dir or None)
+            check_architecture(model.config, overrides, cfg.init_from)
+            if cfg.dropout != model.config.dropout:
+                weights = model.state_dict()
+                model = GPT(replace(model.config, dropout=cfg.dropout))
+                model.load_state_dict(weights)
+    if int(meta["vocab_size"]) > model.config.vocab_size:
+        raise ValueError(f"{data_dir}/meta.json has vocab_size {meta['vocab_size']} but the model only "
+                         f"{model.config.vocab_size} token ids: prepare the data with the model's tokenizer")
+    if cfg.block_size > model.config.block_size:
+        raise ValueError(f"--block_size={cfg.block_size} is longer than the model's context "
+                         f"({model.config.block_size})")
+    model.to(device)
+    tokenizer = tokenizer_from_text(tokenizer_text)
+    train_windows = TokenWindows(data_dir, meta["splits"]["train"]["shards"], cfg.block_size, "train")
+    val_windows = TokenWindows(data_dir, meta["splits"]["val"]["shards"], cfg.block_size, "val")
+
+    # Batch size in tokens -> micro-steps: each process runs batch_size * block_size tokens at a time and
+    # adds up gradients until the step has seen total_batch_tokens.
+    tokens_per_micro_step = cfg.batch_size * cfg.block_size * world_size
+    tokens_per_step = cfg.total_batch_tokens or tokens_per_micro_step
+    if tokens_per_step % tokens_per_micro_step:
+        raise ValueError(f"--total_batch_tokens={tokens_per_step} is not a multiple of batch_size * block_size * "
+                         f"processes = {tokens_per_micro_step}: change one of them")
+    accumulation_steps = tokens_per_step // tokens_per_micro_step
+
+    optimizer = make_optimizer(model, cfg, runtime)
+    # The order of training windows comes from this generator alone; its state is the position in the data.
+    data_generator = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
+    step, best_val_loss = 0, math.inf
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        runtime.scaler.load_state_dict(checkpoint["scaler"])
+        step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+        data_generator.set_state(checkpoint["rng"]["data"])
+        saved_ranks = checkpoint["rng"]["processes"]
+        restore_rng_states(saved_ranks[rank] if rank < len(saved_ranks) else saved_ranks[0], device)
+        del checkpoint  # free the CPU copy of the weights and optimizer state
+    start_step = step
+
+    fast_model = torch.compile(model) if runtime.compile else model
+    train_model = DDP(fast_model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else fast_model
+    flops_per_token = model.flops_per_token(cfg.block_size)
+    peak_flops = peak_flops_per_second(runtime, cfg.peak_flops)
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}")
+        print(f"device {device}, autocast {str(runtime.autocast_dtype).removeprefix('torch.')}, "
+              f"{world_size} process(es); {tokens_per_step:,} tokens per step = {cfg.batch_size} x {cfg.block_size}"
+              f" x {world_size} x {accumulation_steps} micro-step(s); data: {train_windows.num_windows:,} train "
+              f"windows; peak {peak_flops / 1e12:.2f} TFLOP/s for MFU")
+    log_file = open(out_dir / "log.jsonl", "a" if resumed else "w", encoding="utf-8") if master else None
+
+    def log(record: dict) -> None:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+    def write_checkpoint() -> None:
+        checkpoint = training_state(model, optimizer, runtime, step, best_val_loss, cfg, tokenizer_text,
+                                    data_generator, world_size)
+        if master:
+            save_checkpoint(out_dir / "ckpt.pt", checkpoint)
+            print(f"saved {out_dir / 'ckpt.pt'} at step {step}")
+
+    # Ctrl-C (or a scheduler's SIGTERM) asks the loop to stop at the end of the current step and save; the
+    # processes agree on it inside the step's all-reduce, so they stop at the same step. A second Ctrl-C aborts.
+    stop_requested = False
+
+    def request_stop(signum, frame):
+        nonlocal stop_requested
+        if stop_requested:
+            raise KeyboardInterrupt
+        stop_requested = True
+        if master:
+            print("\nstopping after this step (Ctrl-C again to abort without saving)", flush=True)
+
+    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    val_tokens, val_bytes = meta["splits"]["val"].get("tokens", 0), meta["splits"]["val"].get("bytes", 0)
+    saved_step = start_step if resumed else -1  # the step the checkpoint on disk holds (-1: none yet)
+    try:
+        while True:
+            # Evaluate every eval_interval steps and at the end. A resumed run skips the step it starts at:
+            # its checkpoint was written right after that evaluation.
+            if (step % cfg.eval_interval == 0 or step == cfg.max_steps) and not (resumed and step == start_step):
+                losses = evaluate(fast_model, {"train": train_windows, "val": val_windows}, cfg, runtime, rank, world_size)
+                record = {"kind": "eval", "step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+                          "val_perplexity": math.exp(min(losses["val"], 50.0))}
+                if val_bytes:  # a tokenizer-independent measure: how many bits the model needs per byte of text
+                    record["val_bits_per_byte"] = losses["val"] / math.log(2) * val_tokens / val_bytes
+                if master:
+                    bpb = f", {record['val_bits_per_byte']:.3f} bits/byte" if val_bytes else ""
+                    print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+                          f"(perplexity {record['val_perplexity']:.1f}{bpb})")
+                    print(f"  sample: {eval_sample(model, tokenizer, runtime, cfg.seed)!r}")
+                    log(record)
+                if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
+                    best_val_loss = min(best_val_loss, losses["val"])
+                    write_checkpoint()
+                    saved_step = step
+            if step >= cfg.max_steps or stop_requested:
+                break
+
+            # One optimizer step. All windows of the step (every micro-step of every process) come from one
+            # draw of the data generator; process r's micro-step m takes row m * W + r, so 1 process with 2
+            # micro-steps sees exactly the windows of 2 processes with 1, and a resumed run the same as a
+            # straight one.
+            t0 = time.perf_counter()
+            lr = learning_rate_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            windows = train_windows.draw(data_generator, accumulation_steps * world_size, cfg.batch_size)
+            loss_sum = torch.zeros((), device=device)
+            for micro_step in range(accumulation_steps):
+                x, y = train_windows.read(windows[micro_step * world_size + rank], device)
+                # DDP averages gradients across processes during backward(). Only the last micro-step needs
+                # that; no_sync() skips it for the others and must cover their forward as well as backward.
+                last = micro_step == accumulation_steps - 1
+                with train_model.no_sync() if ddp and not last else nullcontext():
+                    with runtime.autocast():
+                        _, loss = train_model(x, y)
+                    loss = loss / accumulation_steps  # gradients add up over micro-steps: this makes them a mean
+                    runtime.scaler.scale(loss).backward()
+                loss_sum += loss.detach().float()
+            # One all-reduce carries the step's loss for the log, and whether any process was asked to stop.
+            stats = torch.stack([loss_sum, torch.tensor(float(stop_requested), device=device)])
+            if ddp:
+                dist.all_reduce(stats)
+            train_loss, stop_requested = stats[0].item() / world_size, stats[1].item() > 0
+            if not math.isfinite(train_loss):  # never step on a NaN: it would poison every weight
+                kept = f"{out_dir / 'ckpt.pt'} keeps step {saved_step}" if saved_step >= 0 else "no checkpoint was written"
+                raise FloatingPointError(f"the loss became {train_loss} at step {step + 1}; stopped ({kept}): "
+                                         f"try a lower --learning_rate or a longer --warmup_steps")
+            runtime.scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
+            runtime.scaler.step(optimizer)  # skips the step if float16 gradients overflowed
+            runtime.scaler.update()
+            optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until the next backward
+            synchronize(device)
+            step += 1
+
+            step_time = time.perf_counter() - t0
+            tokens_per_second = tokens_per_step / step_time
+            mfu = flops_per_token * tokens_per_second / (peak_flops * world_size)
+            if master:
+                log({"kind": "train", "step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                     "ms": step_time * 1000, "tokens_per_s": tokens_per_second, "mfu": mfu})
+                if step % cfg.log_interval == 0 or step == 1:
+                    print(f"step {step}/{cfg.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm "
+                          f"{grad_norm:.2f} | {step_time * 1000:.0f} ms | {tokens_per_second:,.0f} tok/s | "
+                          f"MFU {mfu:.1%}", flush=True)
+        if saved_step != step:  # the end of the run, or Ctrl-C: save where we are, so it can be continued
+            write_checkpoint()
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        if log_file:
+            log_file.close()
+
+
+EVAL_SAMPLE_TOKENS = 64  # a glimpse of the model's text at each evaluation
+
+
+def eval_sample(model: GPT, tokenizer, runtime: Runtime, seed: int) -> str:
+    """A short sample from the start of a document, with its own generator so training's RNG is untouched."""
+    generator = torch.Generator(device=runtime.device).manual_seed(seed)
+    start = torch.tensor([[tokenizer.eot_token or 0]], device=runtime.device)
+    model.eval()
+    with runtime.autocast():
+        out = model.generate(start, EVAL_SAMPLE_TOKENS, temperature=0.8, top_k=200,
+                             stop_token=tokenizer.eot_token, generator=generator)
+    model.train()
+    return tokenizer.decode([t for t in out[0, 1:].tolist() if t != tokenizer.eot_token])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Sampling, export and plotting
+
+def load_for_sampling(cfg: SimpleNamespace, device: torch.device):
+    """(model, tokenizer) from --init_from=gpt2... or from the checkpoint (which carries its tokenizer)."""
+    if cfg.init_from.startswith("gpt2"):
+        model, tokenizer = GPT.from_gpt2(cfg.init_from, cfg.gpt2_dir or None), gpt2_tokenizer(cfg.gpt2_dir)
+    else:
+        path = checkpoint_path(cfg)
+        checkpoint = load_checkpoint(path)
+        model, tokenizer = model_from_checkpoint(checkpoint, path), tokenizer_from_text(checkpoint["tokenizer"])
+    return model.to(device).eval(), tokenizer
+
+
+def encode_prompt(prompt_flag: str, tokenizer) -> list[int]:
+    """--prompt as ids; FILE:path reads the text from a file. Special tokens in it (<|endoftext|>) count as such."""
+    text = prompt_flag
+    if prompt_flag.startswith("FILE:"):
+        path = Path(prompt_flag.removeprefix("FILE:"))
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompt=FILE:{path}: no such file")
+        text = path.read_text(encoding="utf-8")
+    ids = tokenizer.encode(text, allowed_special="all")
+    if not ids:
+        raise ValueError("--prompt encodes to no tokens: give some text, or leave it out to start a new document")
+    return ids
+
+
+def run_sampling(cfg: SimpleNamespace, overrides: dict) -> None:
+    """Print num_samples continuations of the prompt; a single sample streams token by token."""
+    sampling_flags = [k for k in ("temperature", "top_k", "top_p", "greedy") if k in overrides]
+    if cfg.beam and sampling_flags:
+        raise ValueError(f"--beam is deterministic: drop --{sampling_flags[0]}")
+    if cfg.beam and cfg.num_samples > 1:
+        raise ValueError("--beam finds one best continuation: drop --num_samples")
+    runtime = setup_device(cfg.device, cfg.dtype)
+    model, tokenizer = load_for_sampling(cfg, runtime.device)
+    prompt = torch.tensor([encode_prompt(cfg.prompt, tokenizer)], device=runtime.device)  # (1, T)
+    stop_token = None if cfg.ignore_eot else tokenizer.eot_token
+    generator = torch.Generator(device=runtime.device).manual_seed(cfg.seed)
+    options = dict(temperature=0.0 if cfg.greedy else cfg.temperature, top_k=cfg.top_k or None,
+                   top_p=None if cfg.top_p == 1.0 else cfg.top_p, stop_token=stop_token, generator=generator)
+    shown_prompt = "" if cfg.prompt == "<|endoftext|>" else tokenizer.decode(prompt[0].tolist())
+    with runtime.autocast():
+        if cfg.beam:
+            out = model.beam_search(prompt, cfg.max_new_tokens, cfg.beam, stop_token=stop_token)
+            print(shown_prompt + decode_until(out[0, prompt.size(1):].tolist(), tokenizer, stop_token))
+        elif cfg.num_samples == 1:
+            # Stream: a token may end in the middle of a UTF-8 character (an emoji can take 4 tokens), so
+            # bytes go through an incremental decoder that prints each character once it is complete.
+            utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            sys.stdout.write(shown_prompt)
+            for token in model.generate_stream(prompt, cfg.max_new_tokens, **options):
+                if token.item() == stop_token:
+                    break
+                sys.stdout.write(utf8.decode(tokenizer.decode_bytes([token.item()])))
+                sys.stdout.flush()
+            print(utf8.decode(b"", final=True))
+        else:
+            out = model.generate(prompt.expand(cfg.num_samples, -1), cfg.max_new_tokens, **options)
+            for row in out[:, prompt.size(1):].tolist():
+                print(shown_prompt + decode_until(row, tokenizer, stop_token))
+                print("-" * 80)
+
+
+def decode_until(ids: list[int], tokenizer, stop_token: int | None) -> str:
+    """Text of ids up to (not including) the first stop_token."""
+    return tokenizer.decode(ids[:ids.index(stop_token)] if stop_token in ids else ids)
+
+
+def run_export(cfg: SimpleNamespace) -> None:
+    model, _ = load_for_sampling(cfg, torch.device("cpu"))
+    model.export_hf(cfg.export_hf)
+    print(f"wrote {Path(cfg.export_hf) / 'model.safetensors'} and config.json "
+          f"(load with transformers.GPT2LMHeadModel.from_pretrained)")
+
+
+def run_plot(cfg: SimpleNamespace) -> None:
+    """Training loss per step and evaluation losses from <out_dir>/log.jsonl, into <out_dir>/loss.png."""
+    log_path = Path(cfg.out_dir) / "log.jsonl"
+    if not log_path.is_file():
+        raise FileNotFoundError(f"no {log_path}: train first, or pass the run's --out_dir")
+    records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line]
+    train_records = [r for r in records if r["kind"] == "train"]
+    eval_records = [r for r in records if r["kind"] == "eval"]
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot([r["step"] for r in train_records], [r["loss"] for r in train_records], lw=0.8, alpha=0.6, label="train (per step)")
+    for split in ("train", "val"):
+        ax.plot([r["step"] for r in eval_records], [r[f"{split}_loss"] for r in eval_records], "o-", label=f"{split} (eval)")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=str(cfg.out_dir))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    image_path = Path(cfg.out_dir) / "loss.png"
+    write_atomically(image_path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    print(f"wrote {image_path} ({len(train_records)} steps, {len(eval_records)} evaluations)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. main
+
+def main(argv: list[str] | None = None) -> None:
+    """Train, sample, export or plot, as the flags say. Bad input ends with one `error: ...` line."""
+    try:
+        overrides = parse_flags(sys.argv[1:] if argv is None else argv)
+        cfg = make_config(overrides)
+        if cfg.sample:
+            run_sampling(cfg, overrides)
+        elif cfg.export_hf:
+            run_export(cfg)
+        elif cfg.plot:
+            run_plot(cfg)
+        else:
+            train(overrides)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

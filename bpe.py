@@ -78,27 +78,36 @@ GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?
 
 # Splitting 10 MB with either regex costs more than everything else in training, and most of the text
 # repeats (" the", " of", ...). So we first cut the text, at C speed, into "chunks" at places where a new
-# pre-token provably begins under both patterns, count the chunks, and run the big regex only once per
-# distinct chunk.
+# pre-token provably begins under both patterns, count the chunks, and run the big regex only over the
+# distinct chunks (10 MB of English: 1.4M chunks, 214K distinct, 3.5M characters in those).
 #
-# The cut: before a space " " whose left neighbour is not whitespace ("dog| bites"). Why that is safe:
-#  (a) No pre-token contains a non-space character followed by a space. Each alternative allows a space
-#      only as its first character (" ?\p{L}+", "[^\r\n\p{L}\p{N}]?+\p{L}+", " ?[^\s...]++[\r\n]*") or
-#      inside an all-whitespace run ("\s*[\r\n]", "\s+(?!\S)", "\s+"), which cannot hold the non-space.
-#      So a pre-token ends right before the cut in the whole text.
-#  (b) Nothing before the cut can tell a space from the end of the text: a space stops "\p{L}+",
-#      "\p{N}+", "[^\s\p{L}\p{N}]++", "[\r\n]*" exactly like the end does, and "(?!\S)" succeeds on both.
-#      So the pre-tokens before the cut are the same whether the text goes on or not.
+# The cut: before a space " " that is followed by a non-whitespace character X ("dog| bites", "a |  X").
+# Why that is safe, for both patterns:
+#  (a) No pre-token contains the character before the cut and the space. An alternative allows a space
+#      after its first character only inside an all-whitespace run ("\s*[\r\n]", "\s+(?!\S)", "\s+"),
+#      and such a run cannot end at our space: "\s*[\r\n]" ends with a line break, "\s+(?!\S)" is not
+#      followed by X, and "\s+" is only tried where "\s+(?!\S)" failed, which for a run of two or more
+#      whitespace characters never happens (it backs off one character, to end before our space).
+#  (b) So every match that starts before the cut ends before it, and nothing before the cut can tell the
+#      space from the end of the text: a path that consumes the space fails either way (by (a)), and
+#      "(?!\S)" succeeds on both.
 #  (c) Neither pattern looks behind, so the pre-tokens after the cut do not depend on what came before.
-# Hence findall(whole text) == findall(chunk 1) + findall(chunk 2) + ... (the tests check this on the
-# shared corpora). `re`'s \S means "not str.isspace()", which excludes every character that `regex`'s \s
-# matches, so every left neighbour we cut after is non-whitespace for the patterns too.
-CHUNK_CUT = re.compile(r"(?<=\S)(?= )")
+# Hence findall(whole text) == findall(chunk 1) + findall(chunk 2) + ... (the tests check it on the shared
+# corpora). Note that the cut depends only on the text after it: any string followed by a chunk that starts
+# with " " + non-space also splits there, which lets us glue chunks together and run the regex once.
+# `re`'s \S means "not str.isspace()", which excludes every character that `regex`'s \s matches, so X is
+# non-whitespace for the patterns too.
+CHUNK_CUT = re.compile(r"(?= \S)")
 
 
 def split_chunks(text: str) -> list[str]:
-    """Cut text before every space that follows a non-space: "a dog  bites" -> ["a", " dog  ", " bites"]."""
+    """Cut text before every space followed by a non-space: "a dog  bites" -> ["a", " dog ", " bites"]."""
     return CHUNK_CUT.split(text)
+
+
+def starts_chunk(chunk: str) -> bool:
+    """Whether any text followed by `chunk` has a cut right before it (see above)."""
+    return len(chunk) > 1 and chunk[0] == " " and not chunk[1].isspace()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,10 +190,20 @@ def count_pretokens(texts: str | Iterable[str], pattern: str, special_tokens: Se
         # Special-token text (e.g. "<|endoftext|>" between stories) is a delimiter, not something to learn.
         for part in special_cut.split(text) if special_tokens else [text]:
             chunk_counts.update(split_chunks(part))  # Counter.update over a list runs in C
+    # One regex call per distinct chunk would cost ~2 us of call overhead each. Instead, glue together all
+    # chunks that occur equally often (safe: each starts a pre-token, see starts_chunk) and split that
+    # string in one call. The first chunk of each document may not start with a space; it goes alone.
+    chunks_by_count: dict[int, list[str]] = defaultdict(list)
     pretoken_counts: Counter = Counter()
     for chunk, n in chunk_counts.items():
-        for pretoken in split_pattern.findall(chunk):
-            pretoken_counts[pretoken] += n
+        if starts_chunk(chunk):
+            chunks_by_count[n].append(chunk)
+        else:
+            for pretoken in split_pattern.findall(chunk):
+                pretoken_counts[pretoken] += n
+    for n, chunks in chunks_by_count.items():
+        for pretoken, k in Counter(split_pattern.findall("".join(chunks))).items():
+            pretoken_counts[pretoken] += n * k
     return pretoken_counts
 
 

@@ -71,7 +71,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # ---- knobs (the flag parser reads this block: `name = default  # comment` lines under "# group" headings)
 # I/O
 out_dir = "out"  # ckpt.pt and log.jsonl (one JSON object per step and per evaluation) go here
-init_from = "scratch"  # scratch | resume (continue <out_dir>/ckpt.pt or --ckpt) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
+init_from = "scratch"  # scratch | resume (continue the checkpoint) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
 ckpt = ""  # checkpoint to resume, sample or export; empty means <out_dir>/ckpt.pt
 gpt2_dir = ""  # folder with HF's GPT-2 files (model.safetensors, merges.txt, vocab.json); empty: download them
 eval_interval = 250  # evaluate every this many steps (and checkpoint, see always_save_checkpoint)
@@ -81,7 +81,7 @@ always_save_checkpoint = False  # checkpoint at every evaluation, not only when 
 # data
 data_dir = "data/fineweb"  # the shards, meta.json and tokenizer.bpe written by prepare_fineweb.py
 batch_size = 8  # sequences per micro-step in each process
-total_batch_tokens = 0  # tokens per optimizer step over all processes (sets gradient accumulation); 0: one micro-step
+total_batch_tokens = 0  # tokens per optimizer step, all processes (sets the micro-steps); 0: one micro-step
 # model (the vocabulary size comes from the data's meta.json)
 n_layer = 12  # transformer blocks
 n_head = 12  # attention heads per block; must divide n_embd
@@ -105,13 +105,13 @@ beta2 = 0.95  # AdamW's second-moment decay; below 0.999 so a sudden large gradi
 grad_clip = 1.0  # clip the global gradient norm to this; 0 turns clipping off
 # system
 device = "auto"  # auto (cuda, then mps, then cpu) | cuda | cuda:N | mps | cpu
-dtype = "auto"  # auto (bfloat16 where the device has it, float16 on older CUDA GPUs, float32 on CPU) | float32 | bfloat16 | float16
-compile = False  # torch.compile the model: faster steps on CUDA after a minute of compiling; ignored on MPS and Windows
+dtype = "auto"  # auto (see setup_device) | float32 | bfloat16 | float16
+compile = False  # torch.compile: faster CUDA steps after a minute of compiling; ignored on MPS and Windows
 peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0: a table of known GPUs, else measured with a matmul
 seed = 1337  # seeds the weights, the data order and the samples
 # sampling, export and plotting
 sample = False  # sample from --ckpt (or --init_from=gpt2...) instead of training
-prompt = "<|endoftext|>"  # text to continue, or FILE:path to read it from a file; the default starts a new document
+prompt = "<|endoftext|>"  # text to continue, or FILE:path; the default starts a new document
 num_samples = 1  # samples to draw; one sample streams to stdout as it is generated
 max_new_tokens = 200  # tokens to generate per sample
 temperature = 0.8  # below 1 sharpens the distribution, above 1 flattens it; 0 is greedy
@@ -868,6 +868,13 @@ class TokenWindows:
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
 
+def tokenizer_from_text(text: str):
+    """A bpe.Tokenizer from its saved text (Tokenizer.dumps). bpe.py is imported here, not at the top, so that
+    importing gpt.py needs nothing beside it (benchmarks load this file by path from elsewhere)."""
+    from bpe import Tokenizer
+    return Tokenizer.loads(text)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 4. Training
 #
@@ -952,9 +959,10 @@ def synchronize(device: torch.device) -> None:
 
 
 # Dense bfloat16 (float16 for V100 and T4) tensor-core peaks from the vendors' data sheets, in FLOP/s.
-# The first name contained in torch.cuda.get_device_name() wins, hence "H100 PCIe" before "H100".
+# The first name contained in torch.cuda.get_device_name() wins, hence "H100 PCIe" before "H100", "L40S"
+# before "L40" before "L4". Other GPUs are measured, or take --peak_flops.
 GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
-                  "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+                  "L40": 181e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
 
 
 def peak_flops_per_second(runtime: Runtime, configured: float) -> float:
@@ -1027,21 +1035,19 @@ def evaluate(model: torch.nn.Module, splits: dict[str, TokenWindows], cfg: Simpl
     return losses
 
 
-def tokenizer_from_text(text: str):
-    """A bpe.Tokenizer from its saved text (Tokenizer.dumps). bpe.py is imported here, not at the top, so that
-    importing gpt.py needs nothing beside it (benchmarks load this file by path from elsewhere)."""
-    from bpe import Tokenizer
-    return Tokenizer.loads(text)
+EVAL_SAMPLE_TOKENS = 64  # a glimpse of the model's text at each evaluation
 
 
-def gpt2_tokenizer(gpt2_dir: str):
-    """GPT-2's tokenizer: from gpt2_dir's merges.txt + vocab.json when it has them, else tiktoken's "gpt2"."""
-    from bpe import Tokenizer
-    folder = Path(gpt2_dir) if gpt2_dir else None
-    if folder and (folder / "merges.txt").is_file() and (folder / "vocab.json").is_file():
-        return Tokenizer.from_gpt2(folder / "merges.txt", folder / "vocab.json")
-    import tiktoken
-    return Tokenizer.from_tiktoken(tiktoken.get_encoding("gpt2"))
+def eval_sample(model: GPT, tokenizer, cfg: SimpleNamespace, runtime: Runtime) -> str:
+    """A short sample from the start of a document, drawn with its own generator: training's RNG is untouched."""
+    generator = torch.Generator(device=runtime.device).manual_seed(cfg.seed)
+    start = torch.tensor([[tokenizer.eot_token or 0]], device=runtime.device)
+    model.eval()
+    with runtime.autocast():
+        out = model.generate(start, EVAL_SAMPLE_TOKENS, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                             stop_token=tokenizer.eot_token, generator=generator)
+    model.train()
+    return tokenizer.decode([t for t in out[0, 1:].tolist() if t != tokenizer.eot_token])
 
 
 # -- Checkpoints ---------------------------------------------------------------------------------------------
@@ -1110,8 +1116,8 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as e:  # torch raises many kinds here (pickle, zip, unsupported global)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path} is not a readable checkpoint ({reason[:150]})") from None
-    missing = [k for k in ("model", "model_config", "config", "tokenizer", "step") if k not in checkpoint] \
-        if isinstance(checkpoint, dict) else ["everything"]
+    needed = ("model", "model_config", "config", "tokenizer", "step")
+    missing = [k for k in needed if k not in checkpoint] if isinstance(checkpoint, dict) else list(needed)
     if missing:
         raise ValueError(f"{path} is not a checkpoint of gpt.py (missing {', '.join(missing)})")
     return checkpoint
@@ -1230,7 +1236,7 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
         data_generator.set_state(checkpoint["rng"]["data"])
         saved_ranks = checkpoint["rng"]["processes"]
         restore_rng_states(saved_ranks[rank] if rank < len(saved_ranks) else saved_ranks[0], device)
-        del checkpoint  # free the CPU copy of the weights and optimizer state
+        checkpoint.clear()  # free the CPU copy of the weights and optimizer state (train() holds this dict too)
     start_step = step
 
     fast_model = torch.compile(model) if runtime.compile else model
@@ -1251,10 +1257,10 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
         log_file.flush()
 
     def write_checkpoint() -> None:
-        checkpoint = training_state(model, optimizer, runtime, step, best_val_loss, cfg, tokenizer_text,
-                                    data_generator, world_size)
+        state = training_state(model, optimizer, runtime, step, best_val_loss, cfg, tokenizer_text,
+                               data_generator, world_size)
         if master:
-            save_checkpoint(out_dir / "ckpt.pt", checkpoint)
+            save_checkpoint(out_dir / "ckpt.pt", state)
             print(f"saved {out_dir / 'ckpt.pt'} at step {step}")
 
     # Ctrl-C (or a scheduler's SIGTERM) asks the loop to stop at the end of the current step and save; the
@@ -1277,7 +1283,8 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
             # Evaluate every eval_interval steps and at the end. A resumed run skips the step it starts at:
             # its checkpoint was written right after that evaluation.
             if (step % cfg.eval_interval == 0 or step == cfg.max_steps) and not (resumed and step == start_step):
-                losses = evaluate(fast_model, {"train": train_windows, "val": val_windows}, cfg, runtime, rank, world_size)
+                losses = evaluate(fast_model, {"train": train_windows, "val": val_windows}, cfg, runtime, rank,
+                                  world_size)
                 record = {"kind": "eval", "step": step, "train_loss": losses["train"], "val_loss": losses["val"],
                           "val_perplexity": math.exp(min(losses["val"], 50.0))}
                 if val_bytes:  # a tokenizer-independent measure: how many bits the model needs per byte of text
@@ -1286,7 +1293,7 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
                     bpb = f", {record['val_bits_per_byte']:.3f} bits/byte" if val_bytes else ""
                     print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
                           f"(perplexity {record['val_perplexity']:.1f}{bpb})")
-                    print(f"  sample: {eval_sample(model, tokenizer, runtime, cfg.seed)!r}")
+                    print(f"  sample: {eval_sample(model, tokenizer, cfg, runtime)!r}")
                     log(record)
                 if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
                     best_val_loss = min(best_val_loss, losses["val"])
@@ -1322,7 +1329,7 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
                 dist.all_reduce(stats)
             train_loss, stop_requested = stats[0].item() / world_size, stats[1].item() > 0
             if not math.isfinite(train_loss):  # never step on a NaN: it would poison every weight
-                kept = f"{out_dir / 'ckpt.pt'} keeps step {saved_step}" if saved_step >= 0 else "no checkpoint was written"
+                kept = f"{out_dir / 'ckpt.pt'} keeps step {saved_step}" if saved_step >= 0 else "nothing saved"
                 raise FloatingPointError(f"the loss became {train_loss} at step {step + 1}; stopped ({kept}): "
                                          f"try a lower --learning_rate or a longer --warmup_steps")
             runtime.scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
@@ -1352,23 +1359,18 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
             log_file.close()
 
 
-EVAL_SAMPLE_TOKENS = 64  # a glimpse of the model's text at each evaluation
-
-
-def eval_sample(model: GPT, tokenizer, runtime: Runtime, seed: int) -> str:
-    """A short sample from the start of a document, with its own generator so training's RNG is untouched."""
-    generator = torch.Generator(device=runtime.device).manual_seed(seed)
-    start = torch.tensor([[tokenizer.eot_token or 0]], device=runtime.device)
-    model.eval()
-    with runtime.autocast():
-        out = model.generate(start, EVAL_SAMPLE_TOKENS, temperature=0.8, top_k=200,
-                             stop_token=tokenizer.eot_token, generator=generator)
-    model.train()
-    return tokenizer.decode([t for t in out[0, 1:].tolist() if t != tokenizer.eot_token])
-
-
 # ----------------------------------------------------------------------------------------------------------
 # 5. Sampling, export and plotting
+
+def gpt2_tokenizer(gpt2_dir: str):
+    """GPT-2's tokenizer: from gpt2_dir's merges.txt + vocab.json when it has them, else tiktoken's "gpt2"."""
+    from bpe import Tokenizer
+    folder = Path(gpt2_dir) if gpt2_dir else None
+    if folder and (folder / "merges.txt").is_file() and (folder / "vocab.json").is_file():
+        return Tokenizer.from_gpt2(folder / "merges.txt", folder / "vocab.json")
+    import tiktoken
+    return Tokenizer.from_tiktoken(tiktoken.get_encoding("gpt2"))
+
 
 def load_for_sampling(cfg: SimpleNamespace, device: torch.device):
     """(model, tokenizer) from --init_from=gpt2... or from the checkpoint (which carries its tokenizer)."""

@@ -157,7 +157,7 @@ def help_text() -> str:
             group = knob_group
             lines.append(f"\n{group}:")
         default = globals()[name]
-        shown = repr(default) if isinstance(default, str) else str(default).lower() if isinstance(default, bool) else default
+        shown = repr(default) if isinstance(default, str) else str(default).lower()  # --bias=true, as typed
         lines.append(f"  --{name}={shown}".ljust(34) + f" {comment}")
     return "\n".join(lines)
 
@@ -813,7 +813,8 @@ def load_meta(data_dir: Path) -> dict:
         shard_lists = {split: meta["splits"][split]["shards"] for split in ("train", "val")}
         int(meta["vocab_size"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{meta_path}: not a meta.json written by prepare_fineweb.py ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{meta_path}: not a meta.json written by prepare_fineweb.py "
+                         f"({type(e).__name__}: {e})") from None
     for split, shards in shard_lists.items():
         if not shards:
             raise FileNotFoundError(f"{meta_path} lists no {split} shards: run prepare_fineweb.py again")
@@ -911,9 +912,11 @@ def setup_device(device_name: str, dtype_name: str = "auto", local_rank: int = 0
     if kind not in ("cuda", "mps", "cpu"):
         raise ValueError(f"--device={device_name!r} is not one of auto, cuda, cuda:N, mps, cpu")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device={device_name} but CUDA is not available (no GPU, or a CPU-only torch): use --device=cpu")
+        raise ValueError(f"--device={device_name} but CUDA is not available (no GPU, or a CPU-only torch): "
+                         f"use --device=cpu")
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device=mps but MPS is not available (it needs Apple silicon and macOS 12.3+): use --device=cpu")
+        raise ValueError("--device=mps but MPS is not available (it needs Apple silicon and macOS 12.3+): "
+                         "use --device=cpu")
     device = torch.device(device_name if ":" in device_name or kind != "cuda" else f"cuda:{local_rank}")
 
     if dtype_name == "auto":
@@ -924,7 +927,8 @@ def setup_device(device_name: str, dtype_name: str = "auto", local_rank: int = 0
         else:
             dtype_name = "float32"
     if dtype_name == "float16" and kind != "cuda":
-        raise ValueError(f"--dtype=float16 needs loss scaling, done here on CUDA only: use bfloat16 or float32 on {kind}")
+        raise ValueError(f"--dtype=float16 needs loss scaling, done here on CUDA only: use bfloat16 or float32 "
+                         f"on {kind}")
     if dtype_name == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"--dtype=bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16: use float16")
 
@@ -1231,7 +1235,8 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
     step, best_val_loss = 0, math.inf
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
-        runtime.scaler.load_state_dict(checkpoint["scaler"])
+        if checkpoint["scaler"]:  # empty when saved without float16 (the scaler was off)
+            runtime.scaler.load_state_dict(checkpoint["scaler"])
         step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
         data_generator.set_state(checkpoint["rng"]["data"])
         saved_ranks = checkpoint["rng"]["processes"]
@@ -1458,9 +1463,11 @@ def run_plot(cfg: SimpleNamespace) -> None:
     matplotlib.use("Agg")  # files only, no window
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5))
-    ax.plot([r["step"] for r in train_records], [r["loss"] for r in train_records], lw=0.8, alpha=0.6, label="train (per step)")
+    ax.plot([r["step"] for r in train_records], [r["loss"] for r in train_records], lw=0.8, alpha=0.6,
+            label="train (per step)")
     for split in ("train", "val"):
-        ax.plot([r["step"] for r in eval_records], [r[f"{split}_loss"] for r in eval_records], "o-", label=f"{split} (eval)")
+        ax.plot([r["step"] for r in eval_records], [r[f"{split}_loss"] for r in eval_records], "o-",
+                label=f"{split} (eval)")
     ax.set(xlabel="step", ylabel="loss (nats/token)", title=str(cfg.out_dir))
     ax.grid(alpha=0.3)
     ax.legend()
@@ -1488,6 +1495,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C while sampling, or a second Ctrl-C while training
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -212,11 +212,12 @@ def train_merges(pretoken_counts: dict[str, int], num_merges: int, verbose: bool
     words = [w.encode("utf-8").decode("latin-1") for w in pretoken_counts]  # one char per byte = byte id
     freqs = list(pretoken_counts.values())
     pair_counts: dict[str, int] = defaultdict(int)
-    words_with_pair: dict[str, set[int]] = defaultdict(set)
+    words_with_pair: dict[str, list[int]] = defaultdict(list)  # may repeat a word; harmless, see below
     for j, (word, n) in enumerate(zip(words, freqs)):
         for i in range(len(word) - 1):
-            pair_counts[word[i:i + 2]] += n
-            words_with_pair[word[i:i + 2]].add(j)
+            pair = word[i:i + 2]
+            pair_counts[pair] += n
+            words_with_pair[pair].append(j)
     heap = [(-n, pair) for pair, n in pair_counts.items()]
     heapq.heapify(heap)
 
@@ -231,24 +232,40 @@ def train_merges(pretoken_counts: dict[str, int], num_merges: int, verbose: bool
             heapq.heappush(heap, (-count, pair))  # stale entry: put it back with its true count
             continue
         new_token = chr(256 + len(merges))
-        changed = set()
+        changed, created = set(), []
         for j in words_with_pair.pop(pair):
             old = words[j]
             if pair not in old:
-                continue  # the index is lazy too: this word lost the pair to an earlier merge
-            new = old.replace(pair, new_token)
-            words[j] = new
+                continue  # the index is lazy too: a repeat, or the word lost the pair to an earlier merge
+            new = words[j] = old.replace(pair, new_token)
             n = freqs[j]
-            # Recount this word's pairs: remove the old ones, add the new ones. Only pairs with the new
-            # token are new; they go into the index and, once all words are done, into the heap.
-            for i in range(len(old) - 1):
-                pair_counts[old[i:i + 2]] -= n
-            for i in range(len(new) - 1):
-                p = new[i:i + 2]
+            site = old.find(pair)
+            if old.find(pair, site + 2) == -1:
+                # The common case, the pair occurs once ("xaby" -> "xZy"): only the pairs that touch it
+                # change. Subtract xa, ab, by; add xZ, Zy. New pairs (those with Z) also go into the index
+                # and, once all words are done, into the heap.
+                pair_counts[pair] -= n
+                if site > 0:
+                    pair_counts[old[site - 1:site + 1]] -= n
+                    created.append(new[site - 1:site + 1])
+                if site + 2 < len(old):
+                    pair_counts[old[site + 1:site + 3]] -= n
+                    created.append(new[site:site + 2])
+            else:
+                # Several occurrences, maybe overlapping ("aaaa" -> "ZZ"): simply recount the whole word.
+                for i in range(len(old) - 1):
+                    pair_counts[old[i:i + 2]] -= n
+                for i in range(len(new) - 1):
+                    p = new[i:i + 2]
+                    if new_token in p:
+                        created.append(p)
+                    else:
+                        pair_counts[p] += n
+            for p in created:
                 pair_counts[p] += n
-                if new_token in p:
-                    words_with_pair[p].add(j)
-                    changed.add(p)
+                words_with_pair[p].append(j)
+                changed.add(p)
+            created.clear()
         for p in changed:
             heapq.heappush(heap, (-pair_counts[p], p))
         merges.append((ord(pair[0]), ord(pair[1])))

@@ -815,6 +815,8 @@ def load_meta(data_dir: Path) -> dict:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{meta_path}: not a meta.json written by prepare_fineweb.py "
                          f"({type(e).__name__}: {e})") from None
+    if meta.get("complete") is False:  # prepare_fineweb.py was stopped part way; it can resume
+        raise ValueError(f"{meta_path} says its preparation did not finish: run prepare_fineweb.py again")
     for split, shards in shard_lists.items():
         if not shards:
             raise FileNotFoundError(f"{meta_path} lists no {split} shards: run prepare_fineweb.py again")
@@ -978,11 +980,13 @@ def peak_flops_per_second(runtime: Runtime, configured: float) -> float:
         for gpu, flops in GPU_PEAK_FLOPS.items():
             if gpu in name:
                 return flops
-    # Unknown device: time a large matmul in the training precision and take the best of a few.
-    n = 4096 if runtime.device.type == "cuda" else 1024
+    # Unknown device: time a large matmul in the training precision; the best of a few runs after a warm-up.
+    # (On a machine shared with other work this reads low and MFU high: pass --peak_flops for a fixed figure.)
+    n = 8192 if runtime.device.type == "cuda" else 2048
     a = torch.randn(n, n, device=runtime.device, dtype=runtime.autocast_dtype)
+    a @ a
     best = math.inf
-    for _ in range(4):
+    for _ in range(5):
         synchronize(runtime.device)
         t0 = time.perf_counter()
         a @ a
@@ -1300,8 +1304,9 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
                           f"(perplexity {record['val_perplexity']:.1f}{bpb})")
                     print(f"  sample: {eval_sample(model, tokenizer, cfg, runtime)!r}")
                     log(record)
-                if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
-                    best_val_loss = min(best_val_loss, losses["val"])
+                improved = losses["val"] < best_val_loss
+                best_val_loss = min(best_val_loss, losses["val"])
+                if step > 0 and (improved or cfg.always_save_checkpoint):  # nothing to keep before step 1
                     write_checkpoint()
                     saved_step = step
             if step >= cfg.max_steps or stop_requested:

@@ -305,8 +305,6 @@ class Tokenizer:
         if len(self._decoder) != len(self.mergeable_ranks) + len(self.special_tokens):
             raise ValueError("two tokens share an id: every token and special token needs its own id")
         self._split = regex.compile(pattern)
-        self._special_cut = re.compile(
-            "(" + "|".join(re.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)) + ")")
         self._cache: dict[str, tuple[int, ...]] = {}  # chunk -> ids
         self._pretoken_cache: dict[bytes, tuple[int, ...]] = {}  # pre-token that is not a token -> ids
 
@@ -419,12 +417,15 @@ class Tokenizer:
             if special in text:
                 raise ValueError(f"text contains the special token {special!r}: pass allowed_special={{{special!r}}} "
                                  f"(or 'all') to encode it as a special token, or use encode_ordinary for plain text")
-        if not allowed or not self.special_tokens:
+        allowed &= set(self.special_tokens)
+        if not allowed:
             return self.encode_ordinary(text)
+        # Cut at the allowed specials only (longest first, so a special that contains another wins); the
+        # capturing group keeps them in the list at odd positions: [text, special, text, special, text].
+        special_cut = re.compile("(" + "|".join(map(re.escape, sorted(allowed, key=len, reverse=True))) + ")")
         ids: list[int] = []
-        # re.split with a capturing group keeps the separators at odd positions: [text, special, text, ...]
-        for k, part in enumerate(self._special_cut.split(text)):
-            if k % 2 == 1 and part in allowed:
+        for k, part in enumerate(special_cut.split(text)):
+            if k % 2 == 1:
                 ids.append(self.special_tokens[part])
             else:
                 ids += self.encode_ordinary(part)

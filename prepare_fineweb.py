@@ -4,12 +4,12 @@
     python prepare_fineweb.py --max_tokens=all                  # ... the whole sample (about 10B tokens)
     python prepare_fineweb.py --dataset=tinystories             # TinyStories, with its own validation split
     python prepare_fineweb.py --input=a.txt,b.jsonl --val_from=end   # your own files, offline
-    python prepare_fineweb.py --input=input.txt --vocab_size=257     # byte-level: 256 bytes + <|endoftext|>
+    python prepare_fineweb.py --input=input.txt --vocab_size=257 --val_from=end   # byte-level, last 10% val
     python prepare_fineweb.py --dataset=tinystories --tokenizer=gpt2 # GPT-2's tokenizer instead of a new one
 
 What happens, in order:
   1. The documents are opened as a stream (`datasets` in streaming mode, for hub datasets and local files
-     alike), so nothing is downloaded ahead: the first shard is on disk after seconds, not after 30 GB.
+     alike), so nothing is downloaded ahead: shards appear after seconds, not after the whole download.
   2. A tokenizer is trained with bpe.py on the first --tokenizer_train_mb MB of training documents
      (default 100 MB, vocab 8192, GPT-4 split pattern), or loaded (--tokenizer=gpt2, a folder, a file).
   3. Worker processes encode chunks of documents with the tokenizer's tiktoken twin (same ids, in Rust);
@@ -110,38 +110,40 @@ class FlagParser(argparse.ArgumentParser):
 
 
 def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = FlagParser(description="Tokenize FineWeb-edu, TinyStories or your own files into llm.c-format shards.",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = FlagParser(description="Tokenize FineWeb-edu, TinyStories or your own files into llm.c-format shards.")
     source = parser.add_argument_group("source")
     source.add_argument("--dataset", help="fineweb, tinystories, or a hub id with a text column "
                         "(default: fineweb unless --input is given)")
     source.add_argument("--config", help="hub config (default: sample-10BT for fineweb, none otherwise)")
     source.add_argument("--input", metavar="FILE[,FILE...]", help="local .txt (documents separated by "
                         f"{EOT} lines, else by blank lines), .jsonl/.json or .parquet (a text column)")
-    source.add_argument("--text_column", default="text", help="column holding the documents")
+    source.add_argument("--text_column", default="text", help="column holding the documents (default: %(default)s)")
     tokenizer = parser.add_argument_group("tokenizer")
     tokenizer.add_argument("--tokenizer", default="train", help="train (a new one with bpe.py), gpt2 (tiktoken's "
                            "download), a folder with vocab.bpe+encoder.json or merges.txt+vocab.json, "
-                           "or a saved bpe.py tokenizer file")
+                           "or a saved bpe.py tokenizer file (default: %(default)s)")
     tokenizer.add_argument("--vocab_size", type=int, default=8192,
-                           help="for training: 256 bytes + merges + <|endoftext|> (257 = byte-level)")
-    tokenizer.add_argument("--pattern", choices=sorted(PATTERNS), default="gpt4", help="split regex for training")
+                           help="for training: 256 bytes + merges + <|endoftext|> (257 = byte-level; default: %(default)s)")
+    tokenizer.add_argument("--pattern", choices=sorted(PATTERNS), default="gpt4", help="split regex for training (default: %(default)s)")
     tokenizer.add_argument("--tokenizer_train_mb", type=float, default=100,
-                           help="train on about this many MB of the first training documents")
+                           help="train on about this many MB of the first training documents (default: %(default)s)")
     output = parser.add_argument_group("output")
     output.add_argument("--name", help="shard name prefix (default: fineweb, tinystories, the first input's stem)")
     output.add_argument("--out_dir", help="output folder (default: data/<name>)")
     output.add_argument("--max_tokens", type=parse_max_tokens, default="100M",
-                        help="stop after this many training tokens (at a document boundary); 'all' for everything")
-    output.add_argument("--shard_size", type=parse_count, default="100M", help="tokens per shard at most")
+                        help="stop after this many training tokens (at a document boundary); 'all' for everything "
+                        "(default: 100M)")
+    output.add_argument("--shard_size", type=parse_count, default="100M", help="tokens per shard at most (default: 100M)")
     output.add_argument("--val_size", type=parse_val_size, help="validation documents where the dataset has no "
                         f"validation split: a count or a fraction (default: {LOCAL_VAL_FRACTION} for --input, "
                         f"{HUB_VAL_DOCUMENTS} for a hub stream, which cannot be counted ahead)")
     output.add_argument("--val_from", choices=["start", "end"], default="start",
-                        help="take the validation documents from the start or the end of the source")
+                        help="take the validation documents from the start or the end of the source (default: %(default)s)")
     output.add_argument("--overwrite", action="store_true", help="replace the output folder's shards")
     system = parser.add_argument_group("system")
-    system.add_argument("--workers", type=int, default=os.cpu_count(), help="encoding processes")
+    system.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                        help="encoding processes (default: %(default)s, the cores but one, which the main process needs "
+                        "to read and write)")
     args = parser.parse_args(argv)
     if args.dataset and args.input:
         parser.error("give either --dataset or --input, not both")

@@ -76,10 +76,13 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 # This is the default for new tokenizers.
 GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
-# Splitting 10 MB with either regex costs more than everything else in training, and most of the text
-# repeats (" the", " of", ...). So we first cut the text, at C speed, into "chunks" at places where a new
-# pre-token provably begins under both patterns, count the chunks, and run the big regex only over the
-# distinct chunks (10 MB of English: 1.4M chunks, 214K distinct, 3.5M characters in those).
+# The regex is slow in Python (about 10 MB/s here), and most text repeats (" the", " of", ...). So we cut
+# the text at C speed into "chunks" at places where a new pre-token provably begins under both patterns,
+# and split each distinct chunk only once. Encoding caches the ids of each chunk, which makes repeated
+# text cost one dict lookup (warm encode: ~1.8x tiktoken's speed). Training counts the chunks and runs
+# the regex over the distinct ones: 10 MB of english_mix -> 1.29M chunks, 214K distinct, holding 35% of
+# the characters (42% at 1 MB; the share falls as the corpus grows). Measured at 10 MB: 1.15 s for one
+# regex pass + Counter over the whole text, 0.9-1.2 s this way; the gain grows with the corpus.
 #
 # The cut: before a space " " that is followed by a non-whitespace character X ("dog| bites", "a |  X").
 # Why that is safe, for both patterns:
@@ -166,10 +169,12 @@ def train_merges_simple(pretoken_counts: dict[str, int], num_merges: int) -> lis
 # 3. Training, fast
 #
 # Three observations make training cheap in Python:
-#  - Text repeats. Count each distinct pre-token once with its frequency (10 MB of English: ~2.2M pre-tokens,
-#    ~68K distinct) and weight its pairs by that frequency.
+#  - Text repeats. Count each distinct pre-token once with its frequency (10 MB of english_mix: 2.14M
+#    pre-tokens, 66K distinct) and weight its pairs by that frequency.
 #  - A merge only changes the pre-tokens ("words") that contain the merged pair. Keep an index
-#    pair -> words containing it, and update the pair counts of those words only.
+#    pair -> words containing it, and update the pair counts of those words only. Most words hold the pair
+#    once; then only the pairs touching it change (10 MB, 7,936 merges, 319K word updates: recounting every
+#    touched word took 1.9 s, updating just the neighbours 1.2 s).
 #  - The best pair comes from a heap. Counts of existing pairs only ever go down (a merge creates pairs
 #    only with the new id), so a stale heap entry overstates its count: when we pop one whose count is out
 #    of date, we push it back with the true count ("lazy" refresh). An entry whose count is current is the
@@ -232,18 +237,17 @@ def train_merges(pretoken_counts: dict[str, int], num_merges: int, verbose: bool
             heapq.heappush(heap, (-count, pair))  # stale entry: put it back with its true count
             continue
         new_token = chr(256 + len(merges))
-        changed, created = set(), []
+        changed = set()  # pairs created by this merge, for the heap
         for j in words_with_pair.pop(pair):
             old = words[j]
             if pair not in old:
                 continue  # the index is lazy too: a repeat, or the word lost the pair to an earlier merge
             new = words[j] = old.replace(pair, new_token)
-            n = freqs[j]
+            n, created = freqs[j], []
             site = old.find(pair)
             if old.find(pair, site + 2) == -1:
                 # The common case, the pair occurs once ("xaby" -> "xZy"): only the pairs that touch it
-                # change. Subtract xa, ab, by; add xZ, Zy. New pairs (those with Z) also go into the index
-                # and, once all words are done, into the heap.
+                # change. Subtract xa, ab, by here; add the created xZ, Zy below.
                 pair_counts[pair] -= n
                 if site > 0:
                     pair_counts[old[site - 1:site + 1]] -= n
@@ -261,11 +265,10 @@ def train_merges(pretoken_counts: dict[str, int], num_merges: int, verbose: bool
                         created.append(p)
                     else:
                         pair_counts[p] += n
-            for p in created:
+            for p in created:  # pairs with the new token: counted, indexed, and pushed once all words are done
                 pair_counts[p] += n
                 words_with_pair[p].append(j)
                 changed.add(p)
-            created.clear()
         for p in changed:
             heapq.heappush(heap, (-pair_counts[p], p))
         merges.append((ord(pair[0]), ord(pair[1])))
@@ -304,14 +307,13 @@ class Tokenizer:
         self._decoder.update((i, s.encode("utf-8")) for s, i in self.special_tokens.items())
         if len(self._decoder) != len(self.mergeable_ranks) + len(self.special_tokens):
             raise ValueError("two tokens share an id: every token and special token needs its own id")
+        # The number of ids: the largest id + 1, which is len(mergeable_ranks) + len(special_tokens) for every
+        # tokenizer trained here and for GPT-2 (ids without gaps); the size of the model's embedding table.
+        self.vocab_size = max(self._decoder) + 1
         self._split = regex.compile(pattern)
         self._cache: dict[str, tuple[int, ...]] = {}  # chunk -> ids
         self._pretoken_cache: dict[bytes, tuple[int, ...]] = {}  # pre-token that is not a token -> ids
 
-    @property
-    def vocab_size(self) -> int:
-        """Number of ids: the largest id + 1 (= len(mergeable_ranks) + len(special_tokens) when ids are dense)."""
-        return max(self._decoder) + 1
 
     @property
     def eot_token(self) -> int | None:
@@ -328,6 +330,8 @@ class Tokenizer:
               special_tokens: Sequence[str] = ("<|endoftext|>",), verbose: bool = False) -> Tokenizer:
         """Learn vocab_size - 256 - len(special_tokens) merges; specials take the ids after the merges."""
         special_tokens = list(dict.fromkeys(special_tokens))
+        if not all(isinstance(s, str) and s for s in special_tokens):
+            raise ValueError(f"special_tokens must be non-empty strings, got {special_tokens!r}")
         if vocab_size < 256 + len(special_tokens):
             raise ValueError(f"vocab_size {vocab_size} is too small: it must hold the 256 byte tokens "
                              f"+ {len(special_tokens)} special tokens, so at least {256 + len(special_tokens)}")
@@ -625,6 +629,14 @@ def read_utf8(path: str | os.PathLike) -> str:
         raise ValueError(f"{path}: not UTF-8 text (byte offset {e.start}: {data[e.start:e.start + 4]!r})") from None
 
 
+def show_token(token: bytes) -> str:
+    """A token for people: its text if it is whole UTF-8 characters, else its bytes (part of a character)."""
+    try:
+        return repr(token.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(token)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer, or encode text with one.")
     parser.add_argument("--input", nargs="+", metavar="FILE", help="UTF-8 text files to train on")
@@ -656,7 +668,7 @@ def main(argv: list[str] | None = None) -> None:
             tok = Tokenizer.load(args.tokenizer)
             ids = tok.encode(args.encode, allowed_special="all")
             print(ids)
-            print(" | ".join(repr(tok.decode_bytes([i]))[1:] for i in ids))
+            print(" | ".join(show_token(tok.decode_bytes([i])) for i in ids))
         else:
             parser.error("give --input FILE... to train, or --tokenizer FILE --encode TEXT to encode")
     except (ValueError, OSError) as e:

@@ -803,7 +803,7 @@ def shard_token_count(path: Path) -> int:
 
 
 def load_meta(data_dir: Path) -> dict:
-    """meta.json of a prepared dataset, checked to list train and val shards."""
+    """meta.json of a prepared dataset, checked to list train and val shards and an existing tokenizer."""
     meta_path = data_dir / "meta.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"no shards in {data_dir} (no meta.json): run prepare_fineweb.py to write them, "
@@ -811,6 +811,7 @@ def load_meta(data_dir: Path) -> dict:
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         shard_lists = {split: meta["splits"][split]["shards"] for split in ("train", "val")}
+        tokenizer_path = data_dir / meta["tokenizer"]
         int(meta["vocab_size"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{meta_path}: not a meta.json written by prepare_fineweb.py "
@@ -820,6 +821,9 @@ def load_meta(data_dir: Path) -> dict:
     for split, shards in shard_lists.items():
         if not shards:
             raise FileNotFoundError(f"{meta_path} lists no {split} shards: run prepare_fineweb.py again")
+    if not tokenizer_path.is_file():
+        raise FileNotFoundError(f"{tokenizer_path}: the tokenizer meta.json names is missing; "
+                                f"run prepare_fineweb.py again")
     return meta
 
 
@@ -1158,6 +1162,25 @@ def check_architecture(model_config: GPTConfig, overrides: dict, source: str) ->
 
 # -- The training loop ---------------------------------------------------------------------------------------
 
+def build_model(cfg: SimpleNamespace, overrides: dict, meta: dict, checkpoint: dict | None) -> tuple[GPT, str]:
+    """The model to train and its tokenizer's text: the checkpoint's, GPT-2's weights, or a new model."""
+    if checkpoint is not None:
+        model = model_from_checkpoint(checkpoint, checkpoint_path(cfg), dropout=cfg.dropout)
+        check_architecture(model.config, overrides, str(checkpoint_path(cfg)))
+        return model, checkpoint["tokenizer"]
+    tokenizer_text = (Path(cfg.data_dir) / meta["tokenizer"]).read_text(encoding="utf-8")
+    if cfg.init_from == "scratch":
+        return GPT(model_config(cfg, vocab_size=int(meta["vocab_size"]))), tokenizer_text
+    # Fine-tuning GPT-2 (with a lower --learning_rate), on data tokenized with GPT-2's tokenizer.
+    model = GPT.from_gpt2(cfg.init_from, cfg.gpt2_dir or None)
+    check_architecture(model.config, overrides, cfg.init_from)
+    if cfg.dropout != model.config.dropout:  # dropout has no weights: rebuild with it and copy them over
+        weights = model.state_dict()
+        model = GPT(replace(model.config, dropout=cfg.dropout))
+        model.load_state_dict(weights)
+    return model, tokenizer_text
+
+
 def train(overrides: dict) -> None:
     """Train (or continue training) the model the flags describe; see the docstring for the commands."""
     cfg = make_config(overrides)
@@ -1171,12 +1194,11 @@ def train(overrides: dict) -> None:
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     runtime = setup_device(cfg.device, cfg.dtype, local_rank, cfg.compile)
-    device = runtime.device
     ddp = world_size > 1
-    if ddp:
-        if device.type == "mps":
+    if ddp:  # NCCL moves CUDA tensors between GPUs; gloo is the CPU backend
+        if runtime.device.type == "mps":
             raise ValueError("torchrun with MPS is not supported: run one process on a Mac")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if runtime.device.type == "cuda" else "gloo")
     try:
         train_loop(cfg, overrides, checkpoint, runtime, rank, world_size)
     finally:
@@ -1194,24 +1216,10 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
     data_dir = Path(cfg.data_dir)
     meta = load_meta(data_dir)
 
-    # The model: new, GPT-2's weights, or the checkpoint's. torch.manual_seed first, so every process builds
-    # the same initial weights (DDP also copies process 0's to the others).
+    # torch.manual_seed first, so every process builds the same initial weights (DDP also copies process
+    # 0's to the others).
     torch.manual_seed(cfg.seed)
-    if checkpoint is not None:
-        model = model_from_checkpoint(checkpoint, checkpoint_path(cfg), dropout=cfg.dropout)
-        check_architecture(model.config, overrides, str(checkpoint_path(cfg)))
-        tokenizer_text = checkpoint["tokenizer"]
-    else:
-        tokenizer_text = (data_dir / meta.get("tokenizer", "tokenizer.bpe")).read_text(encoding="utf-8")
-        if cfg.init_from == "scratch":
-            model = GPT(model_config(cfg, vocab_size=int(meta["vocab_size"])))
-        else:  # fine-tune GPT-2 (with a lower --learning_rate), on data tokenized with GPT-2's tokenizer
-            model = GPT.from_gpt2(cfg.init_from, cfg.gpt2_dir or None)
-            check_architecture(model.config, overrides, cfg.init_from)
-            if cfg.dropout != model.config.dropout:
-                weights = model.state_dict()
-                model = GPT(replace(model.config, dropout=cfg.dropout))
-                model.load_state_dict(weights)
+    model, tokenizer_text = build_model(cfg, overrides, meta, checkpoint)
     if int(meta["vocab_size"]) > model.config.vocab_size:
         raise ValueError(f"{data_dir}/meta.json has vocab_size {meta['vocab_size']} but the model only "
                          f"{model.config.vocab_size} token ids: prepare the data with the model's tokenizer")
@@ -1298,10 +1306,13 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
                           "val_perplexity": math.exp(min(losses["val"], 50.0))}
                 if val_bytes:  # a tokenizer-independent measure: how many bits the model needs per byte of text
                     record["val_bits_per_byte"] = losses["val"] / math.log(2) * val_tokens / val_bytes
+                if device.type == "cuda":
+                    record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if master:
                     bpb = f", {record['val_bits_per_byte']:.3f} bits/byte" if val_bytes else ""
+                    memory = f", peak GPU memory {record['peak_memory_gib']:.1f} GiB" if device.type == "cuda" else ""
                     print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-                          f"(perplexity {record['val_perplexity']:.1f}{bpb})")
+                          f"(perplexity {record['val_perplexity']:.1f}{bpb}){memory}")
                     print(f"  sample: {eval_sample(model, tokenizer, cfg, runtime)!r}")
                     log(record)
                 improved = losses["val"] < best_val_loss

@@ -682,6 +682,23 @@ def resume_state(out_dir: Path, settings: dict) -> dict | None:
     return meta
 
 
+def new_meta(source: Source, tokenizer: Tokenizer, settings: dict, command: str) -> dict:
+    """meta.json before the first shard; ShardWriter adds each shard, and "complete" turns true at the end."""
+    return {"dataset": source.describe(), "tokenizer": "tokenizer.bpe", "vocab_size": tokenizer.vocab_size,
+            "eot_id": tokenizer.eot_token, "pattern": tokenizer.pattern,
+            "format": "llm.c shards: 256 int32 header [20240520, 1, token count, 0...], then uint16 tokens",
+            "command": command, "settings": settings, "complete": False,
+            "splits": {split: {"shards": [], "tokens": 0, "documents": 0, "bytes": 0} for split in ("train", "val")},
+            "shards": {}}
+
+
+def remove_unlisted(out_dir: Path, meta: dict) -> None:
+    """Delete what an interrupted shard leaves: its .tmp file, or a renamed shard that meta.json lacks."""
+    for path in [*out_dir.glob("*.tmp"), *out_dir.glob("*.bin")]:
+        if path.name not in meta["shards"]:
+            path.unlink()
+
+
 def prepare(args: argparse.Namespace, command: str) -> int:
     source = open_source(args)
     out_dir = Path(args.out_dir or Path("data") / source.name)
@@ -704,19 +721,11 @@ def prepare(args: argparse.Namespace, command: str) -> int:
         for path in our_files(out_dir):
             path.unlink()
         tokenizer.save(out_dir / "tokenizer.bpe")
-        meta = {"dataset": source.describe(), "tokenizer": "tokenizer.bpe", "vocab_size": tokenizer.vocab_size,
-                "eot_id": tokenizer.eot_token, "pattern": tokenizer.pattern,
-                "format": "llm.c shards: 256 int32 header [20240520, 1, token count, 0...], then uint16 tokens",
-                "command": command,
-                "settings": settings, "complete": False,
-                "splits": {split: {"shards": [], "tokens": 0, "documents": 0, "bytes": 0} for split in ("train", "val")},
-                "shards": {}}
+        meta = new_meta(source, tokenizer, settings, command)
         write_json(out_dir / "meta.json", meta)
     else:  # resume: the shards meta.json lists are complete; anything else is from the interrupted shard
         tokenizer = Tokenizer.load(out_dir / "tokenizer.bpe")
-        for path in [*out_dir.glob("*.tmp"), *out_dir.glob("*.bin")]:
-            if path.name not in meta["shards"]:
-                path.unlink()
+        remove_unlisted(out_dir, meta)
         print(f"resuming: {len(meta['shards'])} complete shards in {out_dir} "
               f"({meta['splits']['train']['tokens']:,} training tokens)", file=sys.stderr)
 
@@ -737,6 +746,7 @@ def prepare(args: argparse.Namespace, command: str) -> int:
             write_split(split, documents, budget, pool, args.workers, writer, progress)
     except KeyboardInterrupt:
         writer.discard()
+        remove_unlisted(out_dir, meta)  # in case the signal came between a shard's rename and meta.json
         progress.end_line()
         print(f"interrupted: {out_dir} keeps its {len(meta['shards'])} complete shards (listed in meta.json); "
               "rerun the same command to continue from there", file=sys.stderr)

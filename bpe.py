@@ -594,24 +594,30 @@ class Tokenizer:
         lines = vocab_bpe.read_text(encoding="utf-8").split("\n")
         if not lines[0].startswith("#version"):
             raise ValueError(f"{vocab_bpe} line 1: expected '#version: 0.2': not GPT-2's vocab.bpe")
-        merges = [line for line in lines[1:] if line]
-        for k, line in enumerate(merges):
+        merge_lines = lines[1:-1] if lines[-1] == "" else lines[1:]
+        if len(merge_lines) != len(ranks) - 256:
+            raise ValueError(f"{vocab_bpe}: {len(merge_lines)} merges, but encoder.json has {len(ranks) - 256} "
+                             "merged tokens: the two files do not belong together")
+        for k, line in enumerate(merge_lines):
             left, _, right = line.partition(" ")
-            token = bytes(to_byte.get(c, 0) for c in left + right)  # an unknown character cannot match below
-            if not all(c in to_byte for c in left + right) or ranks.get(token) != 256 + k:
+            try:
+                token = bytes(to_byte[c] for c in left + right)
+            except KeyError:  # a character that is not one of GPT-2's 256 stand-ins
+                token = None
+            if not right or ranks.get(token) != 256 + k:
                 raise ValueError(f"{vocab_bpe} line {k + 2}: merge {line!r} does not match encoder.json id {256 + k}")
         return cls(ranks, GPT2_PATTERN, specials)
 
     # --- tiktoken -----------------------------------------------------------------------------------------
 
-    def to_tiktoken(self, name: str = "bpe"):
+    def to_tiktoken(self, name: str = "bpe") -> tiktoken.Encoding:
         """A tiktoken.Encoding with the same ranks, pattern and specials: identical ids, encoded in Rust."""
         import tiktoken
         return tiktoken.Encoding(name, pat_str=self.pattern, mergeable_ranks=self.mergeable_ranks,
                                  special_tokens=self.special_tokens)
 
     @classmethod
-    def from_tiktoken(cls, enc) -> Tokenizer:
+    def from_tiktoken(cls, enc: tiktoken.Encoding) -> Tokenizer:
         """From a tiktoken.Encoding, e.g. tiktoken.get_encoding("gpt2") (downloads its files once)."""
         # tiktoken keeps these as private attributes; they are the Encoding's constructor arguments.
         return cls(enc._mergeable_ranks, enc._pat_str, enc._special_tokens)

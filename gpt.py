@@ -1267,7 +1267,14 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
               f"{world_size} process(es); {tokens_per_step:,} tokens per step = {cfg.batch_size} x {cfg.block_size}"
               f" x {world_size} x {accumulation_steps} micro-step(s); data: {train_windows.num_windows:,} train "
               f"windows; peak {peak_flops / 1e12:.2f} TFLOP/s for MFU")
-    log_file = open(out_dir / "log.jsonl", "a" if resumed else "w", encoding="utf-8") if master else None
+    log_path = out_dir / "log.jsonl"
+    if master and resumed and log_path.is_file():
+        # Keep the log up to the checkpoint: steps logged after it (before a crash, or a non-finite loss)
+        # are about to be run again.
+        kept = [line for line in log_path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if json.loads(line)["step"] <= start_step]
+        write_atomically(log_path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
+    log_file = open(log_path, "a" if resumed else "w", encoding="utf-8") if master else None
 
     def log(record: dict) -> None:
         log_file.write(json.dumps(record) + "\n")

@@ -149,8 +149,8 @@ def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give either --dataset or --input, not both")
     if args.workers < 1:
         parser.error(f"--workers={args.workers}: need at least 1")
-    if args.shard_size < 1:
-        parser.error("--shard_size must be at least 1 token")
+    if args.shard_size < 1 or args.max_tokens == 0:
+        parser.error("--shard_size and --max_tokens must be at least 1 token")
     if not 256 + 1 <= args.vocab_size <= 65_536:  # uint16 holds ids 0..65535
         parser.error(f"--vocab_size={args.vocab_size}: must be 257 (bytes + <|endoftext|>) to 65536 "
                      "(token ids are stored as uint16)")

@@ -6,11 +6,14 @@ plus a few switches a learner wants to try: sinusoidal or rotary positions, ReLU
 The loop trains it on CUDA (one GPU, or many with torchrun), Apple's MPS or the CPU, and a stopped run
 continues from its checkpoint exactly as if it had never stopped.
 
-Run it (prepare_fineweb.py first writes the token shards it trains on):
-    python gpt.py --data_dir=data/tinystories                  # train; out/ckpt.pt and out/log.jsonl
-    python gpt.py --init_from=resume                           # continue out/ckpt.pt where it stopped
+Run it (prepare_fineweb.py first writes the token shards it trains on; model flags as in the seed
+configurations below):
+    python gpt.py --data_dir=data/tinystories ...              # train: out/ckpt.pt, out/log.jsonl
+    python gpt.py --init_from=resume                           # continue out/ckpt.pt where it stopped (Ctrl-C saves)
     python gpt.py --sample --ckpt=out/ckpt.pt --prompt="Once"  # stream a sample to stdout
     torchrun --standalone --nproc_per_node=8 gpt.py ...        # 8 GPUs (DDP); multi-node: torchrun's --nnodes
+    python gpt.py --plot                                       # out/log.jsonl -> out/loss.png
+    python gpt.py --export_hf=DIR                              # the checkpoint as a Hugging Face GPT-2
     python gpt.py --help                                       # every knob with its default and meaning
 
 Seed configurations (the vocabulary size always comes from the data's meta.json):
@@ -1075,9 +1078,10 @@ def eval_sample(model: GPT, tokenizer, cfg: SimpleNamespace, runtime: Runtime) -
 #     rng                         the data generator's state (the position in the data) and each process's
 #                                 torch / CUDA / MPS generator states (dropout)
 #
-# When: at an evaluation whose val loss is the best so far (every evaluation with always_save_checkpoint),
-# at the end of the run, and when Ctrl-C stops it. A run that stops on a non-finite loss writes nothing, so
-# the last good checkpoint stays.
+# When: at an evaluation whose val loss is the best so far (every evaluation with always_save_checkpoint;
+# never at step 0, which has learned nothing), at the end of the run and when Ctrl-C stops it, so that
+# every run can be continued. A run that stops on a non-finite loss writes nothing: the last good
+# checkpoint stays.
 
 
 def rng_states(device: torch.device) -> dict:

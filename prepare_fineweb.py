@@ -165,14 +165,6 @@ def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
 # Everything is read with `datasets` in streaming mode: hub datasets arrive file by file over HTTP, local
 # files are read in 10 MB chunks, and either way a document is a string. Empty documents are skipped.
 
-def import_datasets():
-    """`datasets`, imported on first use. USE_TORCH=0 keeps it from importing torch (2-3 s per run) to
-    share a counter with torch DataLoader workers, which this script does not use."""
-    os.environ.setdefault("USE_TORCH", "0")
-    import datasets
-    return datasets
-
-
 @dataclass
 class Source:
     """Where documents come from: a hub dataset (hub_id) or local files."""
@@ -256,7 +248,7 @@ def column_texts(dataset, column: str) -> Iterator[str]:
 def read_text_file(path: Path) -> Iterator[str]:
     """A .txt file's documents: the text between <|endoftext|> lines if it has any, else between blank
     lines. Line breaks around a document are dropped; the text inside is kept exactly."""
-    datasets = import_datasets()
+    import datasets  # here, not at the top: it takes 1 s to import, and the workers never need it
     if has_eot_lines(path):
         # One row per line (keeping its "\n"), regrouped here at the marker lines.
         lines = datasets.load_dataset("text", data_files=str(path), split="train", streaming=True,
@@ -279,7 +271,7 @@ def read_text_file(path: Path) -> Iterator[str]:
 
 def read_file(path: Path, column: str) -> Iterator[str]:
     """One local file's documents, in file order."""
-    datasets = import_datasets()
+    import datasets
     loader = LOCAL_LOADERS[path.suffix.lower()]
     if loader == "text":
         documents = read_text_file(path)
@@ -296,7 +288,7 @@ def read_file(path: Path, column: str) -> Iterator[str]:
 
 def read_hub(source: Source, split: str) -> Iterator[str]:
     """One split of a hub dataset, streamed over HTTP."""
-    datasets = import_datasets()
+    import datasets
     try:
         dataset = datasets.load_dataset(source.hub_id, source.hub_config, split=split, streaming=True)
     except Exception as error:  # the hub raises many types (ConnectionError, HfHubHTTPError, ...)
@@ -312,7 +304,7 @@ def hub_error(source: Source, error: Exception) -> ValueError:
 
 
 def hub_split_names(source: Source) -> list[str]:
-    datasets = import_datasets()
+    import datasets
     try:
         return datasets.get_dataset_split_names(source.hub_id, source.hub_config)
     except Exception as error:
@@ -784,4 +776,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # required: "spawn" workers import this file, and must not run main() again
+    os.environ.setdefault("USE_TORCH", "0")  # else datasets imports torch (2-3 s) for a feature we do not use
     sys.exit(main())

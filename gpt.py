@@ -54,7 +54,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
@@ -62,6 +62,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+if TYPE_CHECKING:  # for annotations only: bpe.py is imported where it is used (see tokenizer_from_text)
+    from bpe import Tokenizer
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -878,7 +881,7 @@ class TokenWindows:
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
 
-def tokenizer_from_text(text: str):
+def tokenizer_from_text(text: str) -> "Tokenizer":
     """A bpe.Tokenizer from its saved text (Tokenizer.dumps). bpe.py is imported here, not at the top, so that
     importing gpt.py needs nothing beside it (benchmarks load this file by path from elsewhere)."""
     from bpe import Tokenizer
@@ -1053,7 +1056,7 @@ def evaluate(model: torch.nn.Module, splits: dict[str, TokenWindows], cfg: Simpl
 EVAL_SAMPLE_TOKENS = 64  # a glimpse of the model's text at each evaluation
 
 
-def eval_sample(model: GPT, tokenizer, cfg: SimpleNamespace, runtime: Runtime) -> str:
+def eval_sample(model: GPT, tokenizer: "Tokenizer", cfg: SimpleNamespace, runtime: Runtime) -> str:
     """A short sample from the start of a document, drawn with its own generator: training's RNG is untouched."""
     generator = torch.Generator(device=runtime.device).manual_seed(cfg.seed)
     start = torch.tensor([[tokenizer.eot_token or 0]], device=runtime.device)
@@ -1394,7 +1397,7 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
 # ----------------------------------------------------------------------------------------------------------
 # 5. Sampling, export and plotting
 
-def gpt2_tokenizer(gpt2_dir: str):
+def gpt2_tokenizer(gpt2_dir: str) -> "Tokenizer":
     """GPT-2's tokenizer: from gpt2_dir's merges.txt + vocab.json when it has them, else tiktoken's "gpt2"."""
     from bpe import Tokenizer
     folder = Path(gpt2_dir) if gpt2_dir else None
@@ -1404,7 +1407,7 @@ def gpt2_tokenizer(gpt2_dir: str):
     return Tokenizer.from_tiktoken(tiktoken.get_encoding("gpt2"))
 
 
-def load_for_sampling(cfg: SimpleNamespace, device: torch.device):
+def load_for_sampling(cfg: SimpleNamespace, device: torch.device) -> tuple[GPT, "Tokenizer"]:
     """(model, tokenizer) from --init_from=gpt2... or from the checkpoint (which carries its tokenizer)."""
     if cfg.init_from.startswith("gpt2"):
         model, tokenizer = GPT.from_gpt2(cfg.init_from, cfg.gpt2_dir or None), gpt2_tokenizer(cfg.gpt2_dir)
@@ -1415,7 +1418,7 @@ def load_for_sampling(cfg: SimpleNamespace, device: torch.device):
     return model.to(device).eval(), tokenizer
 
 
-def encode_prompt(prompt_flag: str, tokenizer) -> list[int]:
+def encode_prompt(prompt_flag: str, tokenizer: "Tokenizer") -> list[int]:
     """--prompt as ids; FILE:path reads the text from a file. Special tokens in it (<|endoftext|>) count as such."""
     text = prompt_flag
     if prompt_flag.startswith("FILE:"):
@@ -1466,7 +1469,7 @@ def run_sampling(cfg: SimpleNamespace, overrides: dict) -> None:
                 print("-" * 80)
 
 
-def decode_until(ids: list[int], tokenizer, stop_token: int | None) -> str:
+def decode_until(ids: list[int], tokenizer: "Tokenizer", stop_token: int | None) -> str:
     """Text of ids up to (not including) the first stop_token."""
     return tokenizer.decode(ids[:ids.index(stop_token)] if stop_token in ids else ids)
 

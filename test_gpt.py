@@ -1,8 +1,32 @@
 """Tests for bpe.py, prepare_fineweb.py and gpt.py. Run: python -m pytest -q test_gpt.py"""
+import contextlib
+import io
+import json
+import math
+import os
 from pathlib import Path
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext.openai_public import r50k_pat_str
+import torch
 
 REPO = Path(__file__).resolve().parent
 DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO))
+
+from bpe import Tokenizer
+import gpt
+from gpt import GPT, GPTConfig
+import prepare_fineweb
 
 
 def test_shared_data_is_present():
@@ -13,14 +37,6 @@ def test_shared_data_is_present():
 
 # ==========================================================================================================
 # gpt.py: the model, generation, GPT-2 interop
-
-import math
-
-import pytest
-import torch
-
-import gpt
-from gpt import GPT, GPTConfig
 
 
 def tiny_config(**overrides) -> GPTConfig:
@@ -291,3 +307,393 @@ def test_export_refuses_models_that_are_not_gpt2_shaped(tmp_path):
                                          r"activation='relu'"):
         model.export_hf(tmp_path / "export")
     assert not (tmp_path / "export" / "model.safetensors").exists()
+
+
+# ==========================================================================================================
+# prepare_fineweb.py: sources, shards, meta.json, resume, errors
+
+PREPARE_EOT = "<|endoftext|>"
+# No test may reach the network: the hub calls fail at once instead of retrying for 20 s.
+PREPARE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TIKTOKEN_CACHE_DIR": ""}
+
+
+def prepare_cli(*flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run prepare_fineweb.py as users do: a fresh process, "spawn" workers and all."""
+    return subprocess.run([sys.executable, str(REPO / "prepare_fineweb.py"), *flags], capture_output=True,
+                          text=True, env=PREPARE_ENV, cwd=REPO, timeout=timeout)
+
+
+def prepare_main(*flags: str) -> tuple[int, str]:
+    """Call main() in this process (faster: datasets is imported once); returns (exit code, stderr)."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            code = prepare_fineweb.main(list(flags))
+        except SystemExit as exit_:  # flag errors exit from argparse
+            code = exit_.code
+    return code, stderr.getvalue()
+
+
+def prepare_read_shard(path: Path) -> np.ndarray:
+    """An independent llm.c reader: 256 int32 header, then uint16 tokens; the size must be exact."""
+    data = path.read_bytes()
+    header = np.frombuffer(data[:1024], dtype="<i4")
+    assert header[0] == 20240520 and header[1] == 1, path
+    assert not header[3:].any(), path
+    assert len(data) == 1024 + 2 * int(header[2]), path
+    return np.frombuffer(data[1024:], dtype="<u2")
+
+
+def prepare_outputs(out_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """meta.json and every shard it lists; checks that the folder holds exactly those shards."""
+    meta = json.loads((out_dir / "meta.json").read_text())
+    assert sorted(path.name for path in out_dir.glob("*.bin")) == sorted(meta["shards"])
+    assert not list(out_dir.glob("*.tmp"))
+    in_order = sorted(meta["shards"], key=lambda name: name.rsplit("_", 1)[1])  # by shard number
+    return meta, {name: prepare_read_shard(out_dir / name) for name in in_order}
+
+
+def prepare_split_tokens(meta: dict, shards: dict, split: str) -> np.ndarray:
+    return np.concatenate([shards[name] for name in meta["splits"][split]["shards"]])
+
+
+def prepare_expected_tokens(encoding, documents: list[str], eot: int) -> np.ndarray:
+    ids = []
+    for document in documents:
+        ids += [eot] + encoding.encode_ordinary(document)
+    return np.array(ids, dtype=np.uint16)
+
+
+def prepare_stories() -> list[str]:
+    # The sample ends every story with "\n<|endoftext|>\n".
+    stories = (DATA / "tinystories_train_sample.txt").read_text(encoding="utf-8").split(f"\n{PREPARE_EOT}\n")
+    assert stories[-1] == ""
+    return stories[:-1]
+
+
+def prepare_speeches() -> list[str]:
+    # TinyShakespeare has no <|endoftext|>: documents are the blocks between blank lines.
+    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    return [block.strip("\n") for block in text.split("\n\n") if block.strip("\n")]
+
+
+def prepare_shard_bytes(out_dir: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(out_dir.glob("*.bin"))}
+
+
+@pytest.fixture(scope="module")
+def prepare_tokenizer_file(tmp_path_factory) -> Path:
+    """A small trained tokenizer (vocab 512) so that most tests skip training."""
+    path = tmp_path_factory.mktemp("prepare_tok") / "stories512.bpe"
+    Tokenizer.train(prepare_stories()[:300], vocab_size=512).save(path)
+    return path
+
+
+# --- format, round trip, splits ------------------------------------------------------------------------
+
+def test_prepare_tinyshakespeare_trains_tokenizer_and_round_trips_with_last_tenth_as_val(tmp_path):
+    out = tmp_path / "shk"
+    result = prepare_cli(f"--input={DATA / 'tinyshakespeare.txt'}", "--vocab_size", "512", "--val_from=end",
+                         "--shard_size=60K", f"--out_dir={out}", "--workers=2")
+    assert result.returncode == 0, result.stderr
+    meta, shards = prepare_outputs(out)
+    tokenizer = Tokenizer.load(out / "tokenizer.bpe")
+    assert (meta["vocab_size"], meta["eot_id"]) == (512, 511) == (tokenizer.vocab_size, tokenizer.eot_token)
+    speeches = prepare_speeches()
+    n_val = round(0.1 * len(speeches))
+    expected = {"train": speeches[:-n_val], "val": speeches[-n_val:]}  # disjoint, together all of them
+    encoding = tokenizer.to_tiktoken()
+    for split, documents in expected.items():
+        tokens = prepare_split_tokens(meta, shards, split)
+        np.testing.assert_array_equal(tokens, prepare_expected_tokens(encoding, documents, 511))
+        # decoding gives back every document, in order, with <|endoftext|> before each
+        assert tokenizer.decode(tokens.tolist()) == "".join(PREPARE_EOT + document for document in documents)
+        totals = meta["splits"][split]
+        assert totals["tokens"] == len(tokens) == sum(meta["shards"][n]["tokens"] for n in totals["shards"])
+        assert totals["documents"] == len(documents) == sum(meta["shards"][n]["documents"] for n in totals["shards"])
+        assert totals["bytes"] == sum(len(d.encode()) for d in documents)
+    for name, tokens in shards.items():  # whole documents, within the size limit
+        assert tokens[0] == 511 and len(tokens) <= 60_000
+        assert meta["shards"][name]["tokens"] == len(tokens)
+        assert meta["shards"][name]["documents"] == int((tokens == 511).sum())
+    # source order: training shards come first, validation (the end of the file) last
+    n_train = len(meta["splits"]["train"]["shards"])
+    assert list(shards) == [f"tinyshakespeare_train_{i:06d}.bin" for i in range(n_train)] + \
+        [f"tinyshakespeare_val_{i:06d}.bin" for i in range(n_train, len(shards))]
+    assert n_train >= 8 and f"wrote {len(shards)} shards" in result.stderr and "tokens/s" in result.stderr
+
+
+def test_prepare_tinystories_val_first_same_for_1_and_2_workers_and_rerun_is_noop(tmp_path, prepare_tokenizer_file):
+    stories = prepare_stories()
+    runs = {}
+    flags = (f"--input={DATA / 'tinystories_train_sample.txt'}", f"--tokenizer={prepare_tokenizer_file}",
+             "--val_size=100", "--shard_size=50K")
+    result = prepare_cli(*flags, "--workers=1", f"--out_dir={tmp_path / 'w1'}")
+    assert result.returncode == 0, result.stderr
+    code, stderr = prepare_main(*flags, "--workers=2", f"--out_dir={tmp_path / 'w2'}")
+    assert code == 0, stderr
+    for workers in (1, 2):
+        runs[workers] = prepare_shard_bytes(tmp_path / f"w{workers}")
+    assert runs[1] == runs[2] and len(runs[1]) >= 5
+    meta, shards = prepare_outputs(tmp_path / "w1")
+    assert list(shards)[:2] == ["tinystories_train_sample_val_000000.bin", "tinystories_train_sample_train_000001.bin"]
+    encoding = Tokenizer.load(prepare_tokenizer_file).to_tiktoken()
+    eot = meta["eot_id"]
+    np.testing.assert_array_equal(prepare_split_tokens(meta, shards, "val"),
+                                  prepare_expected_tokens(encoding, stories[:100], eot))
+    np.testing.assert_array_equal(prepare_split_tokens(meta, shards, "train"),
+                                  prepare_expected_tokens(encoding, stories[100:], eot))
+    assert (tmp_path / "w1" / "tokenizer.bpe").read_text() == prepare_tokenizer_file.read_text()
+
+    # A rerun over the finished folder changes nothing and says so.
+    before = {path: path.stat().st_mtime_ns for path in (tmp_path / "w1").iterdir()}
+    code, stderr = prepare_main(f"--input={DATA / 'tinystories_train_sample.txt'}", f"--tokenizer={prepare_tokenizer_file}",
+                                "--val_size=100", "--shard_size=50K", f"--out_dir={tmp_path / 'w1'}")
+    assert code == 0 and "nothing to do" in stderr
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "w1").iterdir()} == before
+
+
+def test_prepare_jsonl_and_parquet_give_the_same_shards_as_txt(tmp_path, prepare_tokenizer_file):
+    stories = prepare_stories()[:150]
+    (tmp_path / "docs.txt").write_text("".join(f"{story}\n{PREPARE_EOT}\n" for story in stories), encoding="utf-8")
+    # FineWeb-edu's columns, with the text in the middle
+    rows = [{"id": f"<urn:uuid:{i}>", "dump": "CC-MAIN-2024-10", "url": f"https://example.org/{i}",
+             "file_path": "s3://commoncrawl/x.warc.gz", "language": "en", "language_score": 0.95,
+             "token_count": len(story.split()), "score": 3.2, "int_score": 3, "text": story}
+            for i, story in enumerate(stories)]
+    with open(tmp_path / "docs.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "docs.parquet")
+    # the same documents again as two files of different types, read one after the other
+    pq.write_table(pa.Table.from_pylist(rows[:70]), tmp_path / "head.parquet")
+    with open(tmp_path / "tail.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows[70:])
+    inputs = {"txt": "docs.txt", "jsonl": "docs.jsonl", "parquet": "docs.parquet", "two": "head.parquet,tail.jsonl"}
+    outputs = {}
+    for kind, files in inputs.items():
+        out = tmp_path / f"out_{kind}"
+        paths = ",".join(str(tmp_path / name) for name in files.split(","))
+        code, stderr = prepare_main(f"--input={paths}", f"--tokenizer={prepare_tokenizer_file}", "--name=docs",
+                                    "--shard_size=20K", "--workers=1", f"--out_dir={out}")
+        assert code == 0, stderr
+        outputs[kind] = prepare_shard_bytes(out)
+        meta, _ = prepare_outputs(out)
+        assert (meta["splits"]["val"]["documents"], meta["splits"]["train"]["documents"]) == (15, 135)
+    assert outputs["txt"] == outputs["jsonl"] == outputs["parquet"] == outputs["two"]
+    assert len(outputs["txt"]) >= 3
+
+
+def test_prepare_gpt2_folder_gives_tiktoken_ids_for_both_file_layouts(tmp_path):
+    stories = prepare_stories()[:60]
+    (tmp_path / "s.txt").write_text("".join(f"{story}\n{PREPARE_EOT}\n" for story in stories), encoding="utf-8")
+    hf_layout = tmp_path / "hf_gpt2"  # Hugging Face's names for the same two files
+    hf_layout.mkdir()
+    (hf_layout / "merges.txt").write_bytes((DATA / "gpt2" / "vocab.bpe").read_bytes())
+    (hf_layout / "vocab.json").write_bytes((DATA / "gpt2" / "encoder.json").read_bytes())
+    ranks = data_gym_to_mergeable_bpe_ranks(str(DATA / "gpt2" / "vocab.bpe"), str(DATA / "gpt2" / "encoder.json"))
+    gpt2 = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={PREPARE_EOT: 50256})
+    outputs = {}
+    for folder in (DATA / "gpt2", hf_layout):
+        out = tmp_path / folder.name
+        code, stderr = prepare_main(f"--input={tmp_path / 's.txt'}", f"--tokenizer={folder}", "--val_size=6",
+                                    "--workers=1", f"--out_dir={out}")
+        assert code == 0, stderr
+        meta, shards = prepare_outputs(out)
+        assert (meta["vocab_size"], meta["eot_id"]) == (50257, 50256)
+        np.testing.assert_array_equal(prepare_split_tokens(meta, shards, "val"),
+                                      prepare_expected_tokens(gpt2, stories[:6], 50256))
+        np.testing.assert_array_equal(prepare_split_tokens(meta, shards, "train"),
+                                      prepare_expected_tokens(gpt2, stories[6:], 50256))
+        outputs[folder.name] = prepare_shard_bytes(out)
+        assert Tokenizer.load(out / "tokenizer.bpe").mergeable_ranks == ranks
+    assert outputs["gpt2"] == outputs["hf_gpt2"]
+
+
+def test_prepare_byte_level_vocab_257(tmp_path):
+    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:50_000]
+    (tmp_path / "shk.txt").write_text(text, encoding="utf-8")
+    code, stderr = prepare_main(f"--input={tmp_path / 'shk.txt'}", "--vocab_size=257", "--val_from=end",
+                                "--workers=1", f"--out_dir={tmp_path / 'out'}")
+    assert code == 0, stderr
+    meta, shards = prepare_outputs(tmp_path / "out")
+    assert (meta["vocab_size"], meta["eot_id"]) == (257, 256)
+    documents = [block.strip("\n") for block in text.split("\n\n") if block.strip("\n")]
+    everything = np.concatenate([prepare_split_tokens(meta, shards, "train"), prepare_split_tokens(meta, shards, "val")])
+    expected = b"".join(b"\x00" + document.encode() for document in documents)  # placeholder byte for EOT
+    tokens = everything.astype(np.int64)
+    assert (tokens == 256).sum() == len(documents)
+    assert bytes(np.where(tokens == 256, 0, tokens).astype(np.uint8)) == expected
+
+
+def test_prepare_hub_code_path_with_a_local_dataset_folder(tmp_path, prepare_tokenizer_file):
+    # datasets.load_dataset(folder) treats a folder of data files like a hub repository, offline.
+    stories = prepare_stories()[:40]
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    for name, rows in (("train", stories[:30]), ("validation", stories[30:])):
+        pq.write_table(pa.Table.from_pylist([{"id": i, "text": t} for i, t in enumerate(rows)]), hub / f"{name}.parquet")
+    tok = f"--tokenizer={prepare_tokenizer_file}"
+    encoding = Tokenizer.load(prepare_tokenizer_file).to_tiktoken()
+    code, stderr = prepare_main(f"--dataset={hub}", tok, "--workers=1", f"--out_dir={tmp_path / 'own'}")
+    assert code == 0, stderr
+    meta, shards = prepare_outputs(tmp_path / "own")
+    assert list(shards)[0] == "hub_val_000000.bin"
+    np.testing.assert_array_equal(prepare_split_tokens(meta, shards, "val"),
+                                  prepare_expected_tokens(encoding, stories[30:], meta["eot_id"]))
+    np.testing.assert_array_equal(prepare_split_tokens(meta, shards, "train"),
+                                  prepare_expected_tokens(encoding, stories[:30], meta["eot_id"]))
+    # Without a validation split: the first --val_size documents of the stream (a stream cannot be counted).
+    (hub / "validation.parquet").unlink()
+    code, stderr = prepare_main(f"--dataset={hub}", tok, "--val_from=end", f"--out_dir={tmp_path / 'end'}")
+    prepare_assert_one_line_error(code, stderr, "--val_size=5000", "--input")
+    code, stderr = prepare_main(f"--dataset={hub}", tok, "--val_size=4", "--workers=1", f"--out_dir={tmp_path / 'first'}")
+    assert code == 0, stderr
+    meta, shards = prepare_outputs(tmp_path / "first")
+    np.testing.assert_array_equal(prepare_split_tokens(meta, shards, "val"),
+                                  prepare_expected_tokens(encoding, stories[:4], meta["eot_id"]))
+    assert meta["splits"]["train"]["documents"] == 26
+
+
+# --- interruption and resume ---------------------------------------------------------------------------
+
+PREPARE_RESUME_FLAGS = ("--max_tokens=1.2M", "--shard_size=8K", "--workers=1", "--name=mix")
+
+
+def prepare_start_and_stop(flags: list[str], out: Path, how: int, after_shards: int = 4) -> tuple[int, str]:
+    """Start a run, send it `how` once `after_shards` complete shards exist; (exit code, stderr)."""
+    process = subprocess.Popen([sys.executable, str(REPO / "prepare_fineweb.py"), *flags], env=PREPARE_ENV,
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("*.bin"))) < after_shards and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(how)
+    _, stderr = process.communicate(timeout=60)
+    return process.returncode, stderr
+
+
+def test_prepare_killed_and_interrupted_runs_leave_complete_shards_and_resume_identically(tmp_path, prepare_tokenizer_file):
+    flags = [f"--input={DATA / 'english_mix_10mb.txt'}", f"--tokenizer={prepare_tokenizer_file}", *PREPARE_RESUME_FLAGS]
+    reference = tmp_path / "reference"
+    assert prepare_main(*flags, f"--out_dir={reference}")[0] == 0
+    expected = prepare_shard_bytes(reference)
+    assert len(expected) > 100
+
+    out = tmp_path / "out"
+    run_flags = [*flags, f"--out_dir={out}"]
+    code, _ = prepare_start_and_stop(run_flags, out, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    meta = json.loads((out / "meta.json").read_text())
+    assert not meta["complete"] and len(meta["shards"]) >= 3
+    for path in out.glob("*.bin"):  # whatever is named .bin is complete (an unlisted one at most is the newest)
+        prepare_read_shard(path)
+    assert all(name in expected and (out / name).read_bytes() == expected[name] for name in meta["shards"])
+
+    code, stderr = prepare_start_and_stop(run_flags, out, signal.SIGINT, after_shards=len(meta["shards"]) + 4)
+    assert code == 130 and "resuming" in stderr and "rerun the same command" in stderr, stderr
+    prepare_outputs(out)  # only listed, complete shards and no .tmp
+
+    finished = prepare_cli(*run_flags)
+    assert finished.returncode == 0 and "resuming" in finished.stderr, finished.stderr
+    assert prepare_shard_bytes(out) == expected
+    assert json.loads((out / "meta.json").read_text())["splits"] == json.loads((reference / "meta.json").read_text())["splits"]
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+def prepare_assert_one_line_error(code: int, stderr: str, *needles: str) -> None:
+    assert code != 0
+    lines = [line for line in stderr.strip().split("\n") if line]
+    assert lines[-1].startswith("error: ") and "Traceback" not in stderr, stderr
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+
+
+def test_prepare_hub_unreachable_points_to_input(tmp_path, prepare_tokenizer_file):
+    result = prepare_cli("--dataset=tinystories", f"--tokenizer={prepare_tokenizer_file}", f"--out_dir={tmp_path}/o")
+    prepare_assert_one_line_error(result.returncode, result.stderr, "roneneldan/TinyStories", "--input")
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_bad_input_files(tmp_path, prepare_tokenizer_file):
+    tok = f"--tokenizer={prepare_tokenizer_file}"
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait\n\nna\u00efve\n".encode("latin-1"))
+    (tmp_path / "blank.txt").write_text("\n\n\n\n")
+    (tmp_path / "notext.jsonl").write_text(json.dumps({"id": 1, "content": "hello"}) + "\n")
+    pq.write_table(pa.Table.from_pylist([{"id": 1, "body": "hello"}]), tmp_path / "notext.parquet")
+    (tmp_path / "data.csv").write_text("text\nhello\n")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    cases = [
+        ("missing.txt", ["missing.txt", "no such file"]),
+        ("empty.txt", ["empty.txt", "empty"]),
+        ("latin1.txt", ["latin1.txt", "not UTF-8", "byte offset 3"]),
+        ("blank.txt", ["blank.txt", "no documents"]),
+        ("notext.jsonl", ["notext.jsonl", "'text' column", "content", "--text_column"]),
+        ("notext.parquet", ["notext.parquet", "'text' column", "body"]),
+        ("data.csv", ["data.csv", ".csv"]),
+        ("latin1.jsonl", ["latin1.jsonl", "cannot read it as json"]),
+    ]
+    for name, needles in cases:
+        out = tmp_path / f"out_{name}"
+        code, stderr = prepare_main(f"--input={tmp_path / name}", tok, f"--out_dir={out}")
+        prepare_assert_one_line_error(code, stderr, *needles)
+        assert not out.exists()
+
+
+def test_prepare_bad_flags_and_vocabularies_that_do_not_fit_uint16(tmp_path):
+    shk = f"--input={DATA / 'tinyshakespeare.txt'}"
+    code, stderr = prepare_main(shk, "--vocab_size=70000", f"--out_dir={tmp_path / 'a'}")
+    prepare_assert_one_line_error(code, stderr, "--vocab_size=70000", "uint16")
+    # a saved tokenizer with more ids than uint16 holds
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks.update({(i).to_bytes(3, "big"): i for i in range(256, 70_000)})
+    big = Tokenizer(ranks, special_tokens={PREPARE_EOT: 70_000})
+    big.save(tmp_path / "big.bpe")
+    code, stderr = prepare_main(shk, f"--tokenizer={tmp_path / 'big.bpe'}", f"--out_dir={tmp_path / 'b'}")
+    prepare_assert_one_line_error(code, stderr, "70,001 tokens", "uint16")
+    assert not list((tmp_path / "b").glob("*.bin"))
+    for flags, needles in [
+        (["--max_tokens=lots"], ["--max_tokens", "lots"]),
+        (["--max_tokens=0"], ["--max_tokens"]),
+        (["--val_size=1.5"], ["--val_size", "1.5"]),
+        (["--val_size=40000"], ["--val_size=40000", "both splits"]),
+        (["--dataset=tinystories"], ["either --dataset or --input"]),
+        (["--tokenizer=/nonexistent/tok.bpe"], ["--tokenizer=/nonexistent/tok.bpe", "no such file"]),
+        (["--workers=0"], ["--workers=0"]),
+    ]:
+        code, stderr = prepare_main(shk, *flags, f"--out_dir={tmp_path / 'c'}")
+        prepare_assert_one_line_error(code, stderr, *needles)
+
+
+def test_prepare_refuses_an_output_folder_from_another_tokenizer(tmp_path, prepare_tokenizer_file):
+    text = "\n\n".join(prepare_speeches()[:400])
+    (tmp_path / "shk.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "out"
+    first = [f"--input={tmp_path / 'shk.txt'}", f"--out_dir={out}", "--workers=1"]
+    code, stderr = prepare_main(*first, f"--tokenizer={prepare_tokenizer_file}")
+    assert code == 0, stderr
+    before = prepare_shard_bytes(out)
+    code, stderr = prepare_main(*first, f"--tokenizer={DATA / 'gpt2'}")
+    prepare_assert_one_line_error(code, stderr, str(out), "different tokenizer", "--overwrite")
+    assert prepare_shard_bytes(out) == before
+    code, stderr = prepare_main(*first, f"--tokenizer={DATA / 'gpt2'}", "--overwrite")
+    assert code == 0, stderr
+    assert json.loads((out / "meta.json").read_text())["vocab_size"] == 50257
+    # a shard that meta.json lists has gone: no "nothing to do", but an error
+    next(out.glob("*.bin")).unlink()
+    code, stderr = prepare_main(*first, f"--tokenizer={DATA / 'gpt2'}")
+    prepare_assert_one_line_error(code, stderr, "is missing", "--overwrite")
+    # .bin files that no meta.json describes (another tool's shards) are not touched either
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x_train_000001.bin").write_bytes(b"\0" * 1024)
+    code, stderr = prepare_main(f"--input={tmp_path / 'shk.txt'}", f"--out_dir={tmp_path / 'other'}")
+    prepare_assert_one_line_error(code, stderr, "no meta.json", "--overwrite")
+
+
+def test_prepare_help_lists_every_flag():
+    result = prepare_cli("--help")
+    assert result.returncode == 0
+    for flag in ("--dataset", "--config", "--input", "--text_column", "--tokenizer", "--vocab_size", "--pattern",
+                 "--tokenizer_train_mb", "--name", "--out_dir", "--max_tokens", "--shard_size", "--val_size",
+                 "--val_from", "--overwrite", "--workers"):
+        assert flag in result.stdout

@@ -186,15 +186,23 @@ def train_merges_simple(pretoken_counts: dict[str, int], num_merges: int) -> lis
 # merge() above, but at C speed. Comparing 2-character strings compares (left id, right id) in order.
 # (Ids up to 65,535 include the surrogate code points; Python strings hold them fine, we never encode them.)
 
-def count_pretokens(texts: str | Iterable[str], pattern: str, special_tokens: Sequence[str] = ()) -> Counter:
+def count_pretokens(texts: str | Iterable[str], pattern: str, special_tokens: Sequence[str] = (),
+                    verbose: bool = False) -> Counter:
     """{pre-token: occurrences} over all documents; documents are consumed one at a time, never all held."""
     split_pattern = regex.compile(pattern)
     special_cut = re.compile("|".join(re.escape(s) for s in sorted(special_tokens, key=len, reverse=True)))
     chunk_counts: Counter = Counter()
+    documents = characters = 0
+    t0 = last_report = time.perf_counter()
     for text in [texts] if isinstance(texts, str) else texts:
         # Special-token text (e.g. "<|endoftext|>" between stories) is a delimiter, not something to learn.
         for part in special_cut.split(text) if special_tokens else [text]:
             chunk_counts.update(split_chunks(part))  # Counter.update over a list runs in C
+        documents, characters = documents + 1, characters + len(text)
+        if verbose and time.perf_counter() - last_report > 5.0:
+            last_report = time.perf_counter()
+            print(f"read {documents:,} documents, {characters / 1e6:,.1f}M characters, "
+                  f"{characters / 1e6 / (last_report - t0):.1f}M characters/s", flush=True)
     # One regex call per distinct chunk would cost ~2 us of call overhead each. Instead, glue together all
     # chunks that occur equally often (safe: each starts a pre-token, see starts_chunk) and split that
     # string in one call. The first chunk of each document may not start with a space; it goes alone.
@@ -338,7 +346,7 @@ class Tokenizer:
         if vocab_size > 65_536:
             raise ValueError(f"vocab_size {vocab_size} is above 65,536: token shards store ids as uint16")
         t0 = time.perf_counter()
-        pretoken_counts = count_pretokens(texts, pattern, special_tokens)
+        pretoken_counts = count_pretokens(texts, pattern, special_tokens, verbose)
         if not pretoken_counts:
             raise ValueError("the training text is empty: give at least one non-empty document")
         if verbose:

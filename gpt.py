@@ -1264,7 +1264,10 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
     start_step = step
 
     fast_model = torch.compile(model) if runtime.compile else model
-    train_model = DDP(fast_model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else fast_model
+    # DDP averages gradients across processes. broadcast_buffers=False: the only buffers are the position
+    # tables, the same in every process, so there is nothing to copy before each forward.
+    train_model = DDP(fast_model, device_ids=[device.index] if device.type == "cuda" else None,
+                      broadcast_buffers=False) if ddp else fast_model
     flops_per_token = model.flops_per_token(cfg.block_size)
     peak_flops = peak_flops_per_second(runtime, cfg.peak_flops)
     if master:
@@ -1294,9 +1297,10 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
             save_checkpoint(out_dir / "ckpt.pt", state)
             print(f"saved {out_dir / 'ckpt.pt'} at step {step}")
 
-    # Ctrl-C (or a scheduler's SIGTERM) asks the loop to stop at the end of the current step and save; the
-    # processes agree on it inside the step's all-reduce, so they stop at the same step. A second Ctrl-C aborts.
-    stop_requested = False
+    # Ctrl-C (or a scheduler's SIGTERM) asks the loop to stop at the end of the current step and save. The
+    # signal may reach the processes at different moments, so they decide together, in the step's all-reduce:
+    # stop_requested is this process's wish, stop_agreed the decision. A second Ctrl-C aborts.
+    stop_requested = stop_agreed = False
 
     def request_stop(signum, frame):
         nonlocal stop_requested
@@ -1334,7 +1338,7 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
                 if step > 0 and (improved or cfg.always_save_checkpoint):  # nothing to keep before step 1
                     write_checkpoint()
                     saved_step = step
-            if step >= cfg.max_steps or stop_requested:
+            if step >= cfg.max_steps or stop_agreed:
                 break
 
             # One optimizer step. All windows of the step (every micro-step of every process) come from one
@@ -1362,7 +1366,7 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
             stats = torch.stack([loss_sum, torch.tensor(float(stop_requested), device=device)])
             if ddp:
                 dist.all_reduce(stats)
-            train_loss, stop_requested = stats[0].item() / world_size, stats[1].item() > 0
+            train_loss, stop_agreed = stats[0].item() / world_size, stats[1].item() > 0
             if not math.isfinite(train_loss):  # never step on a NaN: it would poison every weight
                 kept = f"{out_dir / 'ckpt.pt'} keeps step {saved_step}" if saved_step >= 0 else "nothing saved"
                 raise FloatingPointError(f"the loss became {train_loss} at step {step + 1}; stopped ({kept}): "

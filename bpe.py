@@ -600,22 +600,22 @@ class Tokenizer:
             ranks = {bytes(to_byte[c] for c in s): i for s, i in encoder.items() if s not in specials}
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError) as e:
             raise ValueError(f"{encoder_json}: not GPT-2's encoder.json ({type(e).__name__}: {e})") from None
-        # vocab.bpe must agree: merge k (line k + 2) makes the token with id 256 + k.
+        # vocab.bpe must agree: merge k (counting from 0) makes the token with id 256 + k.
         lines = vocab_bpe.read_text(encoding="utf-8").split("\n")
-        if not lines[0].startswith("#version"):
-            raise ValueError(f"{vocab_bpe} line 1: expected '#version: 0.2': not GPT-2's vocab.bpe")
-        merge_lines = lines[1:-1] if lines[-1] == "" else lines[1:]
+        first = 1 if lines[0].startswith("#version") else 0  # "#version: 0.2"; some copies of merges.txt lack it
+        merge_lines = lines[first:-1] if lines[-1] == "" else lines[first:]
         if len(merge_lines) != len(ranks) - 256:
             raise ValueError(f"{vocab_bpe}: {len(merge_lines)} merges, but encoder.json has {len(ranks) - 256} "
                              "merged tokens: the two files do not belong together")
         for k, line in enumerate(merge_lines):
+            line_no = first + k + 1
             left, _, right = line.partition(" ")
             try:
                 token = bytes(to_byte[c] for c in left + right)
             except KeyError:  # a character that is not one of GPT-2's 256 stand-ins
                 token = None
             if not right or ranks.get(token) != 256 + k:
-                raise ValueError(f"{vocab_bpe} line {k + 2}: merge {line!r} does not match encoder.json id {256 + k}")
+                raise ValueError(f"{vocab_bpe} line {line_no}: merge {line!r} does not match encoder.json id {256 + k}")
         return cls(ranks, GPT2_PATTERN, specials)
 
     # --- tiktoken -----------------------------------------------------------------------------------------

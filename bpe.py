@@ -324,16 +324,15 @@ class Tokenizer:
         self._cache: dict[str, tuple[int, ...]] = {}  # chunk -> ids
         self._pretoken_cache: dict[bytes, tuple[int, ...]] = {}  # pre-token that is not a token -> ids
 
-
     @property
     def eot_token(self) -> int | None:
         return self.special_tokens.get("<|endoftext|>")
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(vocab_size={self.vocab_size}, specials={list(self.special_tokens)}, "
-                f"pattern={'GPT-4' if self.pattern == GPT4_PATTERN else 'GPT-2' if self.pattern == GPT2_PATTERN else 'custom'})")
+        split = {GPT4_PATTERN: "GPT-4", GPT2_PATTERN: "GPT-2"}.get(self.pattern, "custom")
+        return f"Tokenizer(vocab_size={self.vocab_size}, specials={list(self.special_tokens)}, split={split})"
 
-    # --- training ---------------------------------------------------------------------------------------
+    # --- 3. training (the method that puts the pieces above together) ---------------------------------------
 
     @classmethod
     def train(cls, texts: str | Iterable[str], vocab_size: int, pattern: str = GPT4_PATTERN,
@@ -365,7 +364,7 @@ class Tokenizer:
         specials = {s: len(token_bytes) + k for k, s in enumerate(special_tokens)}
         return cls(ranks, pattern, specials)
 
-    # --- encoding ---------------------------------------------------------------------------------------
+    # --- 4. encoding ----------------------------------------------------------------------------------------
     #
     # tiktoken's rule, for each pre-token: if its bytes are a token, that is the answer (the common case,
     # " the"). Otherwise start from single bytes and repeatedly merge the adjacent pair whose concatenation
@@ -429,8 +428,9 @@ class Tokenizer:
         disallowed = set(self.special_tokens) - allowed if disallowed_special == "all" else set(disallowed_special)
         for special in disallowed:
             if special in text:
-                raise ValueError(f"text contains the special token {special!r}: pass allowed_special={{{special!r}}} "
-                                 f"(or 'all') to encode it as a special token, or use encode_ordinary for plain text")
+                raise ValueError(f"text contains the special token {special!r}: pass allowed_special="
+                                 f"{{{special!r}}} (or 'all') to encode it as a special token, or use "
+                                 "encode_ordinary for plain text")
         allowed &= set(self.special_tokens)
         if not allowed:
             return self.encode_ordinary(text)
@@ -453,20 +453,21 @@ class Tokenizer:
                      disallowed_special: set[str] | str = "all") -> list[list[int]]:
         return [self.encode(text, allowed_special, disallowed_special) for text in texts]
 
-    # --- decoding ---------------------------------------------------------------------------------------
+    # --- 5. decoding ----------------------------------------------------------------------------------------
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The bytes the ids stand for. One token may hold part of a UTF-8 character, so bytes are exact."""
         try:
             return b"".join(map(self._decoder.__getitem__, ids))
         except KeyError as e:
-            raise ValueError(f"cannot decode id {e.args[0]!r}: the vocabulary has ids 0..{self.vocab_size - 1}") from None
+            raise ValueError(f"cannot decode id {e.args[0]!r}: the vocabulary has ids "
+                             f"0..{self.vocab_size - 1}") from None
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of the ids; bytes that are not valid UTF-8 (e.g. half a character) become U+FFFD, as in tiktoken."""
+        """Text of the ids; bytes that are not valid UTF-8 (half a character) become U+FFFD, as in tiktoken."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    # --- saving and loading -----------------------------------------------------------------------------
+    # --- 6. saving and loading ------------------------------------------------------------------------------
     #
     # The format, UTF-8 text, one record per line:
     #
@@ -525,7 +526,7 @@ class Tokenizer:
                 raise fail(f"expected '<token> <id>', found {line[:60]!r} ({e})") from None
 
         if next_line() != FORMAT_HEADER:
-            raise fail(f"expected {FORMAT_HEADER!r}: not a bpe.py tokenizer file, or another version of the format")
+            raise fail(f"expected {FORMAT_HEADER!r}: not a bpe.py tokenizer, or another version of the format")
         line = next_line()
         try:
             if not line.startswith("pattern "):
@@ -534,7 +535,8 @@ class Tokenizer:
         except ValueError:  # json.JSONDecodeError is a ValueError
             raise fail(f"expected 'pattern <json string>', found {line[:60]!r}") from None
         specials = dict(read_entry(json.loads) for _ in range(read_count("specials")))
-        ranks = dict(read_entry(lambda key: base64.b64decode(key, validate=True)) for _ in range(read_count("ranks")))
+        ranks = dict(read_entry(lambda key: base64.b64decode(key, validate=True))
+                     for _ in range(read_count("ranks")))
         body = "".join(line + "\n" for line in lines[:line_no])
         if next_line() != f"sha256 {hashlib.sha256(body.encode('utf-8')).hexdigest()}":
             raise fail("checksum does not match the lines above: the file was edited or corrupted")
@@ -560,14 +562,15 @@ class Tokenizer:
     def load(cls, path: str | os.PathLike) -> Tokenizer:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such tokenizer file (train one with: python bpe.py --input ... --out {path})")
+            raise FileNotFoundError(f"{path}: no such tokenizer file "
+                                    f"(train one with: python bpe.py --input FILE --out {path})")
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not a bpe.py tokenizer (byte {e.start} is not UTF-8)") from None
         return cls.loads(text, source=str(path))
 
-    # --- GPT-2's files ----------------------------------------------------------------------------------
+    # --- 7. GPT-2's files -----------------------------------------------------------------------------------
     #
     # OpenAI's GPT-2 tokenizer comes as two files (Hugging Face ships the same content as vocab.json and
     # merges.txt):
@@ -615,10 +618,11 @@ class Tokenizer:
             except KeyError:  # a character that is not one of GPT-2's 256 stand-ins
                 token = None
             if not right or ranks.get(token) != 256 + k:
-                raise ValueError(f"{vocab_bpe} line {line_no}: merge {line!r} does not match encoder.json id {256 + k}")
+                raise ValueError(f"{vocab_bpe} line {line_no}: merge {line!r} does not match "
+                                 f"encoder.json id {256 + k}")
         return cls(ranks, GPT2_PATTERN, specials)
 
-    # --- tiktoken -----------------------------------------------------------------------------------------
+    # --- 8. tiktoken ----------------------------------------------------------------------------------------
 
     def to_tiktoken(self, name: str = "bpe") -> tiktoken.Encoding:
         """A tiktoken.Encoding with the same ranks, pattern and specials: identical ids, encoded in Rust."""
@@ -642,7 +646,8 @@ def read_utf8(path: str | os.PathLike) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte offset {e.start}: {data[e.start:e.start + 4]!r})") from None
+        raise ValueError(f"{path}: not UTF-8 text (byte offset {e.start}: "
+                         f"{data[e.start:e.start + 4]!r})") from None
 
 
 def show_token(token: bytes) -> str:

@@ -50,6 +50,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -552,9 +553,12 @@ class ShardWriter:
         os.fsync(self.file.fileno())
         self.file.close()
         self.file = None
-        os.replace(self.path.with_name(self.path.name + ".tmp"), self.path)
-        record_shard(self.meta, self.path.name, self.split, self.tokens, self.documents, self.bytes)
-        write_json(self.out_dir / "meta.json", self.meta)
+        # The rename and meta.json's new entry belong together: a shard on disk that meta.json does not list
+        # would look complete but be unknown to a resume. So a Ctrl-C here waits until both are done.
+        with interrupts_deferred():
+            os.replace(self.path.with_name(self.path.name + ".tmp"), self.path)
+            record_shard(self.meta, self.path.name, self.split, self.tokens, self.documents, self.bytes)
+            write_json(self.out_dir / "meta.json", self.meta)
 
     def discard(self) -> None:
         """Drop the incomplete shard (on an interruption)."""
@@ -562,6 +566,21 @@ class ShardWriter:
             self.file.close()
             self.file = None
             self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)
+
+
+@contextmanager
+def interrupts_deferred():
+    """Hold back Ctrl-C and SIGTERM inside the block; one that arrived is raised when the block ends."""
+    received = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def record_shard(meta: dict, name: str, split: str, tokens: int, documents: int, n_bytes: int) -> None:
@@ -685,7 +704,7 @@ def new_meta(source: Source, tokenizer: Tokenizer, settings: dict, command: str)
 
 
 def remove_unlisted(out_dir: Path, meta: dict) -> None:
-    """Delete what an interrupted shard leaves: its .tmp file, or a renamed shard that meta.json lacks."""
+    """Delete what an interrupted shard leaves: its .tmp file (or a shard a killed run renamed but never listed)."""
     for path in [*out_dir.glob("*.tmp"), *out_dir.glob("*.bin")]:
         if path.name not in meta["shards"]:
             path.unlink()
@@ -738,7 +757,7 @@ def prepare(args: argparse.Namespace, command: str) -> int:
             write_split(split, documents, budget, pool, args.workers, writer, progress)
     except KeyboardInterrupt:
         writer.discard()
-        remove_unlisted(out_dir, meta)  # in case the signal came between a shard's rename and meta.json
+        remove_unlisted(out_dir, meta)  # the interrupted shard's .tmp file
         progress.end_line()
         print(f"interrupted: {out_dir} keeps its {len(meta['shards'])} complete shards (listed in meta.json); "
               "rerun the same command to continue from there", file=sys.stderr)

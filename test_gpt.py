@@ -1,10 +1,13 @@
 """Tests for bpe.py, prepare_fineweb.py and gpt.py. Run: python -m pytest -q test_gpt.py"""
 import contextlib
+from functools import lru_cache
 import io
 import json
 import math
 import os
 from pathlib import Path
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -697,3 +700,479 @@ def test_prepare_help_lists_every_flag():
                  "--tokenizer_train_mb", "--name", "--out_dir", "--max_tokens", "--shard_size", "--val_size",
                  "--val_from", "--overwrite", "--workers"):
         assert flag in result.stdout
+
+
+# ==========================================================================================================
+# gpt.py: flags, data, the training loop, checkpoints, DDP, the command line
+
+TRAIN_SCRIPT = REPO / "gpt.py"
+# A model small enough that a step takes milliseconds on one CPU core.
+TRAIN_TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+              "--eval_iters=2", "--peak_flops=1e11", "--warmup_steps=2", "--learning_rate=1e-2", "--min_lr=1e-3"]
+
+
+@lru_cache(maxsize=1)
+def train_tokenizer() -> Tokenizer:
+    return Tokenizer.train((DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:100_000], 320)
+
+
+def train_write_shard(path: Path, tokens) -> None:
+    """A shard in llm.c's format: 256 int32 header (magic, version, count), then uint16 tokens."""
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = (20240520, 1, len(tokens))
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
+
+
+def train_make_dataset(folder: Path, train_tokens=None, val_tokens=None, vocab_size=None) -> Path:
+    """data_dir with one train and one val shard of Shakespeare (or the given tokens), tokenizer.bpe, meta.json."""
+    tok = train_tokenizer()
+    folder.mkdir(parents=True, exist_ok=True)
+    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    if train_tokens is None:
+        train_tokens = tok.encode_ordinary(text[:20_000])
+    if val_tokens is None:
+        val_tokens = tok.encode_ordinary(text[-5_000:])
+    train_write_shard(folder / "tiny_train_000001.bin", train_tokens)
+    train_write_shard(folder / "tiny_val_000000.bin", val_tokens)
+    (folder / "tokenizer.bpe").write_text(tok.dumps(), encoding="utf-8")
+    meta = {"dataset": "tiny", "tokenizer": "tokenizer.bpe", "vocab_size": vocab_size or tok.vocab_size,
+            "eot_id": tok.eot_token,
+            "splits": {"train": {"shards": ["tiny_train_000001.bin"], "tokens": len(train_tokens), "documents": 1,
+                                 "bytes": 20_000},
+                       "val": {"shards": ["tiny_val_000000.bin"], "tokens": len(val_tokens), "documents": 1,
+                               "bytes": 5_000}}}
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    return folder
+
+
+def train_run(argv: list[str]) -> None:
+    gpt.main(TRAIN_TINY + argv)
+
+
+def train_log(out_dir: Path, kind: str = "train") -> list[dict]:
+    lines = (out_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def train_error(capsys, argv: list[str]) -> str:
+    """Run main, expect exit 1 and return the one-line error."""
+    with pytest.raises(SystemExit) as exit_info:
+        gpt.main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def train_checkpoint(tmp_path_factory) -> Path:
+    """A tiny trained checkpoint (6 steps) shared by the sampling and checkpoint tests."""
+    root = tmp_path_factory.mktemp("trained")
+    data = train_make_dataset(root / "data")
+    gpt.main(TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={root / 'out'}", "--max_steps=6", "--eval_interval=3"])
+    return root / "out" / "ckpt.pt"
+
+
+# -- configuration -----------------------------------------------------------------------------------------
+
+def test_train_flags_forms_and_types():
+    flags = gpt.parse_flags(["--n_layer=4", "--learning_rate", "3", "--sample", "--bias", "false", "--greedy",
+                             "--compile=1", "--prompt=a=b", "--dropout=0.1"])
+    assert flags == {"n_layer": 4, "learning_rate": 3.0, "sample": True, "bias": False, "greedy": True,
+                     "compile": True, "prompt": "a=b", "dropout": 0.1}
+    assert type(flags["learning_rate"]) is float  # an int given for a float knob becomes a float
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lerning_rate=1"], "unknown flag --lerning_rate: did you mean --learning_rate?"),
+    (["--n_layer=2.5"], "--n_layer takes an int, got '2.5'"),
+    (["--bias=maybe"], "--bias takes true/false/1/0, got 'maybe'"),
+    (["train"], "unexpected argument 'train'"),
+    (["--max_steps"], "--max_steps needs a value"),
+])
+def test_train_flag_errors(argv, message):
+    with pytest.raises(ValueError) as error:
+        gpt.parse_flags(argv)
+    assert str(error.value).startswith(message)
+
+
+def test_train_help_lists_every_knob(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpt.parse_flags(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    names = [name for _, name, _ in gpt.config_knobs()]
+    assert len(names) > 40 and "total_batch_tokens" in names and "export_hf" in names
+    for name in names:
+        assert f"--{name}=" in out
+    assert "--learning_rate=0.0006" in out and "peak learning rate" in out
+
+
+def test_train_seed_configurations():
+    gpt2 = gpt.model_config(gpt.make_config({}), vocab_size=50257)
+    assert gpt2 == gpt.GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768, dropout=0.0,
+                                 bias=True, pos_emb="learned", activation="gelu", tie_weights=True)
+    nano = gpt.parse_flags("--n_layer=12 --n_head=8 --n_embd=512 --block_size=1024 --pos_emb=sinusoidal "
+                           "--activation=relu".split())
+    assert gpt.model_config(gpt.make_config(nano), vocab_size=8192) == gpt.GPTConfig(
+        block_size=1024, vocab_size=8192, n_layer=12, n_head=8, n_embd=512, pos_emb="sinusoidal", activation="relu")
+    stories = gpt.parse_flags("--n_layer 4 --n_head 4 --n_embd 128 --block_size 256 --activation gelu "
+                              "--tie_weights true --dropout 0.1".split())
+    assert gpt.model_config(gpt.make_config(stories), vocab_size=4096) == gpt.GPTConfig(
+        block_size=256, vocab_size=4096, n_layer=4, n_head=4, n_embd=128, dropout=0.1, tie_weights=True)
+
+
+def test_train_bad_model_config_is_one_line(capsys, tmp_path):
+    data = train_make_dataset(tmp_path / "data")
+    err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}", "--n_embd=30", "--n_head=4"])
+    assert "n_embd=30 is not divisible by n_head=4" in err
+
+
+def test_train_learning_rate_schedule():
+    cfg = gpt.make_config({"learning_rate": 1.0, "min_lr": 0.1, "warmup_steps": 10, "max_steps": 110})
+    assert gpt.learning_rate_at(0, cfg) == pytest.approx(0.1)
+    assert gpt.learning_rate_at(9, cfg) == pytest.approx(1.0)
+    assert gpt.learning_rate_at(60, cfg) == pytest.approx(0.55)  # half way down the cosine
+    assert gpt.learning_rate_at(110, cfg) == gpt.learning_rate_at(500, cfg) == pytest.approx(0.1)
+
+
+def test_train_weight_decay_only_on_matrices():
+    model = gpt.GPT(gpt.GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    optimizer = gpt.make_optimizer(model, gpt.make_config({}), gpt.setup_device("cpu"))
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_train_unavailable_device(device):
+    available = torch.cuda.is_available() if device == "cuda" else torch.backends.mps.is_available()
+    if available:
+        pytest.skip(f"{device} is available here")
+    with pytest.raises(ValueError, match=f"--device={device} but"):
+        gpt.setup_device(device)
+
+
+def test_train_cpu_runs_in_float32_without_scaler():
+    runtime = gpt.setup_device("cpu")
+    assert runtime.autocast_dtype == torch.float32 and not runtime.scaler.is_enabled()
+    assert not runtime.fused_adamw
+    with pytest.raises(ValueError, match="float16"):
+        gpt.setup_device("cpu", "float16")
+
+
+# -- data --------------------------------------------------------------------------------------------------
+
+def test_train_windows_are_shifted_pairs_across_shards(tmp_path):
+    train_write_shard(tmp_path / "a.bin", np.arange(0, 20))
+    train_write_shard(tmp_path / "b.bin", np.arange(100, 103))  # shorter than a window: holds none
+    train_write_shard(tmp_path / "c.bin", np.arange(200, 230))
+    windows = gpt.TokenWindows(tmp_path, ["a.bin", "b.bin", "c.bin"], block_size=8, split="train")
+    assert windows.num_windows == (20 - 8) + (30 - 8)
+    x, y = windows.read(torch.arange(windows.num_windows), torch.device("cpu"))
+    assert x.shape == y.shape == (34, 8) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert x[0, 0] == 0 and x[11, 0] == 11 and x[12, 0] == 200 and y[-1, -1] == 229
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads VmRSS from /proc/self/status")
+def test_train_reading_windows_keeps_memory_flat(tmp_path):
+    # Random windows over a 32 MB shard: a memmap kept open would end up with most of it resident (32 MB
+    # measured); fresh maps per batch keep the process's resident memory where it was.
+    train_write_shard(tmp_path / "big.bin", np.arange(16_000_000) % 50_000)
+    windows = gpt.TokenWindows(tmp_path, ["big.bin"], block_size=1024, split="train")
+    generator, cpu = torch.Generator().manual_seed(0), torch.device("cpu")
+
+    def resident_bytes() -> int:
+        return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+    windows.read(windows.draw(generator, 1, 8)[0], cpu)
+    before = resident_bytes()
+    for window_ids in windows.draw(generator, 400, 8):
+        windows.read(window_ids, cpu)
+    assert resident_bytes() - before < 8_000_000
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("magic", "not a token shard (magic 7, expected 20240520)"),
+    ("version", "shard version 9"),
+    ("truncate", "the header says 2,000 tokens (5,024 bytes) but the file has 5,000 bytes"),
+])
+def test_train_bad_shard_names_the_file(tmp_path, damage, message):
+    path = tmp_path / "s.bin"
+    train_write_shard(path, np.arange(2000) % 300)
+    raw = bytearray(path.read_bytes())
+    if damage == "magic":
+        raw[0:4] = np.int32(7).tobytes()
+    elif damage == "version":
+        raw[4:8] = np.int32(9).tobytes()
+    else:
+        raw = raw[:5000]
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError) as error:
+        gpt.shard_token_count(path)
+    assert str(error.value).startswith(f"{path}: {message}")
+
+
+def test_train_data_errors(capsys, tmp_path):
+    err = train_error(capsys, TRAIN_TINY + [f"--data_dir={tmp_path / 'nothing'}"])
+    assert "no shards in" in err and "prepare_fineweb.py" in err
+    data = train_make_dataset(tmp_path / "short", val_tokens=list(range(20)))
+    err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}"])
+    assert "block_size=32 needs windows of 33 tokens but every val shard" in err
+    data = train_make_dataset(tmp_path / "ok")
+    err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}", "--total_batch_tokens=200"])
+    assert "--total_batch_tokens=200 is not a multiple of batch_size * block_size * processes = 128" in err
+
+
+# -- training ----------------------------------------------------------------------------------------------
+
+def test_train_overfits_one_batch(tmp_path):
+    # A train shard of exactly block_size + 1 tokens holds one window: every step sees the same batch.
+    tokens = train_tokenizer().encode_ordinary((DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:200])[:33]
+    data = train_make_dataset(tmp_path / "data", train_tokens=tokens)
+    train_run([f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", "--max_steps=60", "--eval_interval=1000",
+               "--warmup_steps=5"])
+    losses = [r["loss"] for r in train_log(tmp_path / "out")]
+    assert losses[0] > 5.0 and losses[-1] < 0.1, (losses[0], losses[-1])
+
+
+def test_train_resume_is_exact(tmp_path):
+    data = train_make_dataset(tmp_path / "data")
+    common = [f"--data_dir={data}", "--dropout=0.1", "--eval_interval=4", "--lr_decay_steps=8",
+              "--total_batch_tokens=256"]  # dropout and 2 micro-steps: the RNG and data position must be restored
+    train_run(common + [f"--out_dir={tmp_path / 'straight'}", "--max_steps=8"])
+    train_run(common + [f"--out_dir={tmp_path / 'halves'}", "--max_steps=4"])
+    gpt.main([f"--out_dir={tmp_path / 'halves'}", "--init_from=resume", "--max_steps=8"])  # settings come from ckpt
+    straight, halves = train_log(tmp_path / "straight"), train_log(tmp_path / "halves")
+    assert [r["step"] for r in halves] == list(range(1, 9))
+    assert [r["loss"] for r in straight] == [r["loss"] for r in halves]
+    assert [r["val_loss"] for r in train_log(tmp_path / "straight", "eval")] == \
+           [r["val_loss"] for r in train_log(tmp_path / "halves", "eval")]
+
+
+def test_train_gradient_accumulation_equals_a_bigger_batch(tmp_path):
+    # 2 micro-steps of 4 sequences draw the same 8 windows as one micro-step of 8; dividing each micro-step's
+    # loss by 2 makes the summed gradient the big batch's mean gradient.
+    data = train_make_dataset(tmp_path / "data")
+    common = [f"--data_dir={data}", "--max_steps=4", "--eval_interval=1000", "--total_batch_tokens=256"]
+    train_run(common + [f"--out_dir={tmp_path / 'accumulated'}", "--batch_size=4"])
+    train_run(common + [f"--out_dir={tmp_path / 'big'}", "--batch_size=8"])
+    np.testing.assert_allclose([r["loss"] for r in train_log(tmp_path / "accumulated")],
+                               [r["loss"] for r in train_log(tmp_path / "big")], rtol=1e-5)
+    np.testing.assert_allclose([r["grad_norm"] for r in train_log(tmp_path / "accumulated")],
+                               [r["grad_norm"] for r in train_log(tmp_path / "big")], rtol=1e-4)
+
+
+def test_train_ddp_equals_gradient_accumulation(tmp_path):
+    data = train_make_dataset(tmp_path / "data")
+    common = TRAIN_TINY + [f"--data_dir={data}", "--max_steps=4", "--eval_interval=2", "--total_batch_tokens=256"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); import torch; torch.set_num_threads(1); " \
+           f"import {TRAIN_SCRIPT.stem} as g; g.main(sys.argv[1:])"
+    single = subprocess.run([sys.executable, "-c", code, *common, f"--out_dir={tmp_path / 'one'}"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    script = tmp_path / "run_train.py"
+    script.write_text(code.replace("; ", "\n"))
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), *common, f"--out_dir={tmp_path / 'two'}"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr[-2000:]
+    assert "2 process(es)" in double.stdout and "x 2 x 1 micro-step" in double.stdout
+    one, two = train_log(tmp_path / "one"), train_log(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    np.testing.assert_allclose([r["loss"] for r in one], [r["loss"] for r in two], rtol=1e-5)
+    np.testing.assert_allclose([r["val_loss"] for r in train_log(tmp_path / "one", "eval")],
+                               [r["val_loss"] for r in train_log(tmp_path / "two", "eval")], rtol=1e-5)
+
+
+def test_train_checkpoint_loads_with_weights_only(train_checkpoint):
+    checkpoint = torch.load(train_checkpoint, map_location="cpu", weights_only=True)
+    assert checkpoint["step"] == 6
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in checkpoint["model"])
+    assert checkpoint["config"]["max_steps"] == 6 and checkpoint["model_config"]["n_embd"] == 32
+    assert Tokenizer.loads(checkpoint["tokenizer"]).dumps() == train_tokenizer().dumps()
+    assert isinstance(checkpoint["rng"]["data"], torch.Tensor)
+    assert isinstance(checkpoint["rng"]["processes"][0]["torch"], torch.Tensor)
+    evals = train_log(train_checkpoint.parent, "eval")
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert checkpoint["best_val_loss"] == min(r["val_loss"] for r in evals)
+
+
+def test_train_log_has_bits_per_byte_and_speed(train_checkpoint):
+    meta = json.loads((train_checkpoint.parent.parent / "data" / "meta.json").read_text())
+    val = meta["splits"]["val"]
+    for record in train_log(train_checkpoint.parent, "eval"):
+        assert record["val_bits_per_byte"] == pytest.approx(record["val_loss"] / np.log(2) * val["tokens"] / val["bytes"])
+        assert record["val_perplexity"] == pytest.approx(np.exp(record["val_loss"]))
+    for record in train_log(train_checkpoint.parent):
+        assert record["ms"] > 0 and record["tokens_per_s"] > 0 and 0 < record["mfu"] < 1 and record["grad_norm"] > 0
+
+
+def test_train_checkpoint_errors(capsys, tmp_path, train_checkpoint):
+    err = train_error(capsys, ["--sample", f"--ckpt={tmp_path / 'none.pt'}"])
+    assert f"no checkpoint at {tmp_path / 'none.pt'}" in err
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint at all")
+    err = train_error(capsys, ["--sample", f"--ckpt={tmp_path / 'bad.pt'}"])
+    assert f"{tmp_path / 'bad.pt'} is not a readable checkpoint" in err
+    torch.save({"model": {}, "step": 1}, tmp_path / "foreign.pt")
+    err = train_error(capsys, ["--sample", f"--ckpt={tmp_path / 'foreign.pt'}"])
+    assert "foreign.pt is not a checkpoint of gpt.py (missing model_config, config, tokenizer)" in err
+    checkpoint = torch.load(train_checkpoint, weights_only=True)
+    checkpoint["model_config"]["n_embd"] = 64  # weights of one shape, a config of another
+    torch.save(checkpoint, tmp_path / "mismatch.pt")
+    err = train_error(capsys, ["--sample", f"--ckpt={tmp_path / 'mismatch.pt'}"])
+    assert "mismatch.pt: weights do not match its model_config" in err
+    err = train_error(capsys, ["--init_from=resume", f"--ckpt={train_checkpoint}", "--n_layer=3",
+                               f"--out_dir={tmp_path / 'o'}"])
+    assert f"--n_layer=3 but {train_checkpoint} has n_layer=2" in err
+    # Resuming on data whose vocabulary is larger than the model's.
+    data = train_make_dataset(tmp_path / "bigvocab", vocab_size=1000)
+    err = train_error(capsys, ["--init_from=resume", f"--ckpt={train_checkpoint}", f"--data_dir={data}",
+                               f"--out_dir={tmp_path / 'o'}"])
+    assert "vocab_size 1000 but the model only 320" in err
+
+
+def test_train_nonfinite_loss_stops_and_keeps_checkpoint(capsys, tmp_path):
+    data = train_make_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    train_run([f"--data_dir={data}", f"--out_dir={out}", "--max_steps=2"])
+    before = (out / "ckpt.pt").read_bytes()
+    err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume",
+                                            "--max_steps=20", "--learning_rate=1e30", "--grad_clip=0",
+                                            "--warmup_steps=0"])
+    assert "the loss became nan" in err or "the loss became inf" in err
+    assert f"{out / 'ckpt.pt'} keeps step 2" in err
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert [r["step"] for r in train_log(out)] == [1, 2, 3]  # step 3 ran, step 4 gave the NaN
+    # Resuming again drops the log lines of the steps after the checkpoint before it runs them anew.
+    train_run([f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--max_steps=4"])
+    assert [r["step"] for r in train_log(out)] == [1, 2, 3, 4]
+
+
+def test_train_ctrl_c_saves_and_exits(tmp_path):
+    data = train_make_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *TRAIN_TINY, f"--data_dir={data}",
+                                f"--out_dir={out}", "--max_steps=100000", "--eval_interval=100000", "--log_interval=1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("step 3/"):
+            break
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert "stopping after this step" in stdout
+    checkpoint = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["step"] >= 3 and checkpoint["step"] == train_log(out)[-1]["step"]
+
+
+# -- sampling, export, plot --------------------------------------------------------------------------------
+
+def test_train_sample_cli_streams_and_is_reproducible(capsys, train_checkpoint):
+    flags = ["--sample", "--ckpt", str(train_checkpoint), "--max_new_tokens=40", "--ignore_eot", "--prompt=Ré ✓"]
+    result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *flags, "--seed=1"], capture_output=True,
+                            text=True, encoding="utf-8", timeout=120)
+    assert result.returncode == 0, result.stderr
+    gpt.main(flags + ["--seed=1"])
+    again = capsys.readouterr().out
+    gpt.main(flags + ["--seed=2"])
+    other = capsys.readouterr().out
+    assert result.stdout == again != other
+    # The streamed text, decoded token by token, is the text of the whole sequence decoded at once.
+    checkpoint = torch.load(train_checkpoint, weights_only=True)
+    model, tokenizer = gpt.model_from_checkpoint(checkpoint, train_checkpoint).eval(), train_tokenizer()
+    prompt = torch.tensor([tokenizer.encode("Ré ✓")])
+    out = model.generate(prompt, 40, temperature=0.8, top_k=200, generator=torch.Generator().manual_seed(1))
+    assert again == tokenizer.decode(out[0].tolist()) + "\n"
+
+
+def test_train_sample_options(capsys, tmp_path, train_checkpoint):
+    ckpt = f"--ckpt={train_checkpoint}"
+    gpt.main(["--sample", ckpt, "--greedy", "--max_new_tokens=15", "--ignore_eot", "--prompt=the"])
+    greedy = capsys.readouterr().out
+    gpt.main(["--sample", ckpt, "--temperature=0", "--max_new_tokens=15", "--ignore_eot", "--prompt=the",
+              "--seed=5", "--num_samples=2"])
+    both = capsys.readouterr().out.split("-" * 80 + "\n")
+    assert both[0] == both[1] == greedy  # greedy does not depend on the seed
+    gpt.main(["--sample", ckpt, "--beam=3", "--max_new_tokens=10", "--prompt=the"])
+    assert capsys.readouterr().out.startswith("the")
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("the", encoding="utf-8")
+    gpt.main(["--sample", ckpt, "--greedy", "--max_new_tokens=15", "--ignore_eot", f"--prompt=FILE:{prompt_file}"])
+    assert capsys.readouterr().out == greedy
+    assert "--beam is deterministic: drop --top_k" in train_error(capsys, ["--sample", ckpt, "--beam=2", "--top_k=5"])
+    assert "--prompt encodes to no tokens" in train_error(capsys, ["--sample", ckpt, "--prompt="])
+    assert "top_p=1.5 must be in (0, 1]" in train_error(capsys, ["--sample", ckpt, "--top_p=1.5"])
+
+
+def test_train_export_and_plot(capsys, tmp_path, train_checkpoint):
+    transformers = pytest.importorskip("transformers")
+    gpt.main(["--export_hf", str(tmp_path / "hf"), f"--ckpt={train_checkpoint}"])
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ours = gpt.model_from_checkpoint(torch.load(train_checkpoint, weights_only=True), train_checkpoint).eval()
+    idx = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0], rtol=1e-4, atol=1e-4)
+    gpt.main(["--plot", f"--out_dir={train_checkpoint.parent}"])
+    assert (train_checkpoint.parent / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_import_does_nothing():
+    result = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+                             f"import {TRAIN_SCRIPT.stem}; print('ok')"], capture_output=True, text=True,
+                            cwd=REPO.parent, timeout=60)
+    assert result.stdout == "ok\n" and result.stderr == ""
+
+
+@pytest.fixture(scope="module")
+def train_tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A random GPT-2-shaped model (16 wide) in HF's layout, with GPT-2's tokenizer files under HF's names."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=16, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    shutil.copy(DATA / "gpt2" / "vocab.bpe", folder / "merges.txt")
+    shutil.copy(DATA / "gpt2" / "encoder.json", folder / "vocab.json")
+    return folder
+
+
+def test_train_sample_from_gpt2_dir_matches_transformers(capsys, train_tiny_gpt2_dir):
+    transformers = pytest.importorskip("transformers")
+    gpt.main(["--sample", "--init_from=gpt2", f"--gpt2_dir={train_tiny_gpt2_dir}", "--prompt=Hello, world",
+              "--greedy", "--max_new_tokens=12", "--ignore_eot"])
+    ours = capsys.readouterr().out
+    tokenizer = Tokenizer.from_gpt2(DATA / "gpt2" / "vocab.bpe", DATA / "gpt2" / "encoder.json")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(train_tiny_gpt2_dir).eval()
+    prompt = torch.tensor([tokenizer.encode("Hello, world")])
+    out = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours == tokenizer.decode(out[0].tolist()) + "\n"
+
+
+def test_train_fine_tune_gpt2(capsys, tmp_path, train_tiny_gpt2_dir):
+    tokenizer = Tokenizer.from_gpt2(DATA / "gpt2" / "vocab.bpe", DATA / "gpt2" / "encoder.json")
+    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    data = train_make_dataset(tmp_path / "data", train_tokens=tokenizer.encode_ordinary(text[:5000]),
+                              val_tokens=tokenizer.encode_ordinary(text[-2000:]), vocab_size=tokenizer.vocab_size)
+    (data / "tokenizer.bpe").write_text(tokenizer.dumps(), encoding="utf-8")
+    base = ["--init_from=gpt2", f"--gpt2_dir={train_tiny_gpt2_dir}", f"--data_dir={data}", f"--out_dir={tmp_path}",
+            "--block_size=32", "--batch_size=2", "--eval_iters=1", "--peak_flops=1e11"]
+    assert "--n_layer=3 but gpt2 has n_layer=2" in train_error(capsys, base + ["--n_layer=3"])
+    gpt.main(base + ["--max_steps=3", "--learning_rate=1e-3", "--dropout=0.1"])
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert checkpoint["model_config"]["n_embd"] == 16 and checkpoint["model_config"]["block_size"] == 64
+    assert checkpoint["model_config"]["dropout"] == 0.1 and checkpoint["step"] == 3
+    losses = [r["loss"] for r in train_log(tmp_path)]
+    assert len(losses) == 3 and abs(losses[0] - np.log(50257)) < 0.5  # a random GPT-2 starts near ln V
+
+
+def test_train_cli_errors_are_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--n_layers=4"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == "error: unknown flag --n_layers: did you mean --n_layer?\n"

@@ -12,7 +12,7 @@ configurations below):
     python gpt.py --init_from=resume                           # continue out/ckpt.pt where it stopped (Ctrl-C saves)
     python gpt.py --sample --ckpt=out/ckpt.pt --prompt="Once"  # stream a sample to stdout
     torchrun --standalone --nproc_per_node=8 gpt.py ...        # 8 GPUs (DDP); multi-node: torchrun's --nnodes
-    python gpt.py --plot                                       # out/log.jsonl -> out/loss.png
+    python gpt.py --plot --ckpt=out/ckpt.pt                    # curves, attention, weights as PNGs in out/
     python gpt.py --export_hf=DIR                              # the checkpoint as a Hugging Face GPT-2
     python gpt.py --help                                       # every knob with its default and meaning
 
@@ -37,7 +37,7 @@ Sections, in reading order:
        (forward, generation with a KV cache, sampling filters, beam search, GPT-2 import and export)
     3. Data: the shard format, and random windows read from it
     4. Training: device and precision, optimiser, learning-rate schedule, evaluation, checkpoints, the loop
-    5. Sampling, export to Hugging Face, plotting the log
+    5. Sampling, export to Hugging Face, plots (training curves, attention heatmaps, weight statistics)
     6. main: train, sample, export or plot
 """
 import codecs
@@ -127,7 +127,7 @@ greedy = False  # always take the most likely token (the same as --temperature=0
 beam = 0  # beam search with this many beams (deterministic; one sample); 0 samples instead
 ignore_eot = False  # keep generating past <|endoftext|> instead of stopping there
 export_hf = ""  # write the checkpoint's model to this folder as a Hugging Face GPT-2 and exit
-plot = False  # plot <out_dir>/log.jsonl into <out_dir>/loss.png and exit
+plot = False  # write PNG plots of --ckpt's run next to it (curves, attention for --prompt, weights) and exit
 # ---- end of knobs
 
 MODEL_KNOBS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos_emb", "activation",
@@ -1486,28 +1486,161 @@ def run_export(cfg: SimpleNamespace) -> None:
 
 
 def run_plot(cfg: SimpleNamespace) -> None:
-    """Training loss per step and evaluation losses from <out_dir>/log.jsonl, into <out_dir>/loss.png."""
-    log_path = Path(cfg.out_dir) / "log.jsonl"
-    if not log_path.is_file():
-        raise FileNotFoundError(f"no {log_path}: train first, or pass the run's --out_dir")
-    records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line]
-    train_records = [r for r in records if r["kind"] == "train"]
-    eval_records = [r for r in records if r["kind"] == "eval"]
+    """PNG plots of a run, written next to its checkpoint: training curves from the log.jsonl beside it,
+    attention heatmaps for --prompt, weight histograms and spectral norms."""
+    path = checkpoint_path(cfg)
+    checkpoint = load_checkpoint(path)
+    model, tokenizer = model_from_checkpoint(checkpoint, path).eval(), tokenizer_from_text(checkpoint["tokenizer"])
+    log_path = path.parent / "log.jsonl"
+    records = ([json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line]
+               if log_path.is_file() else [])
+    if not records:
+        print(f"no training log at {log_path}: plotting the weights and attention only")
+    prompt = PLOT_PROMPT if cfg.prompt == "<|endoftext|>" else cfg.prompt
+    for written in plot_run(model, tokenizer, records, path.parent, prompt):
+        print(f"wrote {written}")
+
+
+PLOT_PROMPT = "First Citizen: Once upon a time, a little girl asked the king why the sky was blue."
+
+
+def moving_average(values: list[float], width: int) -> list[float]:
+    """Mean of the last `width` values at each point (fewer at the start), to see the trend through the noise."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - width] if i >= width else 0.0)
+        out.append(total / min(i + 1, width))
+    return out
+
+
+@torch.no_grad()
+def attention_maps(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """Attention weights for one prompt idx (1, T): (n_layer, n_head, T, T), row i = where token i looks.
+
+    Forward hooks catch each attention layer's input; the weights are then recomputed from it exactly as
+    manual_attention does (the fused kernel never materialises them)."""
+    inputs = []
+    hooks = [block.attn.register_forward_hook(lambda mod, args, out: inputs.append(args))
+             for block in model.transformer.h]
+    try:
+        model(idx)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    maps = []
+    for block, (x, rotary, _cache) in zip(model.transformer.h, inputs):
+        attn = block.attn
+        B, T, C = x.size()
+        q, k, _ = attn.c_attn(x).split(attn.n_embd, dim=2)
+        q, k = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k))
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
+        scores = scores.masked_fill(~causal_mask(T, T, x.device), float("-inf"))
+        maps.append(scores.softmax(dim=-1)[0])
+    return torch.stack(maps)
+
+
+def plot_run(model: GPT, tokenizer: "Tokenizer", records: list[dict], out_dir: Path, prompt: str) -> list[Path]:
+    """Write the training curves, attention heatmaps and weight statistics as PNGs in out_dir."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no window
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
-    ax.plot([r["step"] for r in train_records], [r["loss"] for r in train_records], lw=0.8, alpha=0.6,
-            label="train (per step)")
-    for split in ("train", "val"):
-        ax.plot([r["step"] for r in eval_records], [r[f"{split}_loss"] for r in eval_records], "o-",
-                label=f"{split} (eval)")
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title=str(cfg.out_dir))
+
+    written = []
+
+    def save(fig, name: str) -> None:
+        path = out_dir / name
+        fig.tight_layout()
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        plt.close(fig)
+        written.append(path)
+
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    steps = [r["step"] for r in train]
+    if train:
+        # Does it learn, and does it overfit? Per-step loss is noisy: show it faint, with its moving average.
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        losses = [r["loss"] for r in train]
+        ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.7, label="train loss (each step)")
+        ax.plot(steps, moving_average(losses, max(1, len(losses) // 50)), color="tab:blue", lw=1.5,
+                label="train loss (moving average)")
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:red",
+                    ms=3, label="val loss (evaluation)")
+        ax.set(xlabel="step", ylabel="cross-entropy (nats / token)", title="Loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        save(fig, "loss.png")
+
+        # What did the schedule do? Warm-up, then cosine decay.
+        fig, ax = plt.subplots(figsize=(8, 3))
+        ax.plot(steps, [r["lr"] for r in train], color="tab:green")
+        ax.set(xlabel="step", ylabel="learning rate", title="Learning-rate schedule")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        ax.grid(alpha=0.3)
+        save(fig, "lr.png")
+
+        # How fast did it run? The first steps include warm-up work (allocation, compilation).
+        fig, ax = plt.subplots(figsize=(8, 3))
+        ax.plot(steps, [r["tokens_per_s"] for r in train], color="tab:purple", lw=0.8)
+        ax.set(xlabel="step", ylabel="tokens / s", title="Training throughput")
+        ax.grid(alpha=0.3)
+        save(fig, "throughput.png")
+
+    # Where does each head look? One heatmap per (layer, head) for the prompt's tokens.
+    ids = tokenizer.encode_ordinary(prompt)[-min(24, model.config.block_size):]
+    if ids:
+        maps = attention_maps(model, torch.tensor([ids], device=model.lm_head.weight.device)).float().cpu()
+        labels = [tokenizer.decode([i]).replace("\n", "\\n") for i in ids]
+        n_layer, n_head = maps.shape[:2]
+        size = 0.18 * len(ids) + 0.8
+        fig, axes = plt.subplots(n_layer, n_head, figsize=(size * n_head, size * n_layer), squeeze=False)
+        for layer in range(n_layer):
+            for head in range(n_head):
+                ax = axes[layer][head]
+                ax.imshow(maps[layer, head].numpy(), cmap="viridis", vmin=0, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if layer == n_layer - 1:
+                    ax.set_xticks(range(len(ids)), labels, rotation=90, fontsize=6)
+                if head == 0:
+                    ax.set_yticks(range(len(ids)), labels, fontsize=6)
+                    ax.set_ylabel(f"layer {layer}", fontsize=8)
+                if layer == 0:
+                    ax.set_title(f"head {head}", fontsize=8)
+        fig.suptitle("Attention weights (row: query token, column: the token it attends to)", fontsize=9)
+        save(fig, "attention.png")
+
+    # Are the weights healthy? Histograms per layer, and each matrix's largest singular value (its
+    # spectral norm: how much it can stretch a vector), which grows when training is unstable.
+    kinds = {"attn.c_attn": "attention q,k,v", "attn.c_proj": "attention output",
+             "mlp.c_fc": "MLP in", "mlp.c_proj": "MLP out"}
+    n_layer = model.config.n_layer
+    colors = plt.cm.viridis([i / max(1, n_layer - 1) for i in range(n_layer)])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.2))
+    norms = {}
+    for ax, (key, title) in zip(axes, kinds.items()):
+        norms[title] = []
+        for layer, block in enumerate(model.transformer.h):
+            weight = block.get_submodule(key).weight.detach().float().cpu()
+            ax.hist(weight.flatten().numpy(), bins=80, histtype="step", color=colors[layer], label=f"layer {layer}")
+            norms[title].append(torch.linalg.matrix_norm(weight, ord=2).item())
+        ax.set(title=title, xlabel="weight value", ylabel="count")
+        ax.set_yscale("log")
+    axes[-1].legend(fontsize=7)
+    save(fig, "weights.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for title, values in norms.items():
+        ax.plot(range(n_layer), values, "o-", label=title)
+    ax.set(xlabel="layer", ylabel="largest singular value", title="Spectral norm of each weight matrix")
+    ax.set_xticks(range(n_layer))
     ax.grid(alpha=0.3)
-    ax.legend()
-    image_path = Path(cfg.out_dir) / "loss.png"
-    write_atomically(image_path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    print(f"wrote {image_path} ({len(train_records)} steps, {len(eval_records)} evaluations)")
+    ax.legend(fontsize=8)
+    save(fig, "spectral_norms.png")
+    return written
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1118,8 +1118,12 @@ def test_train_export_and_plot(capsys, tmp_path, train_checkpoint):
     idx = torch.randint(0, 320, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, ours(idx)[0], rtol=1e-4, atol=1e-4)
-    gpt.main(["--plot", f"--out_dir={train_checkpoint.parent}"])
-    assert (train_checkpoint.parent / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    gpt.main(["--plot", f"--ckpt={train_checkpoint}"])
+    listed = capsys.readouterr().out
+    for name in ("loss.png", "lr.png", "throughput.png", "attention.png", "weights.png", "spectral_norms.png"):
+        image = train_checkpoint.parent / name
+        assert f"wrote {image}" in listed
+        assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 10_000, name
 
 
 def test_train_import_does_nothing():

@@ -1,4 +1,5 @@
 """Tests for bpe.py, prepare_fineweb.py and gpt.py. Run: python -m pytest -q test_gpt.py"""
+from collections import Counter
 import contextlib
 from functools import lru_cache
 import io
@@ -13,10 +14,12 @@ import subprocess
 import sys
 import time
 
+from hypothesis import given, settings, strategies as st
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import regex
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
@@ -26,6 +29,7 @@ REPO = Path(__file__).resolve().parent
 DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
+import bpe
 from bpe import Tokenizer
 import gpt
 from gpt import GPT, GPTConfig
@@ -39,277 +43,321 @@ def test_shared_data_is_present():
 
 
 # ==========================================================================================================
-# gpt.py: the model, generation, GPT-2 interop
+# bpe.py: training == rustbpe, GPT-2 ids == tiktoken, round trips, the file format, errors
+
+BPE_CORPORA = ["tinyshakespeare.txt", "tinystories_train_sample.txt", "english_mix_10mb.txt"]
+BPE_PATTERNS = {"gpt2": bpe.GPT2_PATTERN, "gpt4": bpe.GPT4_PATTERN}
 
 
-def tiny_config(**overrides) -> GPTConfig:
-    settings = dict(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16)
-    settings.update(overrides)
-    return GPTConfig(**settings)
+def bpe_read(name: str, chars: int | None = None) -> str:
+    text = (DATA / name).read_text(encoding="utf-8")
+    return text if chars is None else text[:chars]
 
 
-def tiny_model(seed: int = 0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(tiny_config(**overrides)).eval()
+@pytest.fixture(scope="module")
+def bpe_gpt2():
+    return bpe.Tokenizer.from_gpt2(DATA / "gpt2" / "vocab.bpe", DATA / "gpt2" / "encoder.json")
 
 
-POSITIONS = ["learned", "sinusoidal", "rope"]
+@pytest.fixture(scope="module")
+def bpe_tiktoken_gpt2():
+    """tiktoken's gpt2 Encoding built from the shared files: no download, nothing cached."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""
+    ranks = data_gym_to_mergeable_bpe_ranks(str(DATA / "gpt2" / "vocab.bpe"), str(DATA / "gpt2" / "encoder.json"))
+    return tiktoken.Encoding("gpt2-local", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256})
 
 
-@pytest.mark.parametrize("pos_emb", POSITIONS)
-@pytest.mark.parametrize("activation", ["gelu", "relu"])
-def test_shapes_and_initial_loss_is_near_uniform(pos_emb, activation):
-    model = tiny_model(pos_emb=pos_emb, activation=activation, vocab_size=512, n_embd=32)
-    idx, targets = torch.randint(0, 512, (2, 3, 16))
-    logits, loss = model(idx, targets)
-    assert logits.shape == (3, 16, 512)
-    # Small initial weights give nearly uniform predictions: loss close to ln(V).
-    assert abs(loss.item() - math.log(512)) < 0.1
-    assert model(idx)[1] is None
+@pytest.fixture(scope="module")
+def bpe_trained():
+    """A GPT-4-split tokenizer trained on 300K characters of the mixed corpus, with <|endoftext|>."""
+    return bpe.Tokenizer.train(bpe_read("english_mix_10mb.txt", 300_000), vocab_size=2048)
 
 
-@pytest.mark.parametrize("pos_emb", POSITIONS)
-def test_manual_attention_equals_fused_attention(pos_emb):
-    fused = tiny_model(pos_emb=pos_emb)
-    manual = GPT(tiny_config(pos_emb=pos_emb, attention="manual")).eval()
-    manual.load_state_dict(fused.state_dict())
-    idx = torch.randint(0, 64, (4, 16))
-    torch.testing.assert_close(manual(idx)[0], fused(idx)[0], atol=1e-5, rtol=1e-5)
-    # The cached paths (queries after cached keys) go through the same two attention functions.
-    torch.testing.assert_close(manual.generate(idx[:, :4], 20, temperature=0),
-                               fused.generate(idx[:, :4], 20, temperature=0))
+BPE_EDGE_CASES = [
+    "", " ", "  ", "\n", "\n\n\n", "a  b   c    d", "x \n y", "  leading and trailing  ", "tabs\t\tand\t \tspaces",
+    "line\r\nwindows\r\n\r\nend", "\r\r\n\n", "I'm, you're, they've, we'll, she'd, it's, don't, I'M, YOU'RE",
+"'s's''s it'ſ x'ſt", "1 12 123 1234 12345 3.14159 1,000,000 2026-05-09", "emoji 😀👍🏽 👩‍👩‍👧 flags 🇫🇷",
+    "中文字符 日本語のテキスト 한국어", "combining: e\u0301 a\u0308 n\u0303 \u0915\u093f", "zero\u200bwidth\u00a0nbsp\u3000ideo",
+    "hello<|endoftext|>world", "<|endoftext|>", "a<|endoftext|><|endoftext|>b", "<|endoftext", "def f(x):\n    return x  # ok\n",
+    "\x00\x01\x7f control \ufffd", "    \n    indented\n\t\n", "a\u2028b\u2029c\x1cd\x1fe\x85f",
+]
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "manual"])
-@pytest.mark.parametrize("pos_emb", POSITIONS)
-def test_future_tokens_never_change_past_logits(pos_emb, attention):
-    model = tiny_model(pos_emb=pos_emb, attention=attention)
-    idx = torch.randint(0, 64, (2, 16))
-    for t in (0, 5, 15):
-        changed = idx.clone()
-        changed[:, t + 1:] = torch.randint(0, 64, changed[:, t + 1:].shape)
-        changed[:, t] = idx[:, t]
-        with torch.no_grad():
-            torch.testing.assert_close(model(changed)[0][:, :t + 1], model(idx)[0][:, :t + 1])
-        if t < 15:  # and changing the token at t+1 does change the logits at t+1
-            changed[:, t + 1] = (idx[:, t + 1] + 1) % 64
-            with torch.no_grad():
-                assert not torch.allclose(model(changed)[0][:, t + 1], model(idx)[0][:, t + 1])
+# ----- the idea and the fast trainer agree ------------------------------------------------------------------
+
+def test_bpe_worked_example_from_docstring():
+    tok = bpe.Tokenizer.train("aaabdaaabac", 259, special_tokens=())
+    assert tok.encode("aaabdaaabac") == [258, 100, 258, 97, 99]
+    assert tok.decode_bytes([258]) == b"aaab"
+    assert bpe.train_merges_simple({"aaabdaaabac": 1}, 3) == [(97, 97), (97, 98), (256, 257)]
 
 
-def test_config_errors_are_one_line():
-    with pytest.raises(ValueError, match="n_embd=30 is not divisible by n_head=4"):
-        GPTConfig(n_embd=30, n_head=4)
-    with pytest.raises(ValueError, match="pos_emb='alibi' is not one of learned, sinusoidal, rope"):
-        GPTConfig(pos_emb="alibi")
-    with pytest.raises(ValueError, match="longer than block_size=16"):
-        tiny_model()(torch.zeros(1, 17, dtype=torch.long))
+def test_bpe_fast_trainer_equals_simple_trainer():
+    counts = bpe.count_pretokens(bpe_read("tinyshakespeare.txt", 20_000), bpe.GPT4_PATTERN)
+    assert bpe.train_merges(counts, 150) == bpe.train_merges_simple(counts, 150)
 
 
-@pytest.mark.parametrize("pos_emb", POSITIONS)
-def test_kv_cache_greedy_equals_no_cache_up_to_twice_block_size(pos_emb):
-    model = tiny_model(pos_emb=pos_emb)
-    prompt = torch.randint(0, 64, (3, 5))
-    for new_tokens in (1, 7, 11, 12, 20, 27):  # 5 + 11 = block_size; 27 reaches 2x block_size
-        cached = model.generate(prompt, new_tokens, temperature=0)
-        uncached = model.generate(prompt, new_tokens, temperature=0, use_cache=False)
-        assert cached.shape == (3, 5 + new_tokens)
-        assert torch.equal(cached, uncached)
-    # A prompt already longer than the context: only its last block_size tokens are seen.
-    long_prompt = torch.randint(0, 64, (1, 40))
-    assert torch.equal(model.generate(long_prompt, 6, temperature=0),
-                       model.generate(long_prompt, 6, temperature=0, use_cache=False))
+@pytest.mark.parametrize("name", BPE_CORPORA)
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_bpe_chunk_cut_keeps_pretokens(name, pattern):
+    # The proof beside CHUNK_CUT, checked: splitting chunk by chunk gives the whole text's pre-tokens.
+    text = bpe_read(name, 1_000_000) + "".join(BPE_EDGE_CASES)
+    split = regex.compile(BPE_PATTERNS[pattern])
+    chunks = bpe.split_chunks(text)
+    assert "".join(chunks) == text and len(chunks) > 1000
+    assert [t for c in chunks for t in split.findall(c)] == split.findall(text)
 
 
-def test_no_cache_path_is_the_plain_recomputation():
-    # The reference for the cache test above: crop to block_size, run the whole window, take the argmax.
-    model = tiny_model()
-    idx = torch.randint(0, 64, (2, 3))
-    expected = idx
-    for _ in range(25):
-        with torch.no_grad():
-            logits = model(expected[:, -16:])[0][:, -1]
-        expected = torch.cat((expected, logits.argmax(-1, keepdim=True)), dim=1)
-    assert torch.equal(model.generate(idx, 25, temperature=0), expected)
+def test_bpe_whitespace_classes_agree():
+    # The chunk cut uses `re`'s \S (not str.isspace()); the proof needs every character that the split
+    # patterns' \s matches (`regex`, Unicode White_Space) to be str.isspace() too. Checked for all of Unicode.
+    every_character = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+    pattern_whitespace = set(regex.findall(r"\s", every_character))
+    assert pattern_whitespace and all(c.isspace() for c in pattern_whitespace)
 
 
-def test_top_k_keeps_exactly_the_k_largest():
-    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0], [0.0, -1.0, 2.0, 2.5, -3.0]])
-    kept = gpt.filter_top_k(logits, 2).isfinite()
-    assert kept.tolist() == [[False, True, False, True, False], [False, False, True, True, False]]
-    assert gpt.filter_top_k(logits, 10).isfinite().all()  # k beyond the vocabulary keeps everything
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_bpe_pretoken_counts_equal_plain_regex(pattern):
+    docs = [bpe_read(name, 300_000) for name in BPE_CORPORA] + BPE_EDGE_CASES
+    expected = Counter(t for d in docs for part in d.split("<|endoftext|>")
+                       for t in regex.findall(BPE_PATTERNS[pattern], part))
+    assert bpe.count_pretokens(docs, BPE_PATTERNS[pattern], ["<|endoftext|>"]) == expected
 
 
-def test_top_p_keeps_the_smallest_set_reaching_p():
-    probs = torch.tensor([[0.5, 0.05, 0.3, 0.15]])
-    logits = probs.log()
-    kept = lambda p: gpt.filter_top_p(logits, p).isfinite().tolist()[0]
-    assert kept(0.5) == [True, False, False, False]   # 0.5 alone reaches 0.5
-    assert kept(0.6) == [True, False, True, False]    # 0.5 + 0.3
-    assert kept(0.8) == [True, False, True, False]    # exactly 0.8
-    assert kept(0.81) == [True, False, True, True]    # 0.5 + 0.3 + 0.15
-    assert kept(1.0) == [True, True, True, True]
-    assert kept(0.01) == [True, False, False, False]  # the most likely token always stays
+# ----- training equals rustbpe ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, chars, vocab_size", [
+    ("tinyshakespeare.txt", 1_200_000, 512), ("tinyshakespeare.txt", 300_000, 2000),
+    ("tinystories_train_sample.txt", 400_000, 1500), ("english_mix_10mb.txt", 400_000, 1024),
+    ("english_mix_10mb.txt", 600_000, 4096)])
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_bpe_merges_equal_rustbpe(name, chars, vocab_size, pattern):
+    import rustbpe
+    text = bpe_read(name, chars)
+    ours = bpe.Tokenizer.train(text, vocab_size, BPE_PATTERNS[pattern], special_tokens=())
+    reference = rustbpe.Tokenizer()
+    reference.train_from_iterator(iter([text]), vocab_size, pattern=BPE_PATTERNS[pattern])
+    assert ours.mergeable_ranks == dict(reference.get_mergeable_ranks())
+    assert ours.vocab_size == vocab_size
 
 
-def test_filters_apply_in_order_temperature_top_k_top_p():
-    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
-    # top_k=3 leaves 3 tokens; top_p=0.7 of their renormalised probabilities (0.665, 0.245, 0.090) keeps 2.
-    draws = {gpt.sample_from_logits(logits, 1.0, 3, 0.7, torch.Generator().manual_seed(s)).item()
-             for s in range(200)}
-    assert draws == {0, 1}
-    assert gpt.sample_from_logits(logits, 0.0).item() == 0  # temperature 0 is greedy
+def test_bpe_special_tokens_are_not_learned_and_come_last():
+    stories = bpe_read("tinystories_train_sample.txt", 100_000)  # each story ends with "\n<|endoftext|>\n"
+    assert stories.count("<|endoftext|>") > 50
+    tok = bpe.Tokenizer.train(stories, vocab_size=600)
+    assert tok.eot_token == 599 and tok.vocab_size == 600 and len(tok.mergeable_ranks) == 599
+    assert not any(b"endoftext" in t or b"<|" in t for t in tok.mergeable_ranks)
+    assert tok.encode("The end.\n<|endoftext|>\n", allowed_special="all")[-2:] == [599, tok.mergeable_ranks[b"\n"]]
 
 
-def test_sampling_is_reproducible_with_a_seed():
-    model = tiny_model()
-    prompt = torch.randint(0, 64, (2, 4))
-    sample = lambda seed: model.generate(prompt, 20, temperature=1.0, top_k=20, top_p=0.95,
-                                         generator=torch.Generator().manual_seed(seed))
-    assert torch.equal(sample(1), sample(1))
-    assert not torch.equal(sample(1), sample(2))
+def test_bpe_trains_from_a_stream_of_documents():
+    docs = bpe_read("tinystories_train_sample.txt", 200_000).split("\n<|endoftext|>\n")
+    from_list = bpe.Tokenizer.train(docs, 600)
+    from_generator = bpe.Tokenizer.train((d for d in docs), 600)
+    assert from_generator.mergeable_ranks == from_list.mergeable_ranks
+    # The same documents joined by the special token: the separator is cut out, so the same merges.
+    assert bpe.Tokenizer.train("<|endoftext|>".join(docs), 600).mergeable_ranks == from_list.mergeable_ranks
 
 
-def test_generation_stops_at_the_stop_token():
-    model = tiny_model()
-    prompt = torch.tensor([[0], [1]])
-    free = model.generate(prompt, 30, temperature=0)
-    stop = free[0, 3].item()
-    first = [row.tolist().index(stop, 1) if stop in row[1:] else None for row in free]  # where each row stops
-    stopped = model.generate(prompt, 30, temperature=0, stop_token=stop)
-    # Each row is the free text up to its stop token, then stop tokens; the batch ends once all rows stopped.
-    ends = [f for f in first if f is not None]
-    assert stopped.size(1) == (max(ends) + 1 if len(ends) == 2 else 31)
-    for row, f in enumerate(first):
-        if f is not None:
-            assert torch.equal(stopped[row, :f + 1], free[row, :f + 1])
-            assert (stopped[row, f:] == stop).all()
+# ----- GPT-2: identical to tiktoken --------------------------------------------------------------------------
+
+def test_bpe_gpt2_ranks_equal_tiktoken(bpe_gpt2, bpe_tiktoken_gpt2):
+    assert bpe_gpt2.mergeable_ranks == bpe_tiktoken_gpt2._mergeable_ranks
+    assert bpe_gpt2.special_tokens == {"<|endoftext|>": 50256} and bpe_gpt2.vocab_size == 50257
+    assert bpe_gpt2.encode("Hello world! It's 2026.") == [15496, 995, 0, 632, 338, 1160, 2075, 13]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(temperature=-0.5), "temperature=-0.5 must be >= 0"),
-    (dict(top_k=0), "top_k=0 must be at least 1"),
-    (dict(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
-    (dict(top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
+@pytest.mark.parametrize("name, chars", [("tinyshakespeare.txt", None), ("tinystories_train_sample.txt", None),
+                                         ("english_mix_10mb.txt", 1_500_000)])
+def test_bpe_gpt2_ids_equal_tiktoken_on_corpora(bpe_gpt2, bpe_tiktoken_gpt2, name, chars):
+    text = bpe_read(name, chars)
+    assert bpe_gpt2.encode(text, allowed_special="all") == bpe_tiktoken_gpt2.encode(text, allowed_special="all")
+    assert bpe_gpt2.encode_ordinary(text) == bpe_tiktoken_gpt2.encode_ordinary(text)
+
+
+@pytest.mark.parametrize("text", BPE_EDGE_CASES)
+def test_bpe_gpt2_ids_equal_tiktoken_on_edge_cases(bpe_gpt2, bpe_tiktoken_gpt2, text):
+    assert bpe_gpt2.encode_ordinary(text) == bpe_tiktoken_gpt2.encode_ordinary(text)
+    assert bpe_gpt2.encode(text, allowed_special="all") == bpe_tiktoken_gpt2.encode(text, allowed_special="all")
+    assert bpe_gpt2.decode(bpe_gpt2.encode_ordinary(text)) == text
+    if "<|endoftext|>" in text:
+        with pytest.raises(ValueError, match=r"text contains the special token '<\|endoftext\|>'"):
+            bpe_gpt2.encode(text)
+        with pytest.raises(ValueError):  # tiktoken refuses it too
+            bpe_tiktoken_gpt2.encode(text)
+    else:
+        assert bpe_gpt2.encode(text) == bpe_tiktoken_gpt2.encode(text)
+
+
+def test_bpe_full_caches_are_cleared_without_changing_ids(bpe_tiktoken_gpt2, monkeypatch):
+    monkeypatch.setattr(bpe, "CACHE_LIMIT", 50)
+    tok = bpe.Tokenizer.from_gpt2(DATA / "gpt2" / "vocab.bpe", DATA / "gpt2" / "encoder.json")
+    text = bpe_read("english_mix_10mb.txt", 100_000)
+    assert tok.encode_ordinary(text) == bpe_tiktoken_gpt2.encode_ordinary(text)
+    assert 0 < len(tok._cache) <= 50 and 0 < len(tok._pretoken_cache) <= 50
+
+
+def test_bpe_gpt2_encode_batch_and_decode(bpe_gpt2, bpe_tiktoken_gpt2):
+    texts = ["Hello", "", "über 😀", "a<|endoftext|>b"]
+    assert bpe_gpt2.encode_ordinary_batch(texts) == bpe_tiktoken_gpt2.encode_ordinary_batch(texts)
+    assert bpe_gpt2.encode_batch(texts, allowed_special="all") == bpe_tiktoken_gpt2.encode_batch(texts, allowed_special="all")
+    half_a_character = bpe_gpt2.encode("😀")[:1]
+    assert bpe_gpt2.decode(half_a_character) == bpe_tiktoken_gpt2.decode(half_a_character)  # U+FFFD, not an error
+
+
+def test_bpe_allowed_and_disallowed_specials_like_tiktoken(bpe_tiktoken_gpt2):
+    import tiktoken
+    specials = {"<|endoftext|>": 50256, "<|fim|>": 50257}
+    ours = bpe.Tokenizer(bpe_tiktoken_gpt2._mergeable_ranks, bpe.GPT2_PATTERN, specials)
+    theirs = tiktoken.Encoding("two-specials", pat_str=bpe_tiktoken_gpt2._pat_str,
+                               mergeable_ranks=bpe_tiktoken_gpt2._mergeable_ranks, special_tokens=specials)
+    text = "a<|fim|>b <|endoftext|>  c<|fim|><|endoftext|>"
+    for allowed, disallowed in [("all", "all"), ({"<|endoftext|>"}, ()), ({"<|fim|>"}, ()), (set(), ())]:
+        assert ours.encode(text, allowed, disallowed) == theirs.encode(text, allowed_special=allowed,
+                                                                      disallowed_special=disallowed)
+    with pytest.raises(ValueError, match=r"special token '<\|fim\|>'"):
+        ours.encode(text, allowed_special={"<|endoftext|>"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_bpe_gpt2_and_tiktoken_agree_on_any_text(bpe_gpt2, bpe_tiktoken_gpt2, text):
+    assert bpe_gpt2.encode_ordinary(text) == bpe_tiktoken_gpt2.encode_ordinary(text)
+
+
+# ----- a trained tokenizer: tiktoken export, round-trips -----------------------------------------------------
+
+def test_bpe_to_tiktoken_gives_identical_ids(bpe_trained):
+    held_out = bpe_read("english_mix_10mb.txt")[5_000_000:5_400_000] + "".join(BPE_EDGE_CASES)
+    enc = bpe_trained.to_tiktoken("mix2048")
+    assert enc.encode(held_out, allowed_special="all") == bpe_trained.encode(held_out, allowed_special="all")
+    assert enc.n_vocab == bpe_trained.vocab_size == 2048
+    assert bpe.Tokenizer.from_tiktoken(enc).mergeable_ranks == bpe_trained.mergeable_ranks
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80))
+def test_bpe_decode_encode_round_trip(bpe_trained, text):
+    assert bpe_trained.decode(bpe_trained.encode_ordinary(text)) == text
+    assert bpe_trained.encode_ordinary(text) == bpe_trained.to_tiktoken().encode_ordinary(text)
+
+
+def test_bpe_save_load_round_trip(bpe_trained, bpe_gpt2, tmp_path):
+    for tok in (bpe_trained, bpe_gpt2):
+        path = tmp_path / "tok.bpe"
+        tok.save(path)
+        loaded = bpe.Tokenizer.load(path)
+        assert (loaded.mergeable_ranks, loaded.special_tokens, loaded.pattern) == \
+               (tok.mergeable_ranks, tok.special_tokens, tok.pattern)
+        assert bpe.Tokenizer.loads(tok.dumps()).dumps() == tok.dumps()
+    assert [p.name for p in tmp_path.iterdir()] == ["tok.bpe"]  # no temporary file left behind
+
+
+# ----- bad input: one clear line each -----------------------------------------------------------------------
+
+def test_bpe_training_errors():
+    with pytest.raises(ValueError, match="vocab_size 256 is too small: .* at least 257"):
+        bpe.Tokenizer.train("hello", 256)
+    with pytest.raises(ValueError, match="vocab_size 70000 is above 65,536: token shards store ids as uint16"):
+        bpe.Tokenizer.train("hello", 70_000)
+    with pytest.raises(ValueError, match="the training text is empty"):
+        bpe.Tokenizer.train(["", "<|endoftext|>"], 1000)
+
+
+def test_bpe_encode_decode_errors(bpe_trained):
+    with pytest.raises(ValueError, match=r"text contains the special token '<\|endoftext\|>': pass allowed_special"):
+        bpe_trained.encode("story<|endoftext|>")
+    assert bpe_trained.encode("story<|endoftext|>", allowed_special={"<|endoftext|>"})[-1] == bpe_trained.eot_token
+    assert bpe_trained.eot_token not in bpe_trained.encode("story<|endoftext|>", disallowed_special=())
+    with pytest.raises(ValueError, match=r"cannot decode id 2048: the vocabulary has ids 0\.\.2047"):
+        bpe_trained.decode([1, 2048])
+
+
+def test_bpe_damaged_files_are_rejected_with_the_line(bpe_trained, tmp_path):
+    text = bpe_trained.dumps()
+    lines = text.split("\n")
+    path = tmp_path / "tok.bpe"
+    cases = {
+        "truncated": ("".join(l + "\n" for l in lines[:100]), "line 101: the file ends here: it is truncated"),
+        "cut mid-line": (text[:1000], "truncated"),
+        "edited id": (text.replace("\nYQ== 97\n", "\nYQ== 98\n"), f"line {len(lines) - 1}: checksum does not match"),
+        "other version": (text.replace("tokenizer v1", "tokenizer v2", 1), "line 1: expected 'bpe.py tokenizer v1'"),
+        "bad token": (text.replace("\nYQ== 97\n", "\nY!Q== 97\n"), "line 103: expected '<token> <id>'"),
+        "extra text": (text + "more\n", "unexpected text after the checksum line"),
+    }
+    for name, (damaged, message) in cases.items():
+        assert damaged != text, name
+        path.write_text(damaged, encoding="utf-8")
+        with pytest.raises(ValueError, match=re.escape(f"{path} ") + ".*" + re.escape(message)):
+            bpe.Tokenizer.load(path)
+    with pytest.raises(FileNotFoundError, match="no such tokenizer file"):
+        bpe.Tokenizer.load(tmp_path / "missing.bpe")
+
+
+def test_bpe_gpt2_file_errors(tmp_path):
+    vocab_bpe, encoder_json = DATA / "gpt2" / "vocab.bpe", DATA / "gpt2" / "encoder.json"
+    lines = vocab_bpe.read_text(encoding="utf-8").split("\n")
+    edited = tmp_path / "vocab.bpe"
+    edited.write_text("\n".join(lines[:99] + ["x y"] + lines[100:]), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"vocab.bpe line 100: merge 'x y' does not match encoder.json id 354"):
+        bpe.Tokenizer.from_gpt2(edited, encoder_json)
+    edited.write_text("\n".join(lines[:1000]), encoding="utf-8")
+    with pytest.raises(ValueError, match="999 merges, but encoder.json has 50000 merged tokens"):
+        bpe.Tokenizer.from_gpt2(edited, encoder_json)
+    edited.write_text("\n".join(lines[1:]), encoding="utf-8")  # without the "#version: 0.2" line
+    assert bpe.Tokenizer.from_gpt2(edited, encoder_json).mergeable_ranks == bpe.Tokenizer.from_gpt2(
+        vocab_bpe, encoder_json).mergeable_ranks
+    with pytest.raises(FileNotFoundError, match="missing.json: no such file"):
+        bpe.Tokenizer.from_gpt2(vocab_bpe, tmp_path / "missing.json")
+
+
+def test_bpe_save_is_atomic(bpe_trained, tmp_path, monkeypatch):
+    path = tmp_path / "tok.bpe"
+    bpe_trained.save(path)
+    before = path.read_bytes()
+
+    def crash(*args):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        bpe.Tokenizer.train("something else entirely", 300).save(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["tok.bpe"]
+
+
+# ----- command line ------------------------------------------------------------------------------------------
+
+def test_bpe_cli_train_and_encode(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(bpe_read("tinyshakespeare.txt", 100_000), encoding="utf-8")
+    out = tmp_path / "tok.bpe"
+    bpe.main(["--input", str(corpus), "--vocab_size", "400", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert re.search(r"trained vocab_size 400 in [\d.]+ s; [\d.]+ bytes/token", printed)
+    bpe.main(["--tokenizer", str(out), "--encode", "First Citizen<|endoftext|>é"])
+    ids_line, pieces_line = capsys.readouterr().out.splitlines()
+    tok = bpe.Tokenizer.load(out)
+    assert json.loads(ids_line) == tok.encode("First Citizen<|endoftext|>é", allowed_special="all")
+    assert pieces_line.endswith(" | '<|endoftext|>' | b'\\xc3' | b'\\xa9'")  # é is two bytes, no merge
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input", "{dir}/latin1.txt", "--vocab_size", "300"], "latin1.txt: not UTF-8 text (byte offset 9"),
+    (["--input", "{dir}/nope.txt"], "--input {dir}/nope.txt: no such file"),
+    (["--input", "{dir}/ok.txt", "--vocab_size", "100000"], "above 65,536: token shards store ids as uint16"),
+    (["--tokenizer", "{dir}/nope.bpe", "--encode", "x"], "no such tokenizer file"),
 ])
-def test_bad_sampling_options_are_refused(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        tiny_model().generate(torch.zeros(1, 1, dtype=torch.long), 5, **kwargs)
-
-
-def bigram_model(next_token_probs: list[list[float]]) -> GPT:
-    """A GPT whose next-token distribution depends only on the current token, as the table says.
-
-    Attention and MLP write nothing (their output projections are zero), positions are zero, so the last
-    hidden state is the layer-normed embedding of the current token; the untied output layer is solved so
-    those map to the table's log-probabilities."""
-    vocab = len(next_token_probs)
-    model = GPT(GPTConfig(block_size=8, vocab_size=vocab, n_layer=1, n_head=1, n_embd=2 * vocab,
-                          tie_weights=False)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        model.transformer.ln_f.weight.fill_(1.0)
-        model.transformer.wte.weight[:, :vocab] = torch.eye(vocab)
-        hidden = model.hidden_states(torch.arange(vocab)[None])[0].double()  # (V, C), linearly independent rows
-        targets = torch.tensor(next_token_probs, dtype=torch.float64).log()
-        model.lm_head.weight.copy_(torch.linalg.lstsq(hidden, targets).solution.t())
-    return model
-
-
-def test_beam_search_finds_the_best_sequence_where_greedy_does_not():
-    probs = [[0.01, 0.59, 0.39, 0.01],   # from 0: 1 looks best ...
-             [0.30, 0.20, 0.26, 0.24],   # ... but leads nowhere in particular
-             [0.01, 0.01, 0.01, 0.97],   # while 2 is followed by 3 almost surely
-             [0.97, 0.01, 0.01, 0.01]]
-    model = bigram_model(probs)
-    prompt = torch.tensor([[0]])
-    greedy = model.generate(prompt, 2, temperature=0)[0, 1:].tolist()
-    beam = model.beam_search(prompt, 2, beam_size=2)[0, 1:].tolist()
-    # Exhaustive search over all 16 continuations for the most likely one.
-    best = max(((a, b) for a in range(4) for b in range(4)), key=lambda s: probs[0][s[0]] * probs[s[0]][s[1]])
-    assert greedy[0] == 1
-    assert tuple(beam) == best == (2, 3)
-    assert model.beam_search(prompt, 2, beam_size=1)[0, 1:].tolist() == greedy  # one beam is greedy
-
-
-def test_beam_search_with_a_stop_token_and_past_block_size():
-    model = tiny_model()
-    out = model.beam_search(torch.randint(0, 64, (1, 10)), 12, beam_size=3)
-    assert out.shape == (1, 22)
-    with pytest.raises(ValueError, match="beam search continues one prompt"):
-        model.beam_search(torch.zeros(2, 1, dtype=torch.long), 3, beam_size=2)
-
-
-# -- GPT-2 interop against HF transformers --------------------------------------------------------------------
-
-def hf_gpt2(tmp_path, seed=0):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(vocab_size=97, n_positions=24, n_embd=32, n_layer=3, n_head=4,
-                                     bos_token_id=96, eos_token_id=96)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():  # HF zero-initialises biases and LayerNorm shifts: make every tensor matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    model.save_pretrained(tmp_path / "hf")
-    return model, tmp_path / "hf"
-
-
-def test_gpt2_import_gives_hf_logits(tmp_path):
-    hf, hf_dir = hf_gpt2(tmp_path)
-    ours = GPT.from_gpt2(gpt2_dir=hf_dir).eval()
-    assert (ours.config.n_layer, ours.config.n_head, ours.config.n_embd, ours.config.block_size,
-            ours.config.vocab_size) == (3, 4, 32, 24, 97)
-    idx = torch.randint(0, 97, (2, 24))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
-    # Greedy generation agrees too (HF has its own KV cache).
-    hf_tokens = hf.generate(idx[:, :4], attention_mask=torch.ones_like(idx[:, :4]), max_new_tokens=12,
-                            do_sample=False, pad_token_id=0)
-    assert torch.equal(ours.generate(idx[:, :4], 12, temperature=0), hf_tokens)
-
-
-def test_export_then_hf_import_round_trips_exactly(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    ours = tiny_model(vocab_size=97, block_size=24, n_embd=32, n_head=4)
-    ours.export_hf(tmp_path / "export")
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
-    hf_state = hf.state_dict()
-    for key, tensor in ours.state_dict().items():
-        theirs = hf_state[key]
-        assert torch.equal(theirs.t() if key.endswith(GPT.HF_TRANSPOSED) else theirs, tensor), key
-    idx = torch.randint(0, 97, (2, 24))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(idx).logits, ours(idx)[0], atol=1e-5, rtol=0)
-    # ... and back again: our own import of the export is bit-identical.
-    again = GPT.from_gpt2(gpt2_dir=tmp_path / "export")
-    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
-
-
-def test_gpt2_import_names_missing_and_mismatched_tensors(tmp_path):
-    from safetensors.torch import load_file, save_file
-    _, hf_dir = hf_gpt2(tmp_path)
-    state = load_file(hf_dir / "model.safetensors")
-    del state["transformer.h.1.mlp.c_fc.bias"]
-    state["transformer.h.0.ln_1.weight"] = torch.ones(31)
-    save_file(state, hf_dir / "model.safetensors")
-    with pytest.raises(ValueError, match=r"h\.0\.ln_1\.weight has shape \(31,\), expected \(32,\).*"
-                                         r"missing transformer\.h\.1\.mlp\.c_fc\.bias"):
-        GPT.from_gpt2(gpt2_dir=hf_dir)
-    (hf_dir / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="is not a readable safetensors file"):
-        GPT.from_gpt2(gpt2_dir=hf_dir)
-    with pytest.raises(FileNotFoundError, match="must hold HF's model.safetensors"):
-        GPT.from_gpt2(gpt2_dir=tmp_path / "nowhere")
-
-
-def test_export_refuses_models_that_are_not_gpt2_shaped(tmp_path):
-    model = tiny_model(pos_emb="rope", activation="relu")
-    with pytest.raises(ValueError, match=r"cannot export to HF GPT-2: pos_emb='rope' \(GPT-2 has 'learned'\), "
-                                         r"activation='relu'"):
-        model.export_hf(tmp_path / "export")
-    assert not (tmp_path / "export" / "model.safetensors").exists()
+def test_bpe_cli_errors_are_one_line(tmp_path, capsys, args, message):
+    (tmp_path / "latin1.txt").write_bytes("hello caf\xe9".encode("latin-1"))
+    (tmp_path / "ok.txt").write_text("hello", encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        bpe.main([a.format(dir=tmp_path) for a in args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1
+    assert message.format(dir=tmp_path) in err
 
 
 # ==========================================================================================================
@@ -700,6 +748,280 @@ def test_prepare_help_lists_every_flag():
                  "--tokenizer_train_mb", "--name", "--out_dir", "--max_tokens", "--shard_size", "--val_size",
                  "--val_from", "--overwrite", "--workers"):
         assert flag in result.stdout
+
+
+# ==========================================================================================================
+# gpt.py: the model, generation, GPT-2 interop
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    settings = dict(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16)
+    settings.update(overrides)
+    return GPTConfig(**settings)
+
+
+def tiny_model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(tiny_config(**overrides)).eval()
+
+
+POSITIONS = ["learned", "sinusoidal", "rope"]
+
+
+@pytest.mark.parametrize("pos_emb", POSITIONS)
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_shapes_and_initial_loss_is_near_uniform(pos_emb, activation):
+    model = tiny_model(pos_emb=pos_emb, activation=activation, vocab_size=512, n_embd=32)
+    idx, targets = torch.randint(0, 512, (2, 3, 16))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 16, 512)
+    # Small initial weights give nearly uniform predictions: loss close to ln(V).
+    assert abs(loss.item() - math.log(512)) < 0.1
+    assert model(idx)[1] is None
+
+
+@pytest.mark.parametrize("pos_emb", POSITIONS)
+def test_manual_attention_equals_fused_attention(pos_emb):
+    fused = tiny_model(pos_emb=pos_emb)
+    manual = GPT(tiny_config(pos_emb=pos_emb, attention="manual")).eval()
+    manual.load_state_dict(fused.state_dict())
+    idx = torch.randint(0, 64, (4, 16))
+    torch.testing.assert_close(manual(idx)[0], fused(idx)[0], atol=1e-5, rtol=1e-5)
+    # The cached paths (queries after cached keys) go through the same two attention functions.
+    torch.testing.assert_close(manual.generate(idx[:, :4], 20, temperature=0),
+                               fused.generate(idx[:, :4], 20, temperature=0))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+@pytest.mark.parametrize("pos_emb", POSITIONS)
+def test_future_tokens_never_change_past_logits(pos_emb, attention):
+    model = tiny_model(pos_emb=pos_emb, attention=attention)
+    idx = torch.randint(0, 64, (2, 16))
+    for t in (0, 5, 15):
+        changed = idx.clone()
+        changed[:, t + 1:] = torch.randint(0, 64, changed[:, t + 1:].shape)
+        changed[:, t] = idx[:, t]
+        with torch.no_grad():
+            torch.testing.assert_close(model(changed)[0][:, :t + 1], model(idx)[0][:, :t + 1])
+        if t < 15:  # and changing the token at t+1 does change the logits at t+1
+            changed[:, t + 1] = (idx[:, t + 1] + 1) % 64
+            with torch.no_grad():
+                assert not torch.allclose(model(changed)[0][:, t + 1], model(idx)[0][:, t + 1])
+
+
+def test_config_errors_are_one_line():
+    with pytest.raises(ValueError, match="n_embd=30 is not divisible by n_head=4"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="pos_emb='alibi' is not one of learned, sinusoidal, rope"):
+        GPTConfig(pos_emb="alibi")
+    with pytest.raises(ValueError, match="longer than block_size=16"):
+        tiny_model()(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("pos_emb", POSITIONS)
+def test_kv_cache_greedy_equals_no_cache_up_to_twice_block_size(pos_emb):
+    model = tiny_model(pos_emb=pos_emb)
+    prompt = torch.randint(0, 64, (3, 5))
+    for new_tokens in (1, 7, 11, 12, 20, 27):  # 5 + 11 = block_size; 27 reaches 2x block_size
+        cached = model.generate(prompt, new_tokens, temperature=0)
+        uncached = model.generate(prompt, new_tokens, temperature=0, use_cache=False)
+        assert cached.shape == (3, 5 + new_tokens)
+        assert torch.equal(cached, uncached)
+    # A prompt already longer than the context: only its last block_size tokens are seen.
+    long_prompt = torch.randint(0, 64, (1, 40))
+    assert torch.equal(model.generate(long_prompt, 6, temperature=0),
+                       model.generate(long_prompt, 6, temperature=0, use_cache=False))
+
+
+def test_no_cache_path_is_the_plain_recomputation():
+    # The reference for the cache test above: crop to block_size, run the whole window, take the argmax.
+    model = tiny_model()
+    idx = torch.randint(0, 64, (2, 3))
+    expected = idx
+    for _ in range(25):
+        with torch.no_grad():
+            logits = model(expected[:, -16:])[0][:, -1]
+        expected = torch.cat((expected, logits.argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(model.generate(idx, 25, temperature=0), expected)
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0], [0.0, -1.0, 2.0, 2.5, -3.0]])
+    kept = gpt.filter_top_k(logits, 2).isfinite()
+    assert kept.tolist() == [[False, True, False, True, False], [False, False, True, True, False]]
+    assert gpt.filter_top_k(logits, 10).isfinite().all()  # k beyond the vocabulary keeps everything
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.05, 0.3, 0.15]])
+    logits = probs.log()
+    kept = lambda p: gpt.filter_top_p(logits, p).isfinite().tolist()[0]
+    assert kept(0.5) == [True, False, False, False]   # 0.5 alone reaches 0.5
+    assert kept(0.6) == [True, False, True, False]    # 0.5 + 0.3
+    assert kept(0.8) == [True, False, True, False]    # exactly 0.8
+    assert kept(0.81) == [True, False, True, True]    # 0.5 + 0.3 + 0.15
+    assert kept(1.0) == [True, True, True, True]
+    assert kept(0.01) == [True, False, False, False]  # the most likely token always stays
+
+
+def test_filters_apply_in_order_temperature_top_k_top_p():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    # top_k=3 leaves 3 tokens; top_p=0.7 of their renormalised probabilities (0.665, 0.245, 0.090) keeps 2.
+    draws = {gpt.sample_from_logits(logits, 1.0, 3, 0.7, torch.Generator().manual_seed(s)).item()
+             for s in range(200)}
+    assert draws == {0, 1}
+    assert gpt.sample_from_logits(logits, 0.0).item() == 0  # temperature 0 is greedy
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model = tiny_model()
+    prompt = torch.randint(0, 64, (2, 4))
+    sample = lambda seed: model.generate(prompt, 20, temperature=1.0, top_k=20, top_p=0.95,
+                                         generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(sample(1), sample(1))
+    assert not torch.equal(sample(1), sample(2))
+
+
+def test_generation_stops_at_the_stop_token():
+    model = tiny_model()
+    prompt = torch.tensor([[0], [1]])
+    free = model.generate(prompt, 30, temperature=0)
+    stop = free[0, 3].item()
+    first = [row.tolist().index(stop, 1) if stop in row[1:] else None for row in free]  # where each row stops
+    stopped = model.generate(prompt, 30, temperature=0, stop_token=stop)
+    # Each row is the free text up to its stop token, then stop tokens; the batch ends once all rows stopped.
+    ends = [f for f in first if f is not None]
+    assert stopped.size(1) == (max(ends) + 1 if len(ends) == 2 else 31)
+    for row, f in enumerate(first):
+        if f is not None:
+            assert torch.equal(stopped[row, :f + 1], free[row, :f + 1])
+            assert (stopped[row, f:] == stop).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.5), "temperature=-0.5 must be >= 0"),
+    (dict(top_k=0), "top_k=0 must be at least 1"),
+    (dict(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
+])
+def test_bad_sampling_options_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model().generate(torch.zeros(1, 1, dtype=torch.long), 5, **kwargs)
+
+
+def bigram_model(next_token_probs: list[list[float]]) -> GPT:
+    """A GPT whose next-token distribution depends only on the current token, as the table says.
+
+    Attention and MLP write nothing (their output projections are zero), positions are zero, so the last
+    hidden state is the layer-normed embedding of the current token; the untied output layer is solved so
+    those map to the table's log-probabilities."""
+    vocab = len(next_token_probs)
+    model = GPT(GPTConfig(block_size=8, vocab_size=vocab, n_layer=1, n_head=1, n_embd=2 * vocab,
+                          tie_weights=False)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.transformer.ln_f.weight.fill_(1.0)
+        model.transformer.wte.weight[:, :vocab] = torch.eye(vocab)
+        hidden = model.hidden_states(torch.arange(vocab)[None])[0].double()  # (V, C), linearly independent rows
+        targets = torch.tensor(next_token_probs, dtype=torch.float64).log()
+        model.lm_head.weight.copy_(torch.linalg.lstsq(hidden, targets).solution.t())
+    return model
+
+
+def test_beam_search_finds_the_best_sequence_where_greedy_does_not():
+    probs = [[0.01, 0.59, 0.39, 0.01],   # from 0: 1 looks best ...
+             [0.30, 0.20, 0.26, 0.24],   # ... but leads nowhere in particular
+             [0.01, 0.01, 0.01, 0.97],   # while 2 is followed by 3 almost surely
+             [0.97, 0.01, 0.01, 0.01]]
+    model = bigram_model(probs)
+    prompt = torch.tensor([[0]])
+    greedy = model.generate(prompt, 2, temperature=0)[0, 1:].tolist()
+    beam = model.beam_search(prompt, 2, beam_size=2)[0, 1:].tolist()
+    # Exhaustive search over all 16 continuations for the most likely one.
+    best = max(((a, b) for a in range(4) for b in range(4)), key=lambda s: probs[0][s[0]] * probs[s[0]][s[1]])
+    assert greedy[0] == 1
+    assert tuple(beam) == best == (2, 3)
+    assert model.beam_search(prompt, 2, beam_size=1)[0, 1:].tolist() == greedy  # one beam is greedy
+
+
+def test_beam_search_with_a_stop_token_and_past_block_size():
+    model = tiny_model()
+    out = model.beam_search(torch.randint(0, 64, (1, 10)), 12, beam_size=3)
+    assert out.shape == (1, 22)
+    with pytest.raises(ValueError, match="beam search continues one prompt"):
+        model.beam_search(torch.zeros(2, 1, dtype=torch.long), 3, beam_size=2)
+
+
+# -- GPT-2 interop against HF transformers --------------------------------------------------------------------
+
+def hf_gpt2(tmp_path, seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=97, n_positions=24, n_embd=32, n_layer=3, n_head=4,
+                                     bos_token_id=96, eos_token_id=96)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # HF zero-initialises biases and LayerNorm shifts: make every tensor matter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(tmp_path / "hf")
+    return model, tmp_path / "hf"
+
+
+def test_gpt2_import_gives_hf_logits(tmp_path):
+    hf, hf_dir = hf_gpt2(tmp_path)
+    ours = GPT.from_gpt2(gpt2_dir=hf_dir).eval()
+    assert (ours.config.n_layer, ours.config.n_head, ours.config.n_embd, ours.config.block_size,
+            ours.config.vocab_size) == (3, 4, 32, 24, 97)
+    idx = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+    # Greedy generation agrees too (HF has its own KV cache).
+    hf_tokens = hf.generate(idx[:, :4], attention_mask=torch.ones_like(idx[:, :4]), max_new_tokens=12,
+                            do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(idx[:, :4], 12, temperature=0), hf_tokens)
+
+
+def test_export_then_hf_import_round_trips_exactly(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours = tiny_model(vocab_size=97, block_size=24, n_embd=32, n_head=4)
+    ours.export_hf(tmp_path / "export")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    hf_state = hf.state_dict()
+    for key, tensor in ours.state_dict().items():
+        theirs = hf_state[key]
+        assert torch.equal(theirs.t() if key.endswith(GPT.HF_TRANSPOSED) else theirs, tensor), key
+    idx = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0], atol=1e-5, rtol=0)
+    # ... and back again: our own import of the export is bit-identical.
+    again = GPT.from_gpt2(gpt2_dir=tmp_path / "export")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
+
+
+def test_gpt2_import_names_missing_and_mismatched_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+    _, hf_dir = hf_gpt2(tmp_path)
+    state = load_file(hf_dir / "model.safetensors")
+    del state["transformer.h.1.mlp.c_fc.bias"]
+    state["transformer.h.0.ln_1.weight"] = torch.ones(31)
+    save_file(state, hf_dir / "model.safetensors")
+    with pytest.raises(ValueError, match=r"h\.0\.ln_1\.weight has shape \(31,\), expected \(32,\).*"
+                                         r"missing transformer\.h\.1\.mlp\.c_fc\.bias"):
+        GPT.from_gpt2(gpt2_dir=hf_dir)
+    (hf_dir / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        GPT.from_gpt2(gpt2_dir=hf_dir)
+    with pytest.raises(FileNotFoundError, match="must hold HF's model.safetensors"):
+        GPT.from_gpt2(gpt2_dir=tmp_path / "nowhere")
+
+
+def test_export_refuses_models_that_are_not_gpt2_shaped(tmp_path):
+    model = tiny_model(pos_emb="rope", activation="relu")
+    with pytest.raises(ValueError, match=r"cannot export to HF GPT-2: pos_emb='rope' \(GPT-2 has 'learned'\), "
+                                         r"activation='relu'"):
+        model.export_hf(tmp_path / "export")
+    assert not (tmp_path / "export" / "model.safetensors").exists()
 
 
 # ==========================================================================================================

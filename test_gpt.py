@@ -24,6 +24,7 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent
 DATA = REPO.parent / "shared" / "data"
@@ -773,11 +774,27 @@ POSITIONS = ["learned", "sinusoidal", "rope"]
 def test_shapes_and_initial_loss_is_near_uniform(pos_emb, activation):
     model = tiny_model(pos_emb=pos_emb, activation=activation, vocab_size=512, n_embd=32)
     idx, targets = torch.randint(0, 512, (2, 3, 16))
-    logits, loss = model(idx, targets)
-    assert logits.shape == (3, 16, 512)
+    logits, loss = model(idx)
+    assert logits.shape == (3, 16, 512) and loss is None
     # Small initial weights give nearly uniform predictions: loss close to ln(V).
-    assert abs(loss.item() - math.log(512)) < 0.1
-    assert model(idx)[1] is None
+    logits, loss = model(idx, targets)
+    assert logits is None and loss.shape == () and abs(loss.item() - math.log(512)) < 0.1
+
+
+@pytest.mark.parametrize("vocab_size", [64, 5000])  # one chunk, and several (2^21 / 5000 = 419 rows each)
+def test_chunked_loss_and_gradients_equal_plain_cross_entropy(vocab_size):
+    model = tiny_model(vocab_size=vocab_size, block_size=64).train()
+    idx, targets = torch.randint(0, vocab_size, (2, 8, 64))
+    targets[0, :5] = -1  # ignored positions
+    plain = F.cross_entropy(model(idx)[0].view(-1, vocab_size), targets.view(-1), ignore_index=-1)
+    plain_grads = torch.autograd.grad(plain, list(model.parameters()))
+    _, chunked = model(idx, targets)
+    chunked_grads = torch.autograd.grad(chunked * 3.0, list(model.parameters()))  # an incoming gradient of 3
+    torch.testing.assert_close(chunked, plain)
+    for (name, _), a, b in zip(model.named_parameters(), chunked_grads, plain_grads):
+        torch.testing.assert_close(a, 3.0 * b, atol=1e-6, rtol=1e-4, msg=name)
+    with torch.no_grad():  # evaluation takes the plain path: the same loss
+        torch.testing.assert_close(model(idx, targets)[1], plain)
 
 
 @pytest.mark.parametrize("pos_emb", POSITIONS)

@@ -862,31 +862,43 @@ def test_no_cache_path_is_the_plain_recomputation():
     assert torch.equal(model.generate(idx, 25, temperature=0), expected)
 
 
-def test_top_k_keeps_exactly_the_k_largest():
-    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0], [0.0, -1.0, 2.0, 2.5, -3.0]])
-    kept = gpt.filter_top_k(logits, 2).isfinite()
-    assert kept.tolist() == [[False, True, False, True, False], [False, False, True, True, False]]
-    assert gpt.filter_top_k(logits, 10).isfinite().all()  # k beyond the vocabulary keeps everything
+def draws(logits, n=300, **options) -> set[int]:
+    """The tokens that n seeded draws from (1, V) logits produce."""
+    return {gpt.sample_from_logits(logits, generator=torch.Generator().manual_seed(seed), **options).item()
+            for seed in range(n)}
+
+
+def test_top_k_samples_exactly_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.5, 2.0]])
+    assert draws(logits, top_k=2) == {1, 3}
+    assert draws(logits, top_k=3) == {1, 2, 3}
+    assert draws(logits, top_k=10) == {0, 1, 2, 3, 4}  # k beyond the vocabulary keeps everything
+    assert draws(logits, top_k=1, n=3) == {1}           # top_k=1 is greedy
+    batch = torch.tensor([[1.0, 5.0, 3.0, 4.5, 2.0], [0.0, -1.0, 2.0, 2.5, -3.0]])
+    rows = [gpt.sample_from_logits(batch, top_k=2, generator=torch.Generator().manual_seed(s)).tolist()
+            for s in range(100)]
+    assert {r[0] for r in rows} == {1, 3} and {r[1] for r in rows} == {2, 3}
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
-    probs = torch.tensor([[0.5, 0.05, 0.3, 0.15]])
-    logits = probs.log()
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()  # sorted, as filter_top_p expects
     kept = lambda p: gpt.filter_top_p(logits, p).isfinite().tolist()[0]
     assert kept(0.5) == [True, False, False, False]   # 0.5 alone reaches 0.5
-    assert kept(0.6) == [True, False, True, False]    # 0.5 + 0.3
-    assert kept(0.8) == [True, False, True, False]    # exactly 0.8
-    assert kept(0.81) == [True, False, True, True]    # 0.5 + 0.3 + 0.15
+    assert kept(0.6) == [True, True, False, False]    # 0.5 + 0.3
+    assert kept(0.8) == [True, True, False, False]    # exactly 0.8
+    assert kept(0.81) == [True, True, True, False]    # 0.5 + 0.3 + 0.15
     assert kept(1.0) == [True, True, True, True]
     assert kept(0.01) == [True, False, False, False]  # the most likely token always stays
+    # Through the sampler, on logits in vocabulary order (it sorts them first).
+    assert draws(torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log(), top_p=0.6) == {1, 3}
 
 
 def test_filters_apply_in_order_temperature_top_k_top_p():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
     # top_k=3 leaves 3 tokens; top_p=0.7 of their renormalised probabilities (0.665, 0.245, 0.090) keeps 2.
-    draws = {gpt.sample_from_logits(logits, 1.0, 3, 0.7, torch.Generator().manual_seed(s)).item()
-             for s in range(200)}
-    assert draws == {0, 1}
+    assert draws(logits, top_k=3, top_p=0.7) == {0, 1}
+    # A temperature of 0.5 doubles the logits first: (0.867, 0.117, 0.016) -> top_p=0.7 keeps only token 0.
+    assert draws(logits, temperature=0.5, top_k=3, top_p=0.7) == {0}
     assert gpt.sample_from_logits(logits, 0.0).item() == 0  # temperature 0 is greedy
 
 

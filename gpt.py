@@ -1599,7 +1599,6 @@ def plot_run(model: GPT, tokenizer: "Tokenizer", records: list[dict], out_dir: P
 
     def save(fig, name: str) -> None:
         path = out_dir / name
-        fig.tight_layout()
         write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
         written.append(path)
@@ -1609,7 +1608,7 @@ def plot_run(model: GPT, tokenizer: "Tokenizer", records: list[dict], out_dir: P
     steps = [r["step"] for r in train]
     if train:
         # Does it learn, and does it overfit? Per-step loss is noisy: show it faint, with its moving average.
-        fig, ax = plt.subplots(figsize=(8, 4.5))
+        fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
         losses = [r["loss"] for r in train]
         ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.7, label="train loss (each step)")
         ax.plot(steps, moving_average(losses, max(1, len(losses) // 50)), color="tab:blue", lw=1.5,
@@ -1617,13 +1616,16 @@ def plot_run(model: GPT, tokenizer: "Tokenizer", records: list[dict], out_dir: P
         if evals:
             ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:red",
                     ms=3, label="val loss (evaluation)")
+        # The first few percent of the steps fall from ~ln(V); zoom on the rest, where runs differ.
+        val_losses = [r["val_loss"] for r in evals]
+        ax.set_ylim(0.97 * min(losses + val_losses), sorted(losses)[int(0.97 * (len(losses) - 1))] + 0.05)
         ax.set(xlabel="step", ylabel="cross-entropy (nats / token)", title="Loss")
         ax.grid(alpha=0.3)
         ax.legend()
         save(fig, "loss.png")
 
         # What did the schedule do? Warm-up, then cosine decay.
-        fig, ax = plt.subplots(figsize=(8, 3))
+        fig, ax = plt.subplots(figsize=(8, 3), layout="constrained")
         ax.plot(steps, [r["lr"] for r in train], color="tab:green")
         ax.set(xlabel="step", ylabel="learning rate", title="Learning-rate schedule")
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
@@ -1631,7 +1633,7 @@ def plot_run(model: GPT, tokenizer: "Tokenizer", records: list[dict], out_dir: P
         save(fig, "lr.png")
 
         # How fast did it run? The first steps include warm-up work (allocation, compilation).
-        fig, ax = plt.subplots(figsize=(8, 3))
+        fig, ax = plt.subplots(figsize=(8, 3), layout="constrained")
         ax.plot(steps, [r["tokens_per_s"] for r in train], color="tab:purple", lw=0.8)
         ax.set(xlabel="step", ylabel="tokens / s", title="Training throughput")
         ax.grid(alpha=0.3)
@@ -1644,7 +1646,8 @@ def plot_run(model: GPT, tokenizer: "Tokenizer", records: list[dict], out_dir: P
         labels = [tokenizer.decode([i]).replace("\n", "\\n") for i in ids]
         n_layer, n_head = maps.shape[:2]
         size = 0.18 * len(ids) + 0.8
-        fig, axes = plt.subplots(n_layer, n_head, figsize=(size * n_head, size * n_layer), squeeze=False)
+        fig, axes = plt.subplots(n_layer, n_head, figsize=(size * n_head, size * n_layer), squeeze=False,
+                                 layout="constrained")
         for layer in range(n_layer):
             for head in range(n_head):
                 ax = axes[layer][head]
@@ -1667,7 +1670,7 @@ def plot_run(model: GPT, tokenizer: "Tokenizer", records: list[dict], out_dir: P
              "mlp.c_fc": "MLP in", "mlp.c_proj": "MLP out"}
     n_layer = model.config.n_layer
     colors = plt.cm.viridis([i / max(1, n_layer - 1) for i in range(n_layer)])
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.2))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.2), layout="constrained")
     norms = {}
     for ax, (key, title) in zip(axes, kinds.items()):
         norms[title] = []
@@ -1680,7 +1683,7 @@ def plot_run(model: GPT, tokenizer: "Tokenizer", records: list[dict], out_dir: P
     axes[-1].legend(fontsize=7)
     save(fig, "weights.png")
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
     for title, values in norms.items():
         ax.plot(range(n_layer), values, "o-", label=title)
     ax.set(xlabel="layer", ylabel="largest singular value", title="Spectral norm of each weight matrix")

@@ -8,6 +8,7 @@ import math
 import os
 from pathlib import Path
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -1531,3 +1532,75 @@ def test_train_cli_errors_are_one_line(tmp_path):
                             timeout=120)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == "error: unknown flag --n_layers: did you mean --n_layer?\n"
+
+
+# ==========================================================================================================
+# README.md: every command line in it parses, and the recipes run end to end (for a few steps)
+
+def readme_commands(section: str | None = None) -> list[list[str]]:
+    """The command lines of README.md's bash blocks that run gpt.py or prepare_fineweb.py, as [script, *flags]
+    (only those under the `## section` heading, if given). torchrun's own options and comments are dropped;
+    lines with a "..." placeholder are skipped."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    if section is not None:
+        text = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            script = next((w for w in words if w in ("gpt.py", "prepare_fineweb.py")), None)
+            if script is not None and "..." not in words:
+                commands.append(words[words.index(script):])
+    return commands
+
+
+def test_readme_every_command_line_parses():
+    commands = readme_commands()
+    assert len(commands) >= 12
+    for script, *flags in commands:
+        if script == "gpt.py":
+            gpt.make_config(gpt.parse_flags(flags))
+        else:
+            prepare_fineweb.parse_flags(flags)
+
+
+README_FILES = {"tinyshakespeare.txt": "tinyshakespeare.txt", "tinystories_sample.txt": "tinystories_train_sample.txt"}
+
+
+def test_readme_recipes_run_for_a_few_steps(tmp_path, monkeypatch, capsys):
+    """The quick start and every CPU recipe, as the README gives them, but for 2 steps each."""
+    monkeypatch.chdir(tmp_path)
+    for name, shared in README_FILES.items():
+        shutil.copy(DATA / shared, tmp_path / name)
+    commands = readme_commands("Set up, test, train") + readme_commands("Recipes measured on 2 CPU cores")
+    trained = 0
+    for script, *flags in commands:
+        if script == "prepare_fineweb.py":
+            assert prepare_fineweb.main(flags) == 0
+        elif "--sample" in flags:
+            gpt.main(flags + ["--max_new_tokens=5"])
+        else:
+            gpt.main(flags + ["--max_steps=2", "--eval_interval=1", "--eval_iters=1"])
+            trained += 1
+    assert trained >= 3  # the three CPU recipes
+    assert "step 2: train loss" in capsys.readouterr().out
+
+
+def test_readme_gpu_recipes_run_for_a_few_steps_on_a_cpu(tmp_path, monkeypatch, capsys):
+    """The FineWeb-edu lines, dry-run: a local file stands in for the stream, GPT-2's files for the
+    download, and the models train 2 steps at a small context and batch (their shapes stay as given)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fineweb_stand_in.txt").write_text((DATA / "tinyshakespeare.txt").read_text()[:300_000])
+    offline = {"--tokenizer=gpt2": f"--tokenizer={DATA / 'gpt2'}"}
+    commands = readme_commands("GPUs, Apple silicon, many GPUs")
+    assert [script for script, *_ in commands] == ["prepare_fineweb.py", "gpt.py"] * 2
+    for script, *flags in commands:
+        if script == "prepare_fineweb.py":
+            flags = ["--name=fineweb"] + [offline.get(f, f) for f in flags] + ["--input=fineweb_stand_in.txt"]
+            assert prepare_fineweb.main(flags) == 0
+        else:
+            gpt.main(flags + ["--max_steps=2", "--eval_interval=1", "--eval_iters=1", "--block_size=64",
+                              "--batch_size=2", "--total_batch_tokens=0", "--compile=false"])
+    out = capsys.readouterr().out
+    assert "12 layers" in out or "n_layer=12" in out
+    assert out.count("step 2: train loss") == 2

@@ -308,13 +308,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def sinusoidal_table(n_positions: int, n_embd: int) -> torch.Tensor:
-    """(n_positions, n_embd) fixed position codes: sin on even channels, cos on odd, wavelengths 2pi..10000*2pi."""
+    """(n_positions, n_embd) fixed position codes: sin on even channels, cos on odd, wavelengths 2pi..10000*2pi,
+    scaled to a std of 0.02."""
     position = torch.arange(n_positions).float().unsqueeze(1)
     inv_freq = torch.exp(torch.arange(0, n_embd, 2).float() * (-math.log(10000.0) / n_embd))
     table = torch.zeros(n_positions, n_embd)
     table[:, 0::2] = torch.sin(position * inv_freq)
     table[:, 1::2] = torch.cos(position * inv_freq[: n_embd // 2])
-    return table
+    # sin and cos have a std of ~0.7, while token embeddings start at 0.02: added as they are, positions would
+    # drown out the tokens (training stalls on the bigram plateau). So scale them to the 0.02 that a learned
+    # position table starts with.
+    return table * (0.02 / table.std())
 
 
 class KVCache:

@@ -18,9 +18,9 @@ configurations below):
 
 Seed configurations (the vocabulary size always comes from the data's meta.json):
     GPT-2 124M (the defaults) on FineWeb-edu with GPT-2's tokenizer, 0.5M tokens per step:
-        python prepare_fineweb.py --tokenizer=gpt2 --max_tokens=all
-        torchrun --standalone --nproc_per_node=8 gpt.py --batch_size=64 --total_batch_tokens=524288 \
-            --warmup_steps=715 --max_steps=19073 --compile
+        python prepare_fineweb.py --tokenizer=gpt2 --name=fineweb_gpt2 --max_tokens=all
+        torchrun --standalone --nproc_per_node=8 gpt.py --data_dir=data/fineweb_gpt2 --batch_size=64 \
+            --total_batch_tokens=524288 --warmup_steps=715 --max_steps=19073 --compile
     gpt2-nano: 12 layers, 8 heads, 512 wide, sinusoidal positions, ReLU, an 8192-token vocabulary:
         python prepare_fineweb.py
         python gpt.py --n_layer=12 --n_head=8 --n_embd=512 --pos_emb=sinusoidal --activation=relu

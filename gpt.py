@@ -791,7 +791,7 @@ def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: in
     """(B, V) logits -> (B,) token ids.
 
     With top_k, only the k candidates that torch.topk returns are softmaxed and drawn from, not all V
-    logits: at batch 1 that keeps sampling at a few percent of a token's time instead of a third of it."""
+    logits (at batch 1 and 6 layers x 384 wide, the full-vocabulary draw was ~10% of a token's time)."""
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1)  # greedy
     logits = logits.float() / temperature

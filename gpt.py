@@ -354,13 +354,18 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.manual = config.attention == "manual"
 
-    def forward(self, x: torch.Tensor, rotary=None, cache: KVCache | None = None) -> torch.Tensor:
+    def queries_keys_values(self, x: torch.Tensor, rotary=None) -> tuple[torch.Tensor, ...]:
+        """(B, T, C) -> q, k, v, each (B, nh, T, hs): each head attends on its own hs-wide slice of channels."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # Split the channels into heads: each head attends on its own hs-wide slice.  (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rotary=None, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.queries_keys_values(x, rotary)
         if cache is not None:
             k, v = cache.append(k, v)  # the new queries attend to every earlier key too: (B, nh, past+T, hs)
         dropout = self.dropout if self.training else 0.0
@@ -375,11 +380,16 @@ def causal_mask(t_query: int, t_key: int, device) -> torch.Tensor:
     return torch.ones(t_query, t_key, dtype=torch.bool, device=device).tril(diagonal=t_key - t_query)
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q: (B, nh, Tq, hs), k: (B, nh, Tk, hs) -> (B, nh, Tq, Tk): how much each query looks at each key."""
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # how well each query matches each key
+    scores = scores.masked_fill(~causal_mask(q.size(2), k.size(2), q.device), float("-inf"))  # no peeking ahead
+    return F.softmax(scores, dim=-1)  # each row sums to 1 over the visible keys
+
+
 def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
     """Attention written out. q: (B, nh, Tq, hs), k and v: (B, nh, Tk, hs) -> (B, nh, Tq, hs)."""
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, Tq, Tk): how well each query matches each key
-    scores = scores.masked_fill(~causal_mask(q.size(2), k.size(2), q.device), float("-inf"))  # no peeking ahead
-    weights = F.softmax(scores, dim=-1)  # each row sums to 1 over the visible keys
+    weights = attention_weights(q, k)
     weights = F.dropout(weights, dropout) if dropout else weights
     return weights @ v  # a weighted average of the values
 
@@ -1569,8 +1579,8 @@ def moving_average(values: list[float], width: int) -> list[float]:
 def attention_maps(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     """Attention weights for one prompt idx (1, T): (n_layer, n_head, T, T), row i = where token i looks.
 
-    Forward hooks catch each attention layer's input; the weights are then recomputed from it exactly as
-    manual_attention does (the fused kernel never materialises them)."""
+    Forward hooks catch each attention layer's input; the weights are then recomputed from it with the
+    functions manual_attention uses (the fused kernel never materialises them)."""
     inputs = []
     hooks = [block.attn.register_forward_hook(lambda mod, args, out: inputs.append(args))
              for block in model.transformer.h]
@@ -1581,15 +1591,8 @@ def attention_maps(model: GPT, idx: torch.Tensor) -> torch.Tensor:
             hook.remove()
     maps = []
     for block, (x, rotary, _cache) in zip(model.transformer.h, inputs):
-        attn = block.attn
-        B, T, C = x.size()
-        q, k, _ = attn.c_attn(x).split(attn.n_embd, dim=2)
-        q, k = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k))
-        if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
-        scores = scores.masked_fill(~causal_mask(T, T, x.device), float("-inf"))
-        maps.append(scores.softmax(dim=-1)[0])
+        q, k, _ = block.attn.queries_keys_values(x, rotary)
+        maps.append(attention_weights(q, k)[0])
     return torch.stack(maps)
 
 

@@ -279,6 +279,28 @@ class GPTConfig:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
 
+class Linear(nn.Linear):
+    """nn.Linear, with a faster route on a multi-core CPU for the few rows of a generation step.
+
+    A generation step multiplies 1 to 16 rows by every weight matrix, so its time goes into reading the
+    weights from memory, and F.linear reads them on one core. Cut into one slice of output rows per
+    thread and multiplied as a batch (bmm), the matrix is read by every core at once: at 6 layers x 384
+    wide on 2 cores, generation went from 163 to 229 tokens/s at batch 1 and from 591 to 885 at batch 8.
+    The output is made contiguous because sdpa's fast CPU kernel needs it. The products are the same;
+    only float rounding can differ."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        threads, rows = torch.get_num_threads(), x.numel() // x.size(-1)
+        if x.device.type != "cpu" or threads == 1 or rows > 16 or self.out_features % threads:
+            return F.linear(x, self.weight, self.bias)  # training, GPUs, and anything else
+        columns = x.reshape(rows, self.in_features).t().expand(threads, -1, -1)  # (threads, in, rows)
+        slices = self.weight.view(threads, self.out_features // threads, self.in_features)
+        y = torch.bmm(slices, columns).reshape(self.out_features, rows).t().contiguous()  # (rows, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (nn.LayerNorm cannot switch its bias off in older torch)."""
 
@@ -348,8 +370,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.n_embd = config.n_head, config.n_embd
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.manual = config.attention == "manual"
@@ -409,8 +431,8 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.relu = config.activation == "relu"
 
@@ -498,7 +520,7 @@ class GPT(nn.Module):
             cos, sin = rotary_tables(head_size, config.block_size)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             # One matrix both reads tokens in and scores them out: fewer parameters, and better small models.
             self.transformer.wte.weight = self.lm_head.weight

@@ -810,6 +810,34 @@ def test_manual_attention_equals_fused_attention(pos_emb):
                                fused.generate(idx[:, :4], 20, temperature=0))
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_linear_few_rows_route_equals_f_linear(threads, monkeypatch):
+    """Up to 16 rows on a multi-threaded CPU, Linear multiplies one slice of W per thread (bmm)."""
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for bias in (True, False):
+            layer = gpt.Linear(24, 36, bias=bias)  # 36 rows of W: 2 or 3 slices
+            inputs = {shape: torch.randn(shape) for shape in [(1, 24), (2, 3, 24), (16, 24)]}
+            expected = {shape: F.linear(x, layer.weight, layer.bias) for shape, x in inputs.items()}
+            with monkeypatch.context() as patch:
+                patch.setattr(gpt.F, "linear", lambda *args: pytest.fail("F.linear used for few rows"))
+                for shape, x in inputs.items():
+                    y = layer(x)
+                    assert y.shape == expected[shape].shape and y.is_contiguous()  # contiguous: sdpa's fast path
+                    torch.testing.assert_close(y, expected[shape], atol=1e-6, rtol=1e-5)
+        many = torch.randn(17, 24)  # more rows, or a row count that does not split: plain F.linear
+        torch.testing.assert_close(layer(many), F.linear(many, layer.weight))
+        odd = gpt.Linear(24, 35, bias=False)  # 35 rows of W split into neither 2 nor 3 slices
+        calls = []
+        with monkeypatch.context() as patch:
+            patch.setattr(gpt.F, "linear", lambda *args: calls.append(1) or torch.zeros(1, 35))
+            odd(torch.randn(1, 24))
+        assert calls == [1]
+    finally:
+        torch.set_num_threads(old_threads)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "manual"])
 @pytest.mark.parametrize("pos_emb", POSITIONS)
 def test_future_tokens_never_change_past_logits(pos_emb, attention):

@@ -50,10 +50,9 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import regex  # the third-party `regex` module: unlike `re`, it knows Unicode classes such as \p{L} (letters)
@@ -547,18 +546,8 @@ class Tokenizer:
         return cls(ranks, pattern, specials)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write dumps() to path atomically: a temporary file in the same folder, then os.replace."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.write(self.dumps())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write dumps() to path atomically (see write_atomically)."""
+        write_atomically(path, lambda tmp: tmp.write_text(self.dumps(), encoding="utf-8", newline="\n"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
@@ -637,6 +626,54 @@ class Tokenizer:
         """From a tiktoken.Encoding, e.g. tiktoken.get_encoding("gpt2") (downloads its files once)."""
         # tiktoken keeps these as private attributes; they are the Encoding's constructor arguments.
         return cls(enc._mergeable_ranks, enc._pat_str, enc._special_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files: the one atomic write, and the one tokenizer loader (prepare_fineweb.py and gpt.py use both)
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    """Call write(temp_path) on a new file beside path, flush it to disk, then rename it over path.
+
+    Readers see the old file or the new one, never half of one: a crash, a full disk or Ctrl-C mid-write
+    leaves the old file intact and removes the temp file. The fsync before the rename makes the new name
+    point at the whole content even after a power cut. The temp file is created with mode 0666 minus the
+    umask, like any file the user creates, so others on a shared machine can read what they usually can."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_tokenizer(spec: str | os.PathLike, flag: str = "--tokenizer") -> Tokenizer:
+    """The tokenizer a command-line spec names: "gpt2" (tiktoken's, downloaded once), a folder holding
+    GPT-2's files (vocab.bpe + encoder.json, or HF's merges.txt + vocab.json), or a file saved by
+    Tokenizer.save. `flag` names the option in error messages."""
+    if str(spec) == "gpt2":
+        import tiktoken
+        try:
+            encoding = tiktoken.get_encoding("gpt2")  # downloads two files once, then uses tiktoken's cache
+        except Exception as error:
+            raise ValueError(f"cannot download GPT-2's tokenizer ({type(error).__name__}); give a folder holding "
+                             f"vocab.bpe and encoder.json (or merges.txt and vocab.json): {flag}=FOLDER") from None
+        return Tokenizer.from_tiktoken(encoding)
+    path = Path(spec)
+    if path.is_dir():
+        for merges, vocab in (("vocab.bpe", "encoder.json"), ("merges.txt", "vocab.json")):
+            if (path / merges).is_file() and (path / vocab).is_file():
+                return Tokenizer.from_gpt2(path / merges, path / vocab)
+        raise FileNotFoundError(f"{flag}={spec}: the folder holds neither vocab.bpe + encoder.json "
+                                "nor merges.txt + vocab.json")
+    if path.is_file():
+        return Tokenizer.load(path)
+    raise FileNotFoundError(f"{flag}={spec}: no such file or folder (use gpt2, a folder with GPT-2's files, "
+                            "or a saved tokenizer file)")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -47,14 +47,13 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 from bisect import bisect_right
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -63,8 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-if TYPE_CHECKING:  # for annotations only: bpe.py is imported where it is used (see tokenizer_from_text)
-    from bpe import Tokenizer
+from bpe import Tokenizer, load_tokenizer, write_atomically
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -838,19 +836,6 @@ def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: in
     return (choice if token_ids is None else token_ids.gather(-1, choice)).squeeze(1)
 
 
-def write_atomically(path: Path, write) -> None:
-    """Call write(temp_path) on a temp file beside path, then rename it over path: readers see the old file
-    or the new one, never half of one (a crash or Ctrl-C mid-write leaves the old file intact)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ----------------------------------------------------------------------------------------------------------
 # 3. Data
 #
@@ -965,10 +950,8 @@ class TokenWindows:
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
 
-def tokenizer_from_text(text: str) -> "Tokenizer":
-    """A bpe.Tokenizer from its saved text (Tokenizer.dumps). bpe.py is imported here, not at the top, so that
-    importing gpt.py needs nothing beside it (benchmarks load this file by path from elsewhere)."""
-    from bpe import Tokenizer
+def tokenizer_from_text(text: str) -> Tokenizer:
+    """A bpe.Tokenizer from its saved text (Tokenizer.dumps), as checkpoints carry it."""
     return Tokenizer.loads(text)
 
 
@@ -1140,7 +1123,7 @@ def evaluate(model: torch.nn.Module, splits: dict[str, TokenWindows], cfg: Simpl
 EVAL_SAMPLE_TOKENS = 64  # a glimpse of the model's text at each evaluation
 
 
-def eval_sample(model: GPT, tokenizer: "Tokenizer", cfg: SimpleNamespace, runtime: Runtime) -> str:
+def eval_sample(model: GPT, tokenizer: Tokenizer, cfg: SimpleNamespace, runtime: Runtime) -> str:
     """A short sample from the start of a document, drawn with its own generator: training's RNG is untouched."""
     generator = torch.Generator(device=runtime.device).manual_seed(cfg.seed)
     start = torch.tensor([[tokenizer.eot_token or 0]], device=runtime.device)
@@ -1485,17 +1468,13 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
 # ----------------------------------------------------------------------------------------------------------
 # 5. Sampling, export and plotting
 
-def gpt2_tokenizer(gpt2_dir: str) -> "Tokenizer":
-    """GPT-2's tokenizer: from gpt2_dir's merges.txt + vocab.json when it has them, else tiktoken's "gpt2"."""
-    from bpe import Tokenizer
-    folder = Path(gpt2_dir) if gpt2_dir else None
-    if folder and (folder / "merges.txt").is_file() and (folder / "vocab.json").is_file():
-        return Tokenizer.from_gpt2(folder / "merges.txt", folder / "vocab.json")
-    import tiktoken
-    return Tokenizer.from_tiktoken(tiktoken.get_encoding("gpt2"))
+def gpt2_tokenizer(gpt2_dir: str) -> Tokenizer:
+    """GPT-2's tokenizer: from gpt2_dir when it holds GPT-2's tokenizer files, else tiktoken's "gpt2"."""
+    has_files = gpt2_dir and any((Path(gpt2_dir) / name).is_file() for name in ("vocab.bpe", "merges.txt"))
+    return load_tokenizer(gpt2_dir if has_files else "gpt2", flag="--gpt2_dir")
 
 
-def load_for_sampling(cfg: SimpleNamespace, device: torch.device) -> tuple[GPT, "Tokenizer"]:
+def load_for_sampling(cfg: SimpleNamespace, device: torch.device) -> tuple[GPT, Tokenizer]:
     """(model, tokenizer) from --init_from=gpt2... or from the checkpoint (which carries its tokenizer)."""
     if cfg.init_from.startswith("gpt2"):
         model, tokenizer = GPT.from_gpt2(cfg.init_from, cfg.gpt2_dir or None), gpt2_tokenizer(cfg.gpt2_dir)
@@ -1506,7 +1485,7 @@ def load_for_sampling(cfg: SimpleNamespace, device: torch.device) -> tuple[GPT, 
     return model.to(device).eval(), tokenizer
 
 
-def encode_prompt(prompt_flag: str, tokenizer: "Tokenizer") -> list[int]:
+def encode_prompt(prompt_flag: str, tokenizer: Tokenizer) -> list[int]:
     """--prompt as ids; FILE:path reads the text from a file. Special tokens in it (<|endoftext|>) count as such."""
     text = prompt_flag
     if prompt_flag.startswith("FILE:"):
@@ -1557,7 +1536,7 @@ def run_sampling(cfg: SimpleNamespace, overrides: dict) -> None:
                 print("-" * 80)
 
 
-def decode_until(ids: list[int], tokenizer: "Tokenizer", stop_token: int | None) -> str:
+def decode_until(ids: list[int], tokenizer: Tokenizer, stop_token: int | None) -> str:
     """Text of ids up to (not including) the first stop_token."""
     return tokenizer.decode(ids[:ids.index(stop_token)] if stop_token in ids else ids)
 
@@ -1618,7 +1597,7 @@ def attention_maps(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     return torch.stack(maps)
 
 
-def plot_run(model: GPT, tokenizer: "Tokenizer", records: list[dict], out_dir: Path, prompt: str) -> list[Path]:
+def plot_run(model: GPT, tokenizer: Tokenizer, records: list[dict], out_dir: Path, prompt: str) -> list[Path]:
     """Write the training curves, attention heatmaps and weight statistics as PNGs in out_dir."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no window

@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
-from bpe import GPT2_PATTERN, GPT4_PATTERN, Tokenizer
+from bpe import GPT2_PATTERN, GPT4_PATTERN, Tokenizer, load_tokenizer, write_atomically
 
 EOT = "<|endoftext|>"  # separates documents in .txt inputs and precedes every document in the shards
 
@@ -363,28 +363,6 @@ def split_documents(source: Source, split: str, val_range: range | None) -> Iter
 # ----------------------------------------------------------------------------------------------------------
 # Tokenizer: train one with bpe.py, or load GPT-2's or a saved one
 
-def load_tokenizer(spec: str) -> Tokenizer:
-    """--tokenizer=gpt2 | FOLDER (GPT-2 files) | FILE (bpe.py's format)."""
-    if spec == "gpt2":
-        try:
-            encoding = tiktoken.get_encoding("gpt2")  # downloads two files once, then uses tiktoken's cache
-        except Exception as error:
-            raise ValueError(f"cannot download GPT-2's tokenizer ({type(error).__name__}); give a folder holding "
-                             "vocab.bpe and encoder.json (or merges.txt and vocab.json): --tokenizer=FOLDER") from None
-        return Tokenizer.from_tiktoken(encoding)
-    path = Path(spec)
-    if path.is_dir():
-        for merges, vocab in (("vocab.bpe", "encoder.json"), ("merges.txt", "vocab.json")):
-            if (path / merges).is_file() and (path / vocab).is_file():
-                return Tokenizer.from_gpt2(path / merges, path / vocab)
-        raise FileNotFoundError(f"--tokenizer={spec}: the folder holds neither vocab.bpe + encoder.json "
-                                "nor merges.txt + vocab.json")
-    if path.is_file():
-        return Tokenizer.load(path)
-    raise FileNotFoundError(f"--tokenizer={spec}: no such file or folder (use train, gpt2, a folder with "
-                            "GPT-2's files, or a saved tokenizer file)")
-
-
 def first_megabytes(texts: Iterable[str], megabytes: float) -> Iterator[str]:
     """The leading documents up to about `megabytes` MB of UTF-8 (the last one may cross the limit)."""
     budget = megabytes * 1e6
@@ -501,10 +479,7 @@ def shard_file_size(n_tokens: int) -> int:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Atomically: readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8"))
 
 
 class ShardWriter:

@@ -330,6 +330,39 @@ def test_bpe_save_is_atomic(bpe_trained, tmp_path, monkeypatch):
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["tok.bpe"]
 
 
+def test_write_atomically_keeps_old_file_and_uses_the_umask(tmp_path):
+    path = tmp_path / "file.txt"
+    bpe.write_atomically(path, lambda tmp: tmp.write_text("old"))
+    old_umask = os.umask(0o022)
+    try:
+        bpe.write_atomically(path, lambda tmp: tmp.write_text("new"))
+        assert path.stat().st_mode & 0o777 == 0o644  # 0666 minus the umask, not mkstemp's 0600
+    finally:
+        os.umask(old_umask)
+
+    def half_written(tmp):
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError, match="No space left"):
+        bpe.write_atomically(path, half_written)
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
+def test_load_tokenizer_reads_every_spec(bpe_trained, tmp_path, bpe_tiktoken_gpt2):
+    openai = bpe.load_tokenizer(DATA / "gpt2")  # vocab.bpe + encoder.json
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    shutil.copy(DATA / "gpt2" / "vocab.bpe", hf / "merges.txt")
+    shutil.copy(DATA / "gpt2" / "encoder.json", hf / "vocab.json")
+    text = "Hello world, it's 2024!"
+    assert openai.encode(text) == bpe.load_tokenizer(hf).encode(text) == bpe_tiktoken_gpt2.encode(text)
+    bpe_trained.save(tmp_path / "tok.bpe")
+    assert bpe.load_tokenizer(tmp_path / "tok.bpe").dumps() == bpe_trained.dumps()
+    with pytest.raises(FileNotFoundError, match=r"--gpt2_dir=.*neither vocab.bpe \+ encoder.json"):
+        bpe.load_tokenizer(tmp_path / "hf" / "..", flag="--gpt2_dir")
+    with pytest.raises(FileNotFoundError, match="--tokenizer=nowhere: no such file or folder"):
+        bpe.load_tokenizer("nowhere")
+
 # ----- command line ------------------------------------------------------------------------------------------
 
 def test_bpe_cli_train_and_encode(tmp_path, capsys):

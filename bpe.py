@@ -4,19 +4,11 @@ A tokenizer turns text into a list of integer ids and back. Byte-level BPE (byte
 scheme of GPT-2 and GPT-4, starts from the 256 possible bytes of UTF-8 and learns "merges": the most
 frequent adjacent pair of tokens becomes a new token, again and again, until the vocabulary is full.
 
-Run it:
-
-    python bpe.py --input corpus.txt --vocab_size 8192 --out tok.bpe     # train, print bytes/token
-    python bpe.py --tokenizer tok.bpe --encode "Hello world"             # ids and the pieces they stand for
-
-Use it:
-
-    tok = Tokenizer.train(open("corpus.txt").read(), vocab_size=8192)
-    ids = tok.encode("Hello world<|endoftext|>", allowed_special="all")
-    assert tok.decode(ids) == "Hello world<|endoftext|>"
-    tok.save("tok.bpe"); tok = Tokenizer.load("tok.bpe")
-    gpt2 = Tokenizer.from_gpt2("vocab.bpe", "encoder.json")      # OpenAI's GPT-2 files
-    enc = tok.to_tiktoken()                                       # same ids, Rust speed
+Run it, or call it from Python:
+    python bpe.py --input a.txt b.txt --vocab_size 8192 --out tok.bpe   # train, print bytes/token
+    python bpe.py --tokenizer=tok.bpe --encode="Hello world"            # ids and the pieces they stand for
+    tok = Tokenizer.train(open("corpus.txt").read(), vocab_size=8192)   # or .load("tok.bpe"), .from_gpt2()
+    assert tok.decode(tok.encode("Hello world")) == "Hello world"       # tok.save(path), tok.to_tiktoken()
 
 A worked example you can check by hand. Train on "aaabdaaabac" (one pre-token, since it is all letters)
 with vocab_size=259, i.e. three merges after the 256 bytes (a=97, b=98, c=99, d=100):
@@ -29,16 +21,17 @@ with vocab_size=259, i.e. three merges after the 256 bytes (a=97, b=98, c=99, d=
 
 so Tokenizer.train("aaabdaaabac", 259, special_tokens=()).encode("aaabdaaabac") == [258, 100, 258, 97, 99].
 
-The file reads top to bottom:
+Part I, the lesson: the whole tokenizer, each piece written the plain way first.
   1. split patterns         the regex that cuts text into pre-tokens; merges never cross their edges
   2. pairs and merging      the whole idea in ten lines, and the simplest trainer built from it
-  3. training               the same merges, fast: count each distinct pre-token once, update incrementally
-  4. encoding               tiktoken's rule: merge the adjacent pair of lowest rank; a cache
-  5. decoding               ids -> bytes -> text
-  6. saving and loading     a versioned text format, written atomically
-  7. GPT-2's files          vocab.bpe / encoder.json and their printable stand-ins for bytes
-  8. tiktoken               export to and import from tiktoken.Encoding
-  9. command line
+  3. training, fast         the same merges: count each distinct pre-token once, update incrementally
+  4. the Tokenizer          ranks, split pattern, special tokens; train() puts 1-3 together
+  5. encoding               tiktoken's rule: merge the adjacent pair of lowest rank; special tokens
+  6. decoding               ids -> bytes -> text
+  7. saving and loading     a versioned text format with a checksum
+Part II, the workshop: the same ids faster, and the tokenizer connected to the rest of the world:
+  8. chunks, 9. encode caches, 10. GPT-2's files, 11. tiktoken, 12. batch encoding,
+  13. files (the one atomic write and tokenizer loader of all three programs), 14. command line.
 """
 from __future__ import annotations
 
@@ -72,44 +65,22 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 # GPT-4 (tiktoken's cl100k_base): case-insensitive contractions, a word may start with one punctuation
 # character ("(dog", "_init"), digits come in groups of at most 3 (so numbers do not eat the vocabulary),
 # and newlines are kept apart from other whitespace. `?+` and `++` are possessive: they never give back.
-# This is the default for new tokenizers.
-GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
-
-# The regex is slow in Python (about 10 MB/s here), and most text repeats (" the", " of", ...). So we cut
-# the text at C speed into "chunks" at places where a new pre-token provably begins under both patterns,
-# and split each distinct chunk only once. Encoding caches the ids of each chunk, which makes repeated
-# text cost one dict lookup (warm encode: ~1.8x tiktoken's speed). Training counts the chunks and runs
-# the regex over the distinct ones: 10 MB of english_mix -> 1.29M chunks, 214K distinct, holding 35% of
-# the characters (42% at 1 MB; the share falls as the corpus grows). Measured at 10 MB: 1.15 s for one
-# regex pass + Counter over the whole text, 0.9-1.2 s this way; the gain grows with the corpus.
-#
-# The cut: before a space " " that is followed by a non-whitespace character X ("dog| bites", "a |  X").
-# Why that is safe, for both patterns:
-#  (a) No pre-token contains the character before the cut and the space. An alternative allows a space
-#      after its first character only inside an all-whitespace run ("\s*[\r\n]", "\s+(?!\S)", "\s+"),
-#      and such a run cannot end at our space: "\s*[\r\n]" ends with a line break, "\s+(?!\S)" is not
-#      followed by X, and "\s+" is only tried where "\s+(?!\S)" failed, which for a run of two or more
-#      whitespace characters never happens (it backs off one character, to end before our space).
-#  (b) So every match that starts before the cut ends before it, and nothing before the cut can tell the
-#      space from the end of the text: a path that consumes the space fails either way (by (a)), and
-#      "(?!\S)" succeeds on both.
-#  (c) Neither pattern looks behind, so the pre-tokens after the cut do not depend on what came before.
-# Hence findall(whole text) == findall(chunk 1) + findall(chunk 2) + ... (the tests check it on the shared
-# corpora). Note that the cut depends only on the text after it: any string followed by a chunk that starts
-# with " " + non-space also splits there, which lets us glue chunks together and run the regex once.
-# `re`'s \S means "not str.isspace()", which excludes every character that `regex`'s \s matches, so X is
-# non-whitespace for the patterns too.
-CHUNK_CUT = re.compile(r"(?= \S)")
+# This is the default for new tokenizers. (One regex, written as two adjacent strings to fit the page.)
+GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+                r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
 
 
-def split_chunks(text: str) -> list[str]:
-    """Cut text before every space followed by a non-space: "a dog  bites" -> ["a", " dog ", " bites"]."""
-    return CHUNK_CUT.split(text)
-
-
-def starts_chunk(chunk: str) -> bool:
-    """Whether any text followed by `chunk` has a cut right before it (see above)."""
-    return len(chunk) > 1 and chunk[0] == " " and not chunk[1].isspace()
+def count_pretokens_simple(texts: str | Iterable[str], pattern: str,
+                           special_tokens: Sequence[str] = ()) -> Counter:
+    """{pre-token: occurrences} over all documents: "a dog, a dog" -> {" dog": 2, "a": 1, ",": 1, " a": 1}."""
+    split_pattern = regex.compile(pattern)
+    special_cut = re.compile("|".join(re.escape(s) for s in sorted(special_tokens, key=len, reverse=True)))
+    pretoken_counts: Counter = Counter()
+    for text in [texts] if isinstance(texts, str) else texts:
+        # Special-token text (e.g. "<|endoftext|>" between stories) is a delimiter, not something to learn.
+        for part in special_cut.split(text) if special_tokens else [text]:
+            pretoken_counts.update(split_pattern.findall(part))
+    return pretoken_counts
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -121,6 +92,7 @@ def starts_chunk(chunk: str) -> bool:
 #                               merge([97, 97, 97, 98], (97, 97), 256) -> [256, 97, 98]
 # Ties go to the smallest pair (left id, then right id), so the result never depends on dict order.
 # Merge k (k = 0, 1, ...) gets id 256 + k. This is rustbpe's rule, and the tests check our merges against it.
+# The docstring's worked example is these two steps, three times.
 
 def count_pairs(ids: list[int], counts: dict | None = None, weight: int = 1) -> dict[tuple[int, int], int]:
     """Add `weight` for every adjacent pair in ids: [1, 2, 3, 1, 2] -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}."""
@@ -131,7 +103,7 @@ def count_pairs(ids: list[int], counts: dict | None = None, weight: int = 1) -> 
 
 
 def merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    """Replace each occurrence of pair, scanning left to right: merge([1, 2, 3, 1, 2], (1, 2), 4) -> [4, 3, 4]."""
+    """Replace each occurrence of pair, left to right: merge([1, 2, 3, 1, 2], (1, 2), 4) -> [4, 3, 4]."""
     out, i = [], 0
     while i < len(ids):
         if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
@@ -167,62 +139,23 @@ def train_merges_simple(pretoken_counts: dict[str, int], num_merges: int) -> lis
 # ----------------------------------------------------------------------------------------------------------
 # 3. Training, fast
 #
-# Three observations make training cheap in Python:
-#  - Text repeats. Count each distinct pre-token once with its frequency (10 MB of english_mix: 2.14M
-#    pre-tokens, 66K distinct) and weight its pairs by that frequency.
+# train_merges_simple recounts every pair of every pre-token for each merge. Three observations avoid that:
+#  - Text repeats: count each distinct pre-token once and weight its pairs by its frequency.
 #  - A merge only changes the pre-tokens ("words") that contain the merged pair. Keep an index
-#    pair -> words containing it, and update the pair counts of those words only. Most words hold the pair
-#    once; then only the pairs touching it change (10 MB, 7,936 merges, 319K word updates: recounting every
-#    touched word took 1.9 s, updating just the neighbours 1.2 s).
+#    pair -> words containing it, and update those words only; in the common case of one occurrence,
+#    only the pairs that touch it.
 #  - The best pair comes from a heap. Counts of existing pairs only ever go down (a merge creates pairs
 #    only with the new id), so a stale heap entry overstates its count: when we pop one whose count is out
 #    of date, we push it back with the true count ("lazy" refresh). An entry whose count is current is the
 #    true maximum, and the heap's order on (-count, pair) gives rustbpe's tie rule.
-#
 # Representation: a word is a Python str whose characters are token ids (chr(id)); a pair is a 2-character
 # str. Bytes 0..255 map to chr(0)..chr(255), which is exactly what bytes.decode("latin-1") produces, and
 # merging a pair is str.replace(pair, chr(new_id)), which scans left to right without overlaps, like
 # merge() above, but at C speed. Comparing 2-character strings compares (left id, right id) in order.
 # (Ids up to 65,535 include the surrogate code points; Python strings hold them fine, we never encode them.)
 
-def count_pretokens(texts: str | Iterable[str], pattern: str, special_tokens: Sequence[str] = (),
-                    verbose: bool = False) -> Counter:
-    """{pre-token: occurrences} over all documents; documents are consumed one at a time, never all held."""
-    split_pattern = regex.compile(pattern)
-    special_cut = re.compile("|".join(re.escape(s) for s in sorted(special_tokens, key=len, reverse=True)))
-    chunk_counts: Counter = Counter()
-    documents = characters = 0
-    t0 = last_report = time.perf_counter()
-    for text in [texts] if isinstance(texts, str) else texts:
-        # Special-token text (e.g. "<|endoftext|>" between stories) is a delimiter, not something to learn.
-        for part in special_cut.split(text) if special_tokens else [text]:
-            chunk_counts.update(split_chunks(part))  # Counter.update over a list runs in C
-        documents, characters = documents + 1, characters + len(text)
-        if verbose and time.perf_counter() - last_report > 5.0:
-            last_report = time.perf_counter()
-            print(f"read {documents:,} documents, {characters / 1e6:,.1f}M characters, "
-                  f"{characters / 1e6 / (last_report - t0):.1f}M characters/s", flush=True)
-    # One regex call per distinct chunk would cost ~2 us of call overhead each. Instead, glue together all
-    # chunks that occur equally often (safe: each starts a pre-token, see starts_chunk) and split that
-    # string in one call. The first chunk of each document may not start with a space; it goes alone.
-    chunks_by_count: dict[int, list[str]] = defaultdict(list)
-    pretoken_counts: Counter = Counter()
-    for chunk, n in chunk_counts.items():
-        if starts_chunk(chunk):
-            chunks_by_count[n].append(chunk)
-        else:
-            for pretoken in split_pattern.findall(chunk):
-                pretoken_counts[pretoken] += n
-    for n, chunks in chunks_by_count.items():
-        for pretoken, k in Counter(split_pattern.findall("".join(chunks))).items():
-            pretoken_counts[pretoken] += n * k
-    return pretoken_counts
-
-
-def train_merges(pretoken_counts: dict[str, int], num_merges: int, verbose: bool = False) -> list[tuple[int, int]]:
-    """The merges train_merges_simple would pick, computed incrementally (see the notes above)."""
-    words = [w.encode("utf-8").decode("latin-1") for w in pretoken_counts]  # one char per byte = byte id
-    freqs = list(pretoken_counts.values())
+def index_pairs(words: list[str], freqs: list[int]) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """Each adjacent pair's count, weighted by word frequency, and the indices of the words holding it."""
     pair_counts: dict[str, int] = defaultdict(int)
     words_with_pair: dict[str, list[int]] = defaultdict(list)  # may repeat a word; harmless, see below
     for j, (word, n) in enumerate(zip(words, freqs)):
@@ -230,9 +163,17 @@ def train_merges(pretoken_counts: dict[str, int], num_merges: int, verbose: bool
             pair = word[i:i + 2]
             pair_counts[pair] += n
             words_with_pair[pair].append(j)
+    return pair_counts, words_with_pair
+
+
+def train_merges(pretoken_counts: dict[str, int], num_merges: int,
+                 verbose: bool = False) -> list[tuple[int, int]]:
+    """The merges train_merges_simple would pick, computed incrementally (see the notes above)."""
+    words = [w.encode("utf-8").decode("latin-1") for w in pretoken_counts]  # one char per byte = byte id
+    freqs = list(pretoken_counts.values())
+    pair_counts, words_with_pair = index_pairs(words, freqs)
     heap = [(-n, pair) for pair, n in pair_counts.items()]
     heapq.heapify(heap)
-
     merges: list[tuple[int, int]] = []
     t0 = last_report = time.perf_counter()
     while len(merges) < num_merges and heap:
@@ -272,7 +213,7 @@ def train_merges(pretoken_counts: dict[str, int], num_merges: int, verbose: bool
                         created.append(p)
                     else:
                         pair_counts[p] += n
-            for p in created:  # pairs with the new token: counted, indexed, and pushed once all words are done
+            for p in created:  # pairs with the new token: counted, indexed, pushed once all words are done
                 pair_counts[p] += n
                 words_with_pair[p].append(j)
                 changed.add(p)
@@ -288,20 +229,15 @@ def train_merges(pretoken_counts: dict[str, int], num_merges: int, verbose: bool
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4-8. The Tokenizer: encoding, decoding, saving, GPT-2's files, tiktoken
+# 4. The Tokenizer: mergeable ranks, a split pattern, special tokens; train() puts sections 1-3 together
 
-FORMAT_HEADER = "bpe.py tokenizer v1"
+FORMAT_HEADER = "bpe.py tokenizer v1"  # the first line of a saved tokenizer (section 7)
 NOT_A_TOKEN = sys.maxsize  # the "rank" of a pair whose concatenation is not a token: larger than any rank
-# Entries per encode cache (~210 bytes each, so ~55 MB when full); a full cache is cleared, which keeps memory
-# bounded on endless streams. 10 MB of english_mix has 222K distinct chunks, so it fits.
-CACHE_LIMIT = 1 << 18
 
 
 class Tokenizer:
     """A byte-level BPE tokenizer: mergeable_ranks {token bytes: id}, a split pattern, special tokens.
-
-    The ranks are all it needs, as in tiktoken: a token's id is also its merge priority (lower merges first).
-    """
+    As in tiktoken, the ranks are all it needs: a token's id is also its merge priority (lower first)."""
 
     def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = GPT4_PATTERN,
                  special_tokens: dict[str, int] | None = None):
@@ -316,11 +252,11 @@ class Tokenizer:
         self._decoder.update((i, s.encode("utf-8")) for s, i in self.special_tokens.items())
         if len(self._decoder) != len(self.mergeable_ranks) + len(self.special_tokens):
             raise ValueError("two tokens share an id: every token and special token needs its own id")
-        # The number of ids: the largest id + 1, which is len(mergeable_ranks) + len(special_tokens) for every
-        # tokenizer trained here and for GPT-2 (ids without gaps); the size of the model's embedding table.
+        # The number of ids, so the size of the model's embedding table: the largest id + 1, which is
+        # len(mergeable_ranks) + len(special_tokens) for every tokenizer trained here and for GPT-2 (no gaps).
         self.vocab_size = max(self._decoder) + 1
         self._split = regex.compile(pattern)
-        self._cache: dict[str, tuple[int, ...]] = {}  # chunk -> ids
+        self._cache: dict[str, tuple[int, ...]] = {}  # chunk -> ids: see Part II, encode caches
         self._pretoken_cache: dict[bytes, tuple[int, ...]] = {}  # pre-token that is not a token -> ids
 
     @property
@@ -331,8 +267,6 @@ class Tokenizer:
         split = {GPT4_PATTERN: "GPT-4", GPT2_PATTERN: "GPT-2"}.get(self.pattern, "custom")
         return f"Tokenizer(vocab_size={self.vocab_size}, specials={list(self.special_tokens)}, split={split})"
 
-    # --- 3. training (the method that puts the pieces above together) ---------------------------------------
-
     @classmethod
     def train(cls, texts: str | Iterable[str], vocab_size: int, pattern: str = GPT4_PATTERN,
               special_tokens: Sequence[str] = ("<|endoftext|>",), verbose: bool = False) -> Tokenizer:
@@ -341,11 +275,12 @@ class Tokenizer:
         if not all(isinstance(s, str) and s for s in special_tokens):
             raise ValueError(f"special_tokens must be non-empty strings, got {special_tokens!r}")
         if vocab_size < 256 + len(special_tokens):
-            raise ValueError(f"vocab_size {vocab_size} is too small: it must hold the 256 byte tokens "
-                             f"+ {len(special_tokens)} special tokens, so at least {256 + len(special_tokens)}")
+            raise ValueError(f"vocab_size {vocab_size} is too small: it must hold the 256 byte tokens + "
+                             f"{len(special_tokens)} special tokens, so at least {256 + len(special_tokens)}")
         if vocab_size > 65_536:
             raise ValueError(f"vocab_size {vocab_size} is above 65,536: token shards store ids as uint16")
         t0 = time.perf_counter()
+        # count_pretokens_simple's counts, without running the regex over repeated text: see Part II, chunks.
         pretoken_counts = count_pretokens(texts, pattern, special_tokens, verbose)
         if not pretoken_counts:
             raise ValueError("the training text is empty: give at least one non-empty document")
@@ -363,7 +298,7 @@ class Tokenizer:
         specials = {s: len(token_bytes) + k for k, s in enumerate(special_tokens)}
         return cls(ranks, pattern, specials)
 
-    # --- 4. encoding ----------------------------------------------------------------------------------------
+    # --- 5. Encoding ----------------------------------------------------------------------------------------
     #
     # tiktoken's rule, for each pre-token: if its bytes are a token, that is the answer (the common case,
     # " the"). Otherwise start from single bytes and repeatedly merge the adjacent pair whose concatenation
@@ -371,51 +306,29 @@ class Tokenizer:
     # tokenizer this replays the training merges in order; it also works for vocabularies given only as
     # ranks (tiktoken's), where no list of merges exists.
 
-    def _merge_pretoken(self, piece: bytes) -> tuple[int, ...]:
-        """Ids of a pre-token whose bytes are not a single token."""
-        ids = self._pretoken_cache.get(piece)  # a word seen before, in another chunk
-        if ids is not None:
-            return ids
-        ranks = self.mergeable_ranks
-        parts = [piece[i:i + 1] for i in range(len(piece))]
-        # pair_ranks[i] = rank of parts[i] + parts[i + 1]. After a merge only the two neighbours change, so
-        # each step is one min() and one index() (both in C) plus two lookups, not a rescan of all pairs.
-        pair_ranks = [ranks.get(a + b, NOT_A_TOKEN) for a, b in zip(parts, parts[1:])]
-        while pair_ranks:
-            best = min(pair_ranks)
-            if best == NOT_A_TOKEN:
-                break
-            i = pair_ranks.index(best)  # the leftmost of equal ranks, as in tiktoken
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-            del pair_ranks[i]
-            if i > 0:
-                pair_ranks[i - 1] = ranks.get(parts[i - 1] + parts[i], NOT_A_TOKEN)
-            if i < len(pair_ranks):
-                pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], NOT_A_TOKEN)
-        if len(self._pretoken_cache) >= CACHE_LIMIT:
-            self._pretoken_cache.clear()
-        self._pretoken_cache[piece] = ids = tuple(ranks[p] for p in parts)
-        return ids
-
-    def _encode_chunk(self, chunk: str) -> tuple[int, ...]:
+    def encode_ordinary_simple(self, text: str) -> list[int]:
+        """encode_ordinary's ids the plain way: split the text, apply the rule above to each pre-token."""
         ranks, ids = self.mergeable_ranks, []
-        for piece in self._split.findall(chunk):
-            piece = piece.encode("utf-8")
-            token = ranks.get(piece)  # most pre-tokens (" the", ",") are a token: no merging to do
-            if token is not None:
-                ids.append(token)
-            else:
-                ids += self._merge_pretoken(piece)
-        if len(self._cache) >= CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[chunk] = result = tuple(ids)
-        return result
+        for pretoken in self._split.findall(text):
+            piece = pretoken.encode("utf-8")
+            if piece in ranks:
+                ids.append(ranks[piece])
+                continue
+            parts = [piece[i:i + 1] for i in range(len(piece))]  # single bytes
+            while len(parts) > 1:
+                pair_ranks = [ranks.get(a + b, NOT_A_TOKEN) for a, b in zip(parts, parts[1:])]
+                best = min(pair_ranks)
+                if best == NOT_A_TOKEN:
+                    break  # no adjacent pair is a token: done
+                i = pair_ranks.index(best)  # the leftmost of equal ranks, as in tiktoken
+                parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            ids += [ranks[part] for part in parts]
+        return ids
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode text, treating special-token text like any other text."""
-        # Chunks repeat a lot (" the", " of"), so each distinct chunk is split and merged once, then cached.
-        # GPT-2's vocabulary on 0.49 MB of english_mix: first pass 0.13 s of CPU, later passes 0.02 s
-        # (tiktoken: 0.04 s every pass).
+        # encode_ordinary_simple's ids, with each distinct chunk of text (" the", " of") split and merged
+        # once, then cached: see Part II, chunks (split_chunks) and encode caches (_encode_chunk).
         cache, ids = self._cache, []
         for chunk in split_chunks(text):
             tokens = cache.get(chunk)
@@ -424,9 +337,10 @@ class Tokenizer:
 
     def encode(self, text: str, allowed_special: set[str] | str = frozenset(),
                disallowed_special: set[str] | str = "all") -> list[int]:
-        """Encode text like tiktoken: special-token text raises ValueError unless allowed ("all" allows all)."""
+        """Encode like tiktoken: special-token text raises ValueError unless allowed ("all" allows all)."""
         allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
-        disallowed = set(self.special_tokens) - allowed if disallowed_special == "all" else set(disallowed_special)
+        disallowed = (set(self.special_tokens) - allowed if disallowed_special == "all"
+                      else set(disallowed_special))
         for special in disallowed:
             if special in text:
                 raise ValueError(f"text contains the special token {special!r}: pass allowed_special="
@@ -446,15 +360,7 @@ class Tokenizer:
                 ids += self.encode_ordinary(part)
         return ids
 
-    def encode_ordinary_batch(self, texts: list[str]) -> list[list[int]]:
-        """encode_ordinary for many documents (one thread; the chunk cache is shared across them)."""
-        return [self.encode_ordinary(text) for text in texts]
-
-    def encode_batch(self, texts: list[str], allowed_special: set[str] | str = frozenset(),
-                     disallowed_special: set[str] | str = "all") -> list[list[int]]:
-        return [self.encode(text, allowed_special, disallowed_special) for text in texts]
-
-    # --- 5. decoding ----------------------------------------------------------------------------------------
+    # --- 6. Decoding ----------------------------------------------------------------------------------------
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The bytes the ids stand for. One token may hold part of a UTF-8 character, so bytes are exact."""
@@ -465,13 +371,12 @@ class Tokenizer:
                              f"0..{self.vocab_size - 1}") from None
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of the ids; bytes that are not valid UTF-8 (half a character) become U+FFFD, as in tiktoken."""
+        """Text of the ids; bytes that are not UTF-8 (half a character) become U+FFFD, as in tiktoken."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    # --- 6. saving and loading ------------------------------------------------------------------------------
+    # --- 7. Saving and loading ------------------------------------------------------------------------------
     #
     # The format, UTF-8 text, one record per line:
-    #
     #     bpe.py tokenizer v1
     #     pattern "'(?i:[sdmt]|ll|ve|re)|..."          the split regex as a JSON string
     #     specials 1
@@ -480,7 +385,6 @@ class Tokenizer:
     #     AA== 0                                        each token: base64 of its bytes, id (as in .tiktoken
     #     ...                                            files: tokens are bytes, often not valid UTF-8)
     #     sha256 9f86d0...                              SHA-256 of every line above, including their newlines
-    #
     # The counts catch truncation early, the checksum catches any edit, and the first line names the
     # version, so a file is either loaded exactly or rejected with the line that is wrong.
 
@@ -527,7 +431,8 @@ class Tokenizer:
                 raise fail(f"expected '<token> <id>', found {line[:60]!r} ({e})") from None
 
         if next_line() != FORMAT_HEADER:
-            raise fail(f"expected {FORMAT_HEADER!r}: not a bpe.py tokenizer, or another version of the format")
+            raise fail(f"expected {FORMAT_HEADER!r}: not a bpe.py tokenizer, "
+                       "or another version of the format")
         line = next_line()
         try:
             if not line.startswith("pattern "):
@@ -546,7 +451,7 @@ class Tokenizer:
         return cls(ranks, pattern, specials)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write dumps() to path atomically (see write_atomically)."""
+        """Write dumps() to path atomically: a crash leaves the old file. See Part II, write_atomically."""
         write_atomically(path, lambda tmp: tmp.write_text(self.dumps(), encoding="utf-8", newline="\n"))
 
     @classmethod
@@ -561,75 +466,244 @@ class Tokenizer:
             raise ValueError(f"{path}: not a bpe.py tokenizer (byte {e.start} is not UTF-8)") from None
         return cls.loads(text, source=str(path))
 
-    # --- 7. GPT-2's files -----------------------------------------------------------------------------------
-    #
-    # OpenAI's GPT-2 tokenizer comes as two files (Hugging Face ships the same content as vocab.json and
-    # merges.txt):
-    #   encoder.json  {token string: id} for 50,257 tokens, <|endoftext|> = 50256
-    #   vocab.bpe     "#version: 0.2", then the 50,000 merges in order, one "left right" pair per line
-    # Tokens are bytes, but JSON holds text, so GPT-2 writes each byte as a printable stand-in character:
-    # the 188 printable Latin-1 bytes ("!".."~", "¡".."¬", "®".."ÿ") stand for themselves, and the other 68
-    # (control characters, space, DEL, ...) take chr(256), chr(257), ... in byte order. So the space 0x20
-    # is written "Ġ" (chr(288)) and " the" is "Ġthe". Note GPT-2's byte tokens have ids in this printable
-    # order ("!" = 0), not byte values; only the ranks matter to encoding, so that is fine.
 
-    @staticmethod
-    def gpt2_byte_chars() -> dict[int, str]:
-        """GPT-2's byte -> stand-in character table (see above)."""
-        printable = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
-        others = [b for b in range(256) if b not in printable]
-        return {**{b: chr(b) for b in printable}, **{b: chr(256 + k) for k, b in enumerate(others)}}
+# ===== Part II: the workshop (speed, GPT-2 and tiktoken interop, files, command line) =====================
+#
+# Nothing here changes an id: each fast route gives what its plain twin in Part I gives, and the tests
+# check that on the shared corpora. The Tokenizer methods that belong here are written as functions and
+# attached by @tokenizer_method below, so that the class body in Part I holds only the lesson, while
+# callers still write Tokenizer.from_gpt2(...) and tok.to_tiktoken() as with any method.
 
-    @classmethod
-    def from_gpt2(cls, vocab_bpe: str | os.PathLike, encoder_json: str | os.PathLike) -> Tokenizer:
-        """GPT-2's tokenizer from OpenAI's vocab.bpe and encoder.json (ids identical to tiktoken's "gpt2")."""
-        vocab_bpe, encoder_json = Path(vocab_bpe), Path(encoder_json)
-        for path in (vocab_bpe, encoder_json):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: no such file (GPT-2's vocab.bpe and encoder.json are needed)")
-        to_byte = {c: b for b, c in cls.gpt2_byte_chars().items()}
-        try:
-            encoder = json.loads(encoder_json.read_text(encoding="utf-8"))
-            specials = {s: i for s, i in encoder.items() if s == "<|endoftext|>"}
-            ranks = {bytes(to_byte[c] for c in s): i for s, i in encoder.items() if s not in specials}
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError) as e:
-            raise ValueError(f"{encoder_json}: not GPT-2's encoder.json ({type(e).__name__}: {e})") from None
-        # vocab.bpe must agree: merge k (counting from 0) makes the token with id 256 + k.
-        lines = vocab_bpe.read_text(encoding="utf-8").split("\n")
-        first = 1 if lines[0].startswith("#version") else 0  # "#version: 0.2"; some copies of merges.txt lack it
-        merge_lines = lines[first:-1] if lines[-1] == "" else lines[first:]
-        if len(merge_lines) != len(ranks) - 256:
-            raise ValueError(f"{vocab_bpe}: {len(merge_lines)} merges, but encoder.json has {len(ranks) - 256} "
-                             "merged tokens: the two files do not belong together")
-        for k, line in enumerate(merge_lines):
-            line_no = first + k + 1
-            left, _, right = line.partition(" ")
-            try:
-                token = bytes(to_byte[c] for c in left + right)
-            except KeyError:  # a character that is not one of GPT-2's 256 stand-ins
-                token = None
-            if not right or ranks.get(token) != 256 + k:
-                raise ValueError(f"{vocab_bpe} line {line_no}: merge {line!r} does not match "
-                                 f"encoder.json id {256 + k}")
-        return cls(ranks, GPT2_PATTERN, specials)
-
-    # --- 8. tiktoken ----------------------------------------------------------------------------------------
-
-    def to_tiktoken(self, name: str = "bpe") -> tiktoken.Encoding:
-        """A tiktoken.Encoding with the same ranks, pattern and specials: identical ids, encoded in Rust."""
-        import tiktoken
-        return tiktoken.Encoding(name, pat_str=self.pattern, mergeable_ranks=self.mergeable_ranks,
-                                 special_tokens=self.special_tokens)
-
-    @classmethod
-    def from_tiktoken(cls, enc: tiktoken.Encoding) -> Tokenizer:
-        """From a tiktoken.Encoding, e.g. tiktoken.get_encoding("gpt2") (downloads its files once)."""
-        # tiktoken keeps these as private attributes; they are the Encoding's constructor arguments.
-        return cls(enc._mergeable_ranks, enc._pat_str, enc._special_tokens)
+def tokenizer_method(method: Callable | classmethod | staticmethod) -> Callable | classmethod | staticmethod:
+    """Attach a function, classmethod or staticmethod to Tokenizer under its own name; return it unchanged."""
+    setattr(Tokenizer, getattr(method, "__func__", method).__name__, method)
+    return method
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Files: the one atomic write, and the one tokenizer loader (prepare_fineweb.py and gpt.py use both)
+# 8. Chunks: where text can be cut without changing its pre-tokens
+#
+# The regex runs at Python speed, and most text repeats (" the", " of", ...). So we cut the text at C speed
+# into "chunks" at places where a new pre-token provably begins under both patterns, and split each
+# distinct chunk only once. Encoding caches the ids of each chunk (section 9), so repeated text costs one
+# dict lookup. Training counts the chunks and runs the regex over the distinct ones only, which hold a
+# share of the characters that falls as the corpus grows.
+#
+# The cut: before a space " " that is followed by a non-whitespace character X ("dog| bites", "a |  X").
+# Why that is safe, for both patterns:
+#  (a) No pre-token contains the character before the cut and the space. An alternative allows a space
+#      after its first character only inside an all-whitespace run ("\s*[\r\n]", "\s+(?!\S)", "\s+"),
+#      and such a run cannot end at our space: "\s*[\r\n]" ends with a line break, "\s+(?!\S)" is not
+#      followed by X, and "\s+" is only tried where "\s+(?!\S)" failed, which for a run of two or more
+#      whitespace characters never happens (it backs off one character, to end before our space).
+#  (b) So every match that starts before the cut ends before it, and nothing before the cut can tell the
+#      space from the end of the text: a path that consumes the space fails either way (by (a)), and
+#      "(?!\S)" succeeds on both.
+#  (c) Neither pattern looks behind, so the pre-tokens after the cut do not depend on what came before.
+# Hence findall(whole text) == findall(chunk 1) + findall(chunk 2) + ... (the tests check it on the shared
+# corpora). Note that the cut depends only on the text after it: any string followed by a chunk that starts
+# with " " + non-space also splits there, which lets us glue chunks together and run the regex once.
+# `re`'s \S means "not str.isspace()", which excludes every character that `regex`'s \s matches, so X is
+# non-whitespace for the patterns too.
+CHUNK_CUT = re.compile(r"(?= \S)")
+
+
+def split_chunks(text: str) -> list[str]:
+    """Cut text before every space followed by a non-space: "a dog  bites" -> ["a", " dog ", " bites"]."""
+    return CHUNK_CUT.split(text)
+
+
+def starts_chunk(chunk: str) -> bool:
+    """Whether any text followed by `chunk` has a cut right before it (see above)."""
+    return len(chunk) > 1 and chunk[0] == " " and not chunk[1].isspace()
+
+
+def count_pretokens(texts: str | Iterable[str], pattern: str, special_tokens: Sequence[str] = (),
+                    verbose: bool = False) -> Counter:
+    """{pre-token: occurrences} over all documents; documents are consumed one at a time, never all held.
+
+    The counts of count_pretokens_simple (section 1), with the regex run over each distinct chunk once."""
+    split_pattern = regex.compile(pattern)
+    special_cut = re.compile("|".join(re.escape(s) for s in sorted(special_tokens, key=len, reverse=True)))
+    chunk_counts: Counter = Counter()
+    documents = characters = 0
+    t0 = last_report = time.perf_counter()
+    for text in [texts] if isinstance(texts, str) else texts:
+        # Special-token text (e.g. "<|endoftext|>" between stories) is a delimiter, not something to learn.
+        for part in special_cut.split(text) if special_tokens else [text]:
+            chunk_counts.update(split_chunks(part))  # Counter.update over a list runs in C
+        documents, characters = documents + 1, characters + len(text)
+        if verbose and time.perf_counter() - last_report > 5.0:
+            last_report = time.perf_counter()
+            print(f"read {documents:,} documents, {characters / 1e6:,.1f}M characters, "
+                  f"{characters / 1e6 / (last_report - t0):.1f}M characters/s", flush=True)
+    # Most distinct chunks are short, so one regex call each would be mostly call overhead. Instead, glue
+    # together all chunks that occur equally often (safe: each starts a pre-token, see starts_chunk) and
+    # split that string in one call. The first chunk of a document may not start with a space; it goes alone.
+    chunks_by_count: dict[int, list[str]] = defaultdict(list)
+    pretoken_counts: Counter = Counter()
+    for chunk, n in chunk_counts.items():
+        if starts_chunk(chunk):
+            chunks_by_count[n].append(chunk)
+        else:
+            for pretoken in split_pattern.findall(chunk):
+                pretoken_counts[pretoken] += n
+    for n, chunks in chunks_by_count.items():
+        for pretoken, k in Counter(split_pattern.findall("".join(chunks))).items():
+            pretoken_counts[pretoken] += n * k
+    return pretoken_counts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. Encode caches
+#
+# encode_ordinary (section 5) looks each chunk up in tok._cache. A chunk seen for the first time goes to
+# _encode_chunk, which splits it into pre-tokens; a pre-token that is not a token goes to _merge_pretoken,
+# the rule of section 5 with two shortcuts: a cache per pre-token (a word recurs in many chunks), and
+# after a merge only the ranks of the two neighbouring pairs are looked up again, not every pair's.
+
+# Entries per encode cache: a full cache is cleared, which bounds memory on endless streams (each entry is
+# a short string or bytes and a tuple of ids, so a full cache takes tens of MB).
+CACHE_LIMIT = 1 << 18
+
+
+@tokenizer_method
+def _merge_pretoken(self, piece: bytes) -> tuple[int, ...]:
+    """Ids of a pre-token whose bytes are not a single token."""
+    ids = self._pretoken_cache.get(piece)  # a word seen before, in another chunk
+    if ids is not None:
+        return ids
+    ranks = self.mergeable_ranks
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    # pair_ranks[i] = rank of parts[i] + parts[i + 1]. After a merge only the two neighbours change, so
+    # each step is one min() and one index() (both in C) plus two lookups, not a rescan of all pairs.
+    pair_ranks = [ranks.get(a + b, NOT_A_TOKEN) for a, b in zip(parts, parts[1:])]
+    while pair_ranks:
+        best = min(pair_ranks)
+        if best == NOT_A_TOKEN:
+            break
+        i = pair_ranks.index(best)  # the leftmost of equal ranks, as in tiktoken
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        del pair_ranks[i]
+        if i > 0:
+            pair_ranks[i - 1] = ranks.get(parts[i - 1] + parts[i], NOT_A_TOKEN)
+        if i < len(pair_ranks):
+            pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], NOT_A_TOKEN)
+    if len(self._pretoken_cache) >= CACHE_LIMIT:
+        self._pretoken_cache.clear()
+    self._pretoken_cache[piece] = ids = tuple(ranks[p] for p in parts)
+    return ids
+
+
+@tokenizer_method
+def _encode_chunk(self, chunk: str) -> tuple[int, ...]:
+    ranks, ids = self.mergeable_ranks, []
+    for piece in self._split.findall(chunk):
+        piece = piece.encode("utf-8")
+        token = ranks.get(piece)  # most pre-tokens (" the", ",") are a token: no merging to do
+        if token is not None:
+            ids.append(token)
+        else:
+            ids += self._merge_pretoken(piece)
+    if len(self._cache) >= CACHE_LIMIT:
+        self._cache.clear()
+    self._cache[chunk] = result = tuple(ids)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 10. GPT-2's files
+#
+# OpenAI's GPT-2 tokenizer comes as two files (Hugging Face ships the same content as vocab.json and
+# merges.txt):
+#   encoder.json  {token string: id} for 50,257 tokens, <|endoftext|> = 50256
+#   vocab.bpe     "#version: 0.2", then the 50,000 merges in order, one "left right" pair per line
+# Tokens are bytes, but JSON holds text, so GPT-2 writes each byte as a printable stand-in character:
+# the 188 printable Latin-1 bytes ("!".."~", "¡".."¬", "®".."ÿ") stand for themselves, and the other 68
+# (control characters, space, DEL, ...) take chr(256), chr(257), ... in byte order. So the space 0x20
+# is written "Ġ" (chr(288)) and " the" is "Ġthe". Note GPT-2's byte tokens have ids in this printable
+# order ("!" = 0), not byte values; only the ranks matter to encoding, so that is fine.
+
+@tokenizer_method
+@staticmethod
+def gpt2_byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> stand-in character table (see above)."""
+    printable = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + k) for k, b in enumerate(others)}}
+
+
+@tokenizer_method
+@classmethod
+def from_gpt2(cls, vocab_bpe: str | os.PathLike, encoder_json: str | os.PathLike) -> Tokenizer:
+    """GPT-2's tokenizer from OpenAI's vocab.bpe and encoder.json (ids identical to tiktoken's "gpt2")."""
+    vocab_bpe, encoder_json = Path(vocab_bpe), Path(encoder_json)
+    for path in (vocab_bpe, encoder_json):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file (GPT-2's vocab.bpe and encoder.json are needed)")
+    to_byte = {c: b for b, c in cls.gpt2_byte_chars().items()}
+    try:
+        encoder = json.loads(encoder_json.read_text(encoding="utf-8"))
+        specials = {s: i for s, i in encoder.items() if s == "<|endoftext|>"}
+        ranks = {bytes(to_byte[c] for c in s): i for s, i in encoder.items() if s not in specials}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{encoder_json}: not GPT-2's encoder.json ({type(e).__name__}: {e})") from None
+    # vocab.bpe must agree: merge k (counting from 0) makes the token with id 256 + k.
+    lines = vocab_bpe.read_text(encoding="utf-8").split("\n")
+    first = 1 if lines[0].startswith("#version") else 0  # "#version: 0.2"; some copies of merges.txt lack it
+    merge_lines = lines[first:-1] if lines[-1] == "" else lines[first:]
+    if len(merge_lines) != len(ranks) - 256:
+        raise ValueError(f"{vocab_bpe}: {len(merge_lines)} merges, but encoder.json has {len(ranks) - 256} "
+                         "merged tokens: the two files do not belong together")
+    for k, line in enumerate(merge_lines):
+        line_no = first + k + 1
+        left, _, right = line.partition(" ")
+        try:
+            token = bytes(to_byte[c] for c in left + right)
+        except KeyError:  # a character that is not one of GPT-2's 256 stand-ins
+            token = None
+        if not right or ranks.get(token) != 256 + k:
+            raise ValueError(f"{vocab_bpe} line {line_no}: merge {line!r} does not match "
+                             f"encoder.json id {256 + k}")
+    return cls(ranks, GPT2_PATTERN, specials)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 11. tiktoken: the same ranks, pattern and specials make a tiktoken.Encoding with identical ids
+
+@tokenizer_method
+def to_tiktoken(self, name: str = "bpe") -> tiktoken.Encoding:
+    """A tiktoken.Encoding with the same ranks, pattern and specials: identical ids, encoded in Rust."""
+    import tiktoken
+    return tiktoken.Encoding(name, pat_str=self.pattern, mergeable_ranks=self.mergeable_ranks,
+                             special_tokens=self.special_tokens)
+
+
+@tokenizer_method
+@classmethod
+def from_tiktoken(cls, enc: tiktoken.Encoding) -> Tokenizer:
+    """From a tiktoken.Encoding, e.g. tiktoken.get_encoding("gpt2") (downloads its files once)."""
+    # tiktoken keeps these as private attributes; they are the Encoding's constructor arguments.
+    return cls(enc._mergeable_ranks, enc._pat_str, enc._special_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 12. Batch encoding, with tiktoken's method names
+
+@tokenizer_method
+def encode_ordinary_batch(self, texts: list[str]) -> list[list[int]]:
+    """encode_ordinary for many documents (one thread; the chunk cache is shared across them)."""
+    return [self.encode_ordinary(text) for text in texts]
+
+
+@tokenizer_method
+def encode_batch(self, texts: list[str], allowed_special: set[str] | str = frozenset(),
+                 disallowed_special: set[str] | str = "all") -> list[list[int]]:
+    return [self.encode(text, allowed_special, disallowed_special) for text in texts]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 13. Files: the one atomic write, and the one tokenizer loader (prepare_fineweb.py and gpt.py use both)
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Call write(temp_path) on a new file beside path, flush it to disk, then rename it over path.
@@ -660,8 +734,9 @@ def load_tokenizer(spec: str | os.PathLike, flag: str = "--tokenizer") -> Tokeni
         try:
             encoding = tiktoken.get_encoding("gpt2")  # downloads two files once, then uses tiktoken's cache
         except Exception as error:
-            raise ValueError(f"cannot download GPT-2's tokenizer ({type(error).__name__}); give a folder holding "
-                             f"vocab.bpe and encoder.json (or merges.txt and vocab.json): {flag}=FOLDER") from None
+            raise ValueError(f"cannot download GPT-2's tokenizer ({type(error).__name__}); give a folder "
+                             f"holding vocab.bpe and encoder.json (or merges.txt and vocab.json): "
+                             f"{flag}=FOLDER") from None
         return Tokenizer.from_tiktoken(encoding)
     path = Path(spec)
     if path.is_dir():
@@ -677,7 +752,7 @@ def load_tokenizer(spec: str | os.PathLike, flag: str = "--tokenizer") -> Tokeni
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 9. Command line
+# 14. Command line
 
 def read_utf8(path: str | os.PathLike) -> str:
     """A file's text; a clear error names the file and the byte offset where it stops being UTF-8."""
@@ -713,8 +788,8 @@ def main(argv: list[str] | None = None) -> None:
                     raise FileNotFoundError(f"--input {path}: no such file")
             texts = (read_utf8(path) for path in args.input)  # one file in memory at a time
             t0 = time.perf_counter()
-            tok = Tokenizer.train(texts, args.vocab_size, GPT4_PATTERN if args.pattern == "gpt4" else GPT2_PATTERN,
-                                  verbose=True)
+            pattern = GPT4_PATTERN if args.pattern == "gpt4" else GPT2_PATTERN
+            tok = Tokenizer.train(texts, args.vocab_size, pattern, verbose=True)
             seconds = time.perf_counter() - t0
             tok.save(args.out)
             n_bytes = n_tokens = 0
@@ -722,8 +797,8 @@ def main(argv: list[str] | None = None) -> None:
                 text = read_utf8(path)
                 n_bytes += len(text.encode("utf-8"))
                 n_tokens += len(tok.encode(text, allowed_special="all"))
-            print(f"trained vocab_size {tok.vocab_size:,} in {seconds:.2f} s; {n_bytes / max(n_tokens, 1):.3f} "
-                  f"bytes/token on the input; saved {args.out}")
+            print(f"trained vocab_size {tok.vocab_size:,} in {seconds:.2f} s; "
+                  f"{n_bytes / max(n_tokens, 1):.3f} bytes/token on the input; saved {args.out}")
         elif args.tokenizer and args.encode is not None:
             tok = Tokenizer.load(args.tokenizer)
             ids = tok.encode(args.encode, allowed_special="all")

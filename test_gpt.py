@@ -130,6 +130,26 @@ def test_bpe_pretoken_counts_equal_plain_regex(pattern):
     assert bpe.count_pretokens(docs, BPE_PATTERNS[pattern], ["<|endoftext|>"]) == expected
 
 
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_bpe_simple_pretoken_counts_equal_chunked_counts(pattern):
+    # Part I counts with one regex pass per document; Part II's count_pretokens, once per distinct chunk.
+    docs = [bpe_read(name, 300_000) for name in BPE_CORPORA] + BPE_EDGE_CASES
+    for specials in (["<|endoftext|>"], []):
+        assert bpe.count_pretokens_simple(docs, BPE_PATTERNS[pattern], specials) == \
+               bpe.count_pretokens(docs, BPE_PATTERNS[pattern], specials)
+    one_text = docs[0]
+    assert bpe.count_pretokens_simple(one_text, BPE_PATTERNS[pattern]) == \
+           bpe.count_pretokens(one_text, BPE_PATTERNS[pattern])
+
+
+@pytest.mark.parametrize("name", BPE_CORPORA)
+def test_bpe_simple_encode_equals_cached_encode(bpe_gpt2, bpe_trained, name):
+    # Part I merges every pre-token from scratch; encode_ordinary goes through the chunk and pre-token caches.
+    text = bpe_read(name, 300_000) + "".join(BPE_EDGE_CASES)
+    for tok in (bpe_gpt2, bpe_trained, bpe.Tokenizer.train(text[:50_000], 1000, bpe.GPT2_PATTERN)):
+        assert tok.encode_ordinary_simple(text) == tok.encode_ordinary(text) == tok.encode_ordinary(text)
+
+
 # ----- training equals rustbpe ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, chars, vocab_size", [
@@ -377,6 +397,14 @@ def test_bpe_cli_train_and_encode(tmp_path, capsys):
     tok = bpe.Tokenizer.load(out)
     assert json.loads(ids_line) == tok.encode("First Citizen<|endoftext|>é", allowed_special="all")
     assert pieces_line.endswith(" | '<|endoftext|>' | b'\\xc3' | b'\\xa9'")  # é is two bytes, no merge
+
+
+def test_bpe_reads_as_a_lesson_then_a_workshop():
+    # One banner splits the file; the lesson stays short enough to read in one sitting.
+    lines = (REPO / "bpe.py").read_text(encoding="utf-8").splitlines()
+    banners = [k for k, line in enumerate(lines) if line.startswith("# =") and "Part II" in line]
+    assert len(banners) == 1 and banners[0] < 480
+    assert max(len(line) for line in lines) <= 110
 
 
 @pytest.mark.parametrize("args, message", [

@@ -5,7 +5,7 @@ scheme of GPT-2 and GPT-4, starts from the 256 possible bytes of UTF-8 and learn
 frequent adjacent pair of tokens becomes a new token, again and again, until the vocabulary is full.
 
 Run it, or call it from Python:
-    python bpe.py --input a.txt b.txt --vocab_size 8192 --out tok.bpe   # train, print bytes/token
+    python bpe.py --input=a.txt,b.txt --vocab_size=8192 --out=tok.bpe   # train, print bytes/token
     python bpe.py --tokenizer=tok.bpe --encode="Hello world"            # ids and the pieces they stand for
     tok = Tokenizer.train(open("corpus.txt").read(), vocab_size=8192)   # or .load("tok.bpe"), .from_gpt2()
     assert tok.decode(tok.encode("Hello world")) == "Hello world"       # tok.save(path), tok.to_tiktoken()
@@ -754,6 +754,12 @@ def load_tokenizer(spec: str | os.PathLike, flag: str = "--tokenizer") -> Tokeni
 # ----------------------------------------------------------------------------------------------------------
 # 14. Command line
 
+class FlagParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage dump; exit 2, as argparse does
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def read_utf8(path: str | os.PathLike) -> str:
     """A file's text; a clear error names the file and the byte offset where it stops being UTF-8."""
     data = Path(path).read_bytes()
@@ -772,43 +778,61 @@ def show_token(token: bytes) -> str:
         return repr(token)
 
 
+def train_command(paths: list[str], vocab_size: int, pattern: str, out: str) -> None:  # pattern: gpt4 or gpt2
+    """Train on the files, save the tokenizer, and print what it reached and its bytes/token on them."""
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--input {path}: no such file")
+    texts = (read_utf8(path) for path in paths)  # one file in memory at a time
+    t0 = time.perf_counter()
+    split_pattern = GPT4_PATTERN if pattern == "gpt4" else GPT2_PATTERN
+    tok = Tokenizer.train(texts, vocab_size, split_pattern, verbose=True)
+    seconds = time.perf_counter() - t0
+    if tok.vocab_size < vocab_size:  # a small corpus: every pre-token became a single token first
+        merges = tok.vocab_size - 256 - len(tok.special_tokens)
+        print(f"note: vocab_size is {tok.vocab_size:,}, not {vocab_size:,}: the input allows only "
+              f"{merges:,} merges (more text gives more)")
+    tok.save(out)
+    n_bytes = n_tokens = 0
+    for path in paths:
+        text = read_utf8(path)
+        n_bytes += len(text.encode("utf-8"))
+        n_tokens += len(tok.encode(text, allowed_special="all"))
+    print(f"trained vocab_size {tok.vocab_size:,} in {seconds:.2f} s; "
+          f"{n_bytes / max(n_tokens, 1):.3f} bytes/token on the input; saved {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer, or encode text with one.")
-    parser.add_argument("--input", nargs="+", metavar="FILE", help="UTF-8 text files to train on")
+    """Train or encode, as the flags say. Bad input ends with one `error: ...` line: exit 2 for a bad flag,
+    1 for a failed run, 130 on Ctrl-C."""
+    parser = FlagParser(description="Train a byte-level BPE tokenizer, or encode text with one.")
+    parser.add_argument("--input", nargs="+", metavar="FILE[,FILE...]",
+                        help="UTF-8 text files to train on: --input=a.txt,b.txt (or --input a.txt b.txt)")
     parser.add_argument("--vocab_size", type=int, default=8192, help="256 bytes + merges + special tokens")
     parser.add_argument("--pattern", choices=["gpt4", "gpt2"], default="gpt4", help="split regex")
     parser.add_argument("--out", default="tok.bpe", help="where to save the trained tokenizer")
     parser.add_argument("--tokenizer", metavar="FILE", help="a saved tokenizer, for --encode")
     parser.add_argument("--encode", metavar="TEXT", help="text to encode (special tokens allowed)")
     args = parser.parse_args(argv)
+    # One way to name several files across the project (prepare_fineweb.py's): commas; spaces work too.
+    paths = [part for arg in args.input or [] for part in arg.split(",") if part]
+    if args.input is not None and not paths:
+        parser.error("--input names no file: give --input=FILE[,FILE...]")
     try:
-        if args.input:
-            for path in args.input:
-                if not Path(path).is_file():
-                    raise FileNotFoundError(f"--input {path}: no such file")
-            texts = (read_utf8(path) for path in args.input)  # one file in memory at a time
-            t0 = time.perf_counter()
-            pattern = GPT4_PATTERN if args.pattern == "gpt4" else GPT2_PATTERN
-            tok = Tokenizer.train(texts, args.vocab_size, pattern, verbose=True)
-            seconds = time.perf_counter() - t0
-            tok.save(args.out)
-            n_bytes = n_tokens = 0
-            for path in args.input:
-                text = read_utf8(path)
-                n_bytes += len(text.encode("utf-8"))
-                n_tokens += len(tok.encode(text, allowed_special="all"))
-            print(f"trained vocab_size {tok.vocab_size:,} in {seconds:.2f} s; "
-                  f"{n_bytes / max(n_tokens, 1):.3f} bytes/token on the input; saved {args.out}")
+        if paths:
+            train_command(paths, args.vocab_size, args.pattern, args.out)
         elif args.tokenizer and args.encode is not None:
             tok = Tokenizer.load(args.tokenizer)
             ids = tok.encode(args.encode, allowed_special="all")
             print(ids)
             print(" | ".join(show_token(tok.decode_bytes([i])) for i in ids))
         else:
-            parser.error("give --input FILE... to train, or --tokenizer FILE --encode TEXT to encode")
+            parser.error("give --input=FILE[,FILE...] to train, or --tokenizer=FILE --encode=TEXT to encode")
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # nothing is saved before training ends, so there is nothing to clean up
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -399,6 +399,55 @@ def test_bpe_cli_train_and_encode(tmp_path, capsys):
     assert pieces_line.endswith(" | '<|endoftext|>' | b'\\xc3' | b'\\xa9'")  # é is two bytes, no merge
 
 
+def test_bpe_cli_takes_several_files_with_commas_or_spaces_and_notes_a_small_corpus(tmp_path, capsys):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("hello world, hello there\n" * 20, encoding="utf-8")
+    b.write_text("the world is there\n" * 20, encoding="utf-8")
+    saved = set()
+    forms = [[f"--input={a},{b}"], ["--input", f"{a},{b}"], ["--input", str(a), str(b)],
+             ["--input", f"{a},", str(b)]]
+    for form in forms:
+        out = tmp_path / "tok.bpe"
+        bpe.main([*form, "--vocab_size=1000", f"--out={out}"])
+        tok = bpe.Tokenizer.load(out)
+        assert 256 < tok.vocab_size < 1000  # the corpus has fewer pairs to merge than 1000 - 257
+        notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+        merges = tok.vocab_size - 257
+        assert notes == [f"note: vocab_size is {tok.vocab_size:,}, not 1,000: the input allows only "
+                         f"{merges:,} merges (more text gives more)"]
+        saved.add(out.read_text(encoding="utf-8"))
+    assert len(saved) == 1  # every form trains on the same two files
+    assert saved == {bpe.Tokenizer.train([a.read_text(), b.read_text()], 1000).dumps()}
+    bpe.main([f"--input={a}", "--vocab_size=265", f"--out={tmp_path / 'small.bpe'}"])
+    assert "note: " not in capsys.readouterr().out  # 265 is reached: no note
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--vocab_size", "many"], "argument --vocab_size: invalid int value: 'many'"),
+    (["--input=,"], "--input names no file: give --input=FILE[,FILE...]"),
+    (["--encode", "x"], "give --input=FILE[,FILE...] to train, or --tokenizer=FILE --encode=TEXT to encode"),
+    (["--pattern", "gpt3", "--input", "a.txt"], "argument --pattern: invalid choice: 'gpt3'"),
+])
+def test_bpe_cli_bad_flags_are_one_line_with_exit_2(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        bpe.main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert message in err
+
+
+def test_bpe_cli_ctrl_c_exits_130_and_saves_nothing(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("hello world", encoding="utf-8")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bpe.Tokenizer, "train", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        bpe.main([f"--input={corpus}", f"--out={tmp_path / 'tok.bpe'}"])
+    assert exit_info.value.code == 130 and not (tmp_path / "tok.bpe").exists()
+
+
 def test_bpe_reads_as_a_lesson_then_a_workshop():
     # One banner splits the file; the lesson stays short enough to read in one sitting.
     lines = (REPO / "bpe.py").read_text(encoding="utf-8").splitlines()

@@ -311,10 +311,8 @@ class Tokenizer:
         ranks, ids = self.mergeable_ranks, []
         for pretoken in self._split.findall(text):
             piece = pretoken.encode("utf-8")
-            if piece in ranks:
-                ids.append(ranks[piece])
-                continue
-            parts = [piece[i:i + 1] for i in range(len(piece))]  # single bytes
+            # The whole pre-token if it is a token (" the"), else its single bytes, merged by the loop.
+            parts = [piece] if piece in ranks else [piece[i:i + 1] for i in range(len(piece))]
             while len(parts) > 1:
                 pair_ranks = [ranks.get(a + b, NOT_A_TOKEN) for a, b in zip(parts, parts[1:])]
                 best = min(pair_ranks)

@@ -42,6 +42,7 @@ Sections, in reading order:
 """
 import codecs
 import difflib
+import inspect
 import json
 import math
 import os
@@ -53,7 +54,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
+from typing import Annotated, Iterator, get_origin
 
 import numpy as np
 import torch
@@ -68,65 +69,77 @@ from bpe import Tokenizer, load_tokenizer, write_atomically
 # 1. Configuration
 #
 # Every knob is a plain global below. `python gpt.py --batch_size=16` (or `--batch_size 16`) overrides one;
-# `--help` lists them all with these comments. A value must parse as its default's type (an int is fine for
+# `--help` lists them all with the words in their annotations (read as data, never by parsing this file). A value must parse as its default's type (an int is fine for
 # a float; bools take true/false/1/0, and a bare `--sample` means true), so a typo stops the run instead of
 # training the wrong model. The defaults are GPT-2 124M; the docstring has the other seed configurations.
 
-# ---- knobs (the flag parser reads this block: `name = default  # comment` lines under "# group" headings)
+# ---- knobs: `name: Annotated[type, what it does] = default`, under a comment per group
 # I/O
-out_dir = "out"  # ckpt.pt and log.jsonl (one JSON object per step and per evaluation) go here
-init_from = "scratch"  # scratch | resume (continue the checkpoint) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
-ckpt = ""  # checkpoint to resume, sample or export; empty means <out_dir>/ckpt.pt
-gpt2_dir = ""  # folder with HF's GPT-2 files (model.safetensors, merges.txt, vocab.json); empty: download them
-eval_interval = 250  # evaluate every this many steps (and checkpoint, see always_save_checkpoint)
-eval_iters = 20  # batches per split in each evaluation
-log_interval = 1  # print a training line every this many steps (log.jsonl gets every step)
-always_save_checkpoint = False  # checkpoint at every evaluation, not only when the val loss improves
+out_dir: Annotated[str, "ckpt.pt and log.jsonl (a JSON object per step and per evaluation) go here"] = "out"
+init_from: Annotated[str, "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl"] = "scratch"
+ckpt: Annotated[str, "checkpoint to resume, sample or export; empty means <out_dir>/ckpt.pt"] = ""
+gpt2_dir: Annotated[str, "HF's GPT-2 files (model.safetensors, merges.txt, vocab.json); empty: download"] = ""
+eval_interval: Annotated[int, "evaluate every this many steps (and checkpoint, see below)"] = 250
+eval_iters: Annotated[int, "batches per split in each evaluation"] = 20
+log_interval: Annotated[int, "print a training line every this many steps (log.jsonl gets every step)"] = 1
+always_save_checkpoint: Annotated[bool, "checkpoint at every evaluation, not only when val improves"] = False
 # data
-data_dir = "data/fineweb"  # the shards, meta.json and tokenizer.bpe written by prepare_fineweb.py
-batch_size = 8  # sequences per micro-step in each process
-total_batch_tokens = 0  # tokens per optimizer step, all processes (sets the micro-steps); 0: one micro-step
+data_dir: Annotated[str, "shards, meta.json and tokenizer.bpe from prepare_fineweb.py"] = "data/fineweb"
+batch_size: Annotated[int, "sequences per micro-step in each process"] = 8
+total_batch_tokens: Annotated[int, "tokens per optimizer step, all processes (sets the micro-steps); "
+                                   "0: one micro-step"] = 0
 # model (the vocabulary size comes from the data's meta.json)
-n_layer = 12  # transformer blocks
-n_head = 12  # attention heads per block; must divide n_embd
-n_embd = 768  # channels of the residual stream
-block_size = 1024  # context length in tokens
-dropout = 0.0  # ~0.1 for small models on little data; on a CPU it slows steps ~1.5x (unfused attention)
-bias = True  # biases in Linear and LayerNorm layers, as in GPT-2
-pos_emb = "learned"  # learned | sinusoidal | rope
-activation = "gelu"  # gelu | relu
-tie_weights = True  # the output layer shares the token embedding matrix
-attention = "sdpa"  # sdpa (fused kernel) | manual (the same computation written out)
+n_layer: Annotated[int, "transformer blocks"] = 12
+n_head: Annotated[int, "attention heads per block; must divide n_embd"] = 12
+n_embd: Annotated[int, "channels of the residual stream"] = 768
+block_size: Annotated[int, "context length in tokens"] = 1024
+dropout: Annotated[float, "~0.1 for small models on little data; on a CPU it slows the steps (unfused "
+                          "attention)"] = 0.0
+bias: Annotated[bool, "biases in Linear and LayerNorm layers, as in GPT-2"] = True
+pos_emb: Annotated[str, "learned | sinusoidal | rope"] = "learned"
+activation: Annotated[str, "gelu | relu"] = "gelu"
+tie_weights: Annotated[bool, "the output layer shares the token embedding matrix"] = True
+attention: Annotated[str, "sdpa (fused kernel) | manual (the same computation written out)"] = "sdpa"
 # optimiser and schedule
-learning_rate = 6e-4  # peak learning rate, reached at the end of the warmup
-min_lr = 6e-5  # where the cosine decay ends (about learning_rate / 10)
-warmup_steps = 100  # linear warmup from ~0, while Adam's moment estimates settle
-max_steps = 5000  # optimizer steps to train for
-lr_decay_steps = 0  # step at which the cosine reaches min_lr; 0 means max_steps (set it to extend a run later)
-weight_decay = 0.1  # AdamW decay of the 2-D weights (matmuls, embeddings); biases and norm gains get none
-beta1 = 0.9  # AdamW's momentum
-beta2 = 0.95  # AdamW's second-moment decay; below 0.999 so a sudden large gradient fades quickly
-grad_clip = 1.0  # clip the global gradient norm to this; 0 turns clipping off
+learning_rate: Annotated[float, "peak learning rate, reached at the end of the warmup"] = 6e-4
+min_lr: Annotated[float, "where the cosine decay ends (about learning_rate / 10)"] = 6e-5
+warmup_steps: Annotated[int, "linear warmup from ~0, while Adam's moment estimates settle"] = 100
+max_steps: Annotated[int, "optimizer steps to train for"] = 5000
+lr_decay_steps: Annotated[int, "step at which the cosine reaches min_lr; 0 means max_steps (set it to "
+                               "extend a run later)"] = 0
+weight_decay: Annotated[float, "AdamW decay of the 2-D weights (matmuls, embeddings); biases and norm "
+                               "gains get none"] = 0.1
+beta1: Annotated[float, "AdamW's momentum"] = 0.9
+beta2: Annotated[float, "AdamW's second-moment decay; below 0.999 so a sudden large gradient fades "
+                        "quickly"] = 0.95
+grad_clip: Annotated[float, "clip the global gradient norm to this; 0 turns clipping off"] = 1.0
 # system
-device = "auto"  # auto (cuda, then mps, then cpu) | cuda | cuda:N | mps | cpu
-dtype = "auto"  # auto (see setup_device) | float32 | bfloat16 | float16
-compile = False  # torch.compile: faster CUDA steps after a minute of compiling; ignored on MPS and Windows
-peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0: a table of known GPUs, else measured with a matmul
-seed = 1337  # seeds the weights, the data order and the samples
+device: Annotated[str, "auto (cuda, then mps, then cpu) | cuda | cuda:N | mps | cpu"] = "auto"
+dtype: Annotated[str, "auto (see setup_device) | float32 | bfloat16 | float16"] = "auto"
+compile: Annotated[bool, "torch.compile: faster CUDA steps after a minute of compiling; ignored on MPS "
+                         "and Windows"] = False
+peak_flops: Annotated[float, "the device's peak FLOP/s for MFU; 0: a table of known GPUs, else "
+                             "measured with a matmul"] = 0.0
+seed: Annotated[int, "seeds the weights, the data order and the samples"] = 1337
 # sampling, export and plotting
-sample = False  # sample from --ckpt (or --init_from=gpt2...) instead of training
-prompt = "<|endoftext|>"  # text to continue, or FILE:path; the default starts a new document
-num_samples = 1  # samples to draw; one sample streams to stdout as it is generated
-max_new_tokens = 200  # tokens to generate per sample
-temperature = 0.8  # below 1 sharpens the distribution, above 1 flattens it; 0 is greedy
-top_k = 200  # sample only from the k most likely tokens; 0 turns it off
-top_p = 1.0  # sample only from the most likely tokens that make up this much probability; 1 turns it off
-greedy = False  # always take the most likely token (the same as --temperature=0)
-beam = 0  # beam search with this many beams (deterministic; one sample); 0 samples instead
-ignore_eot = False  # keep generating past <|endoftext|> instead of stopping there
-export_hf = ""  # write the checkpoint's model to this folder as a Hugging Face GPT-2 and exit
-plot = False  # write PNG plots of --ckpt's run next to it (curves, attention for --prompt, weights) and exit
-# ---- end of knobs
+sample: Annotated[bool, "sample from --ckpt (or --init_from=gpt2...) instead of training"] = False
+prompt: Annotated[str, "text to continue, or FILE:path; the default starts a new document"] = "<|endoftext|>"
+num_samples: Annotated[int, "samples to draw; one sample streams to stdout as it is generated"] = 1
+max_new_tokens: Annotated[int, "tokens to generate per sample"] = 200
+temperature: Annotated[float, "below 1 sharpens the distribution, above 1 flattens it; 0 is greedy"] = 0.8
+top_k: Annotated[int, "sample only from the k most likely tokens; 0 turns it off"] = 200
+top_p: Annotated[float, "sample only from the most likely tokens that make up this much probability; "
+                        "1 turns it off"] = 1.0
+greedy: Annotated[bool, "always take the most likely token (the same as --temperature=0)"] = False
+beam: Annotated[int, "beam search with this many beams (deterministic; one sample); 0 samples"] = 0
+ignore_eot: Annotated[bool, "keep generating past <|endoftext|> instead of stopping there"] = False
+export_hf: Annotated[str, "write the checkpoint's model to this folder as a Hugging Face GPT-2 and exit"] = ""
+plot: Annotated[bool, "write PNG plots of --ckpt's run next to it (curves, attention for --prompt, "
+                      "weights) and exit"] = False
+
+KNOB_GROUPS = {"out_dir": "I/O", "data_dir": "data", "n_layer": "model (the vocabulary size comes from the data's meta.json)",
+               "learning_rate": "optimiser and schedule", "device": "system",
+               "sample": "sampling, export and plotting"}  # --help's groups, by their first knob
 
 MODEL_KNOBS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos_emb", "activation",
                "tie_weights", "attention")  # the knobs that are GPTConfig fields
@@ -136,18 +149,12 @@ BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}
 
 
 def config_knobs() -> list[tuple[str, str, str]]:
-    """(group, name, comment) of every knob, in file order, read from the source of the block above.
-
-    Reading the source (never executing it) gives --help the same words a reader of this file sees."""
-    source = Path(__file__).read_text(encoding="utf-8")
-    block = source.split("# ---- knobs (")[1].split("# ---- end of knobs")[0]
+    """(group, name, comment) of every knob, in the order of the block above, read from its annotations."""
     knobs, group = [], ""
-    for line in block.splitlines()[1:]:
-        if line.startswith("# "):
-            group = line[2:]
-        elif line:
-            name, _, comment = line.partition("  # ")
-            knobs.append((group, name.split(" = ")[0], comment))
+    for name, hint in inspect.get_annotations(sys.modules[__name__]).items():
+        if get_origin(hint) is Annotated:
+            group = KNOB_GROUPS.get(name, group)
+            knobs.append((group, name, hint.__metadata__[0]))
     return knobs
 
 

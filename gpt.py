@@ -27,10 +27,13 @@ Part I, the lesson: stop at its end and you have read the whole program.
        (start, one optimizer step, evaluate and checkpoint, log)
     5. Sampling from the command line, and main
 Part II, the workshop: what makes the lesson fast, safe, interoperable and visible.
-    6. Speed routes: Linear's CPU route for generation, the chunked loss, MFU and the device's peak FLOPs
-    7. Safety and resume plumbing: random-generator states, stopping on a signal, the run log
+    6. Devices and speed routes: choosing the device and precision, Linear's CPU route for generation,
+       the chunked loss, MFU and the device's peak FLOPs
+    7. Safety and resume plumbing: shards, meta.json and checkpoints checked before use, random-generator
+       states, stopping on a signal, the run log and the console
     8. GPT-2 / Hugging Face: import, export, GPT-2's tokenizer
-    9. Plots (one function per figure), and the --help text
+    9. Plots (one function per figure)
+   10. Command-line conveniences: --help, the flag checks, --prompt
 """
 import codecs
 import difflib
@@ -82,15 +85,13 @@ always_save_checkpoint: Annotated[bool, "checkpoint at every evaluation, not onl
 # data
 data_dir: Annotated[str, "shards, meta.json and tokenizer.bpe from prepare_fineweb.py"] = "data/fineweb"
 batch_size: Annotated[int, "sequences per micro-step in each process"] = 8
-total_batch_tokens: Annotated[int, "tokens per optimizer step, all processes (sets the micro-steps); "
-                                   "0: one micro-step"] = 0
+total_batch_tokens: Annotated[int, "tokens per optimizer step over all processes; 0: one micro-step"] = 0
 # model (the vocabulary size comes from the data's meta.json)
 n_layer: Annotated[int, "transformer blocks"] = 12
 n_head: Annotated[int, "attention heads per block; must divide n_embd"] = 12
 n_embd: Annotated[int, "channels of the residual stream"] = 768
 block_size: Annotated[int, "context length in tokens"] = 1024
-dropout: Annotated[float, "~0.1 for small models on little data; on a CPU it slows the steps (unfused "
-                          "attention)"] = 0.0
+dropout: Annotated[float, "~0.1 for small models on little data; on a CPU it unfuses attention"] = 0.0
 bias: Annotated[bool, "biases in Linear and LayerNorm layers, as in GPT-2"] = True
 pos_emb: Annotated[str, "learned | sinusoidal | rope"] = "learned"
 activation: Annotated[str, "gelu | relu"] = "gelu"
@@ -101,21 +102,16 @@ learning_rate: Annotated[float, "peak learning rate, reached at the end of the w
 min_lr: Annotated[float, "where the cosine decay ends (about learning_rate / 10)"] = 6e-5
 warmup_steps: Annotated[int, "linear warmup from ~0, while Adam's moment estimates settle"] = 100
 max_steps: Annotated[int, "optimizer steps to train for"] = 5000
-lr_decay_steps: Annotated[int, "step at which the cosine reaches min_lr; 0 means max_steps (set it to "
-                               "extend a run later)"] = 0
-weight_decay: Annotated[float, "AdamW decay of the 2-D weights (matmuls, embeddings); biases and norm "
-                               "gains get none"] = 0.1
+lr_decay_steps: Annotated[int, "the cosine reaches min_lr here; 0: max_steps (set it to extend a run)"] = 0
+weight_decay: Annotated[float, "AdamW decay of the 2-D weights; biases and norm gains get none"] = 0.1
 beta1: Annotated[float, "AdamW's momentum"] = 0.9
-beta2: Annotated[float, "AdamW's second-moment decay; below 0.999 so a sudden large gradient fades "
-                        "quickly"] = 0.95
+beta2: Annotated[float, "AdamW's second-moment decay; < 0.999, so a large gradient spike fades fast"] = 0.95
 grad_clip: Annotated[float, "clip the global gradient norm to this; 0 turns clipping off"] = 1.0
 # system
 device: Annotated[str, "auto (cuda, then mps, then cpu) | cuda | cuda:N | mps | cpu"] = "auto"
 dtype: Annotated[str, "auto (see setup_device) | float32 | bfloat16 | float16"] = "auto"
-compile: Annotated[bool, "torch.compile: faster CUDA steps after a minute of compiling; ignored on MPS "
-                         "and Windows"] = False
-peak_flops: Annotated[float, "the device's peak FLOP/s for MFU; 0: a table of known GPUs, else "
-                             "measured with a matmul"] = 0.0
+compile: Annotated[bool, "torch.compile (faster CUDA steps after compiling); ignored on MPS, Windows"] = False
+peak_flops: Annotated[float, "peak FLOP/s for MFU; 0: the table of known GPUs, else a timed matmul"] = 0.0
 seed: Annotated[int, "seeds the weights, the data order and the samples"] = 1337
 # sampling, export and plotting
 sample: Annotated[bool, "sample from --ckpt (or --init_from=gpt2...) instead of training"] = False
@@ -124,18 +120,16 @@ num_samples: Annotated[int, "samples to draw; one sample streams to stdout as it
 max_new_tokens: Annotated[int, "tokens to generate per sample"] = 200
 temperature: Annotated[float, "below 1 sharpens the distribution, above 1 flattens it; 0 is greedy"] = 0.8
 top_k: Annotated[int, "sample only from the k most likely tokens; 0 turns it off"] = 200
-top_p: Annotated[float, "sample only from the most likely tokens that make up this much probability; "
-                        "1 turns it off"] = 1.0
+top_p: Annotated[float, "sample only from the most likely tokens holding this much probability; 1: off"] = 1.0
 greedy: Annotated[bool, "always take the most likely token (the same as --temperature=0)"] = False
 beam: Annotated[int, "beam search with this many beams (deterministic; one sample); 0 samples"] = 0
 ignore_eot: Annotated[bool, "keep generating past <|endoftext|> instead of stopping there"] = False
 export_hf: Annotated[str, "write the checkpoint's model to this folder as a Hugging Face GPT-2 and exit"] = ""
-plot: Annotated[bool, "write PNG plots of --ckpt's run next to it (curves, attention for --prompt, "
-                      "weights) and exit"] = False
+plot: Annotated[bool, "write PNG plots of --ckpt's run beside it (curves, attention, weights); exit"] = False
 
 KNOB_GROUPS = {"out_dir": "I/O", "data_dir": "data", "learning_rate": "optimiser and schedule",
                "n_layer": "model (the vocabulary size comes from the data's meta.json)", "device": "system",
-               "sample": "sampling, export and plotting"}  # --help's group headings, by each group's first knob
+               "sample": "sampling, export and plotting"}  # --help's headings, by each group's first knob
 MODEL_KNOBS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos_emb", "activation",
                "tie_weights", "attention")  # the knobs that are GPTConfig fields
 INIT_CHOICES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -164,7 +158,8 @@ def parse_value(name: str, text: str, default: bool | int | float | str) -> bool
         try:
             return kind(text)
         except ValueError:
-            raise ValueError(f"--{name} takes {'an int' if kind is int else 'a number'}, got {text!r}") from None
+            expected = "an int" if kind is int else "a number"
+            raise ValueError(f"--{name} takes {expected}, got {text!r}") from None
     return text
 
 
@@ -182,8 +177,8 @@ def parse_flags(argv: list[str]) -> dict:
             raise ValueError(f"unexpected argument {arg!r}: flags look like --key=value (see --help)")
         name, has_value, text = arg[2:].partition("=")
         if name not in defaults:
-            close = difflib.get_close_matches(name, defaults, n=3)
-            hint = f"did you mean {' or '.join('--' + c for c in close)}?" if close else "see --help for the list"
+            close = ["--" + c for c in difflib.get_close_matches(name, defaults, n=3)]
+            hint = f"did you mean {' or '.join(close)}?" if close else "see --help for the list"
             raise ValueError(f"unknown flag --{name}: {hint}")
         default = defaults[name]
         if not has_value:
@@ -203,18 +198,7 @@ def make_config(overrides: dict, base: dict | None = None) -> SimpleNamespace:
     settings.update({k: v for k, v in (base or {}).items() if k in settings})
     settings.update(overrides)
     cfg = SimpleNamespace(**settings)
-    if cfg.init_from not in INIT_CHOICES:
-        raise ValueError(f"--init_from={cfg.init_from!r} is not one of {', '.join(INIT_CHOICES)}")
-    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
-        raise ValueError(f"--dtype={cfg.dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    for name in ("batch_size", "eval_interval", "eval_iters", "log_interval", "num_samples", "max_new_tokens"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name}={getattr(cfg, name)} must be at least 1")
-    for name in ("max_steps", "warmup_steps", "lr_decay_steps", "total_batch_tokens", "beam", "top_k",
-                 "grad_clip"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name}={getattr(cfg, name)} must not be negative")
-    return cfg
+    return check_config(cfg)  # the choices and ranges a type cannot say: Part II, check_config
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,7 +230,8 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
                              f"pick n_embd as a multiple of n_head")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rope needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}")
+            raise ValueError(f"rope needs an even head size, got n_embd/n_head = "
+                             f"{self.n_embd // self.n_head}")
         choices = {"pos_emb": ("learned", "sinusoidal", "rope"), "activation": ("gelu", "relu"),
                    "attention": ("sdpa", "manual")}
         for name, allowed in choices.items():
@@ -354,7 +339,7 @@ class CausalSelfAttention(nn.Module):
         self.manual = config.attention == "manual"
 
     def queries_keys_values(self, x: torch.Tensor, rotary=None) -> tuple[torch.Tensor, ...]:
-        """(B, T, C) -> q, k, v, each (B, nh, T, hs): each head attends on its own hs-wide slice of channels."""
+        """(B, T, C) -> q, k, v, each (B, nh, T, hs): each head attends on its own hs-wide channel slice."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -405,7 +390,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-# -- From logits to a token ----------------------------------------------------------------------------------
+# -- Decoding: from logits to a token ------------------------------------------------------------------------
 #
 # The standard order: divide by the temperature (below 1 sharpens, above 1 flattens), keep the top_k most
 # likely tokens, then keep the smallest set whose probabilities add up to top_p (the "nucleus"), renormalise
@@ -547,7 +532,8 @@ class GPT(nn.Module):
         B, T = idx.size()
         start = caches[0].length if caches else 0
         if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
+            raise ValueError(f"sequence of {start + T} tokens is longer than "
+                             f"block_size={self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
         rotary = None
         if self.config.pos_emb == "learned":
@@ -629,11 +615,13 @@ class GPT(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, stop_token: int | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
-        """Continue the prompts idx (B, T); returns (B, T + new tokens). See generate_stream for the options."""
+        """Continue the prompts idx (B, T); returns (B, T + new tokens). Options: see generate_stream."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, stop_token,
                                         generator, use_cache))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1)
 
+
+# -- Beam search: decoding beside the model, on the same advance-or-recompute step as generate_stream -------
 
 @torch.inference_mode()
 def beam_search(model: GPT, idx: torch.Tensor, max_new_tokens: int, beam_size: int,
@@ -698,27 +686,6 @@ SHARD_VERSION = 1
 HEADER_BYTES = 256 * 4
 
 
-def shard_token_count(path: Path) -> int:
-    """Check a shard's header and size; return its token count."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: shard listed in meta.json is missing; re-run prepare_fineweb.py")
-    with open(path, "rb") as f:
-        header = np.frombuffer(f.read(HEADER_BYTES), dtype=np.int32)
-    if header.size < 256:
-        raise ValueError(f"{path}: {path.stat().st_size} bytes is shorter than the 1024-byte shard header; "
-                         f"re-run prepare_fineweb.py")
-    magic, version, count = (int(v) for v in header[:3])
-    if magic != SHARD_MAGIC:
-        raise ValueError(f"{path}: not a token shard (magic {magic}, expected {SHARD_MAGIC})")
-    if version != SHARD_VERSION:
-        raise ValueError(f"{path}: shard version {version}, this reader knows version {SHARD_VERSION}")
-    size, expected = path.stat().st_size, HEADER_BYTES + 2 * count
-    if size != expected:
-        raise ValueError(f"{path}: the header says {count:,} tokens ({expected:,} bytes) but the file has "
-                         f"{size:,} bytes (truncated?); re-run prepare_fineweb.py")
-    return count
-
-
 class TokenWindows:
     """Random windows of block_size + 1 tokens from one split's shards.
 
@@ -733,7 +700,7 @@ class TokenWindows:
         total_windows = 0
         for name in shard_names:
             path = data_dir / name
-            count = shard_token_count(path)
+            count = shard_token_count(path)  # the header, checked against the file: Part II
             if count > block_size:  # shards shorter than one window (a small last shard) hold no window
                 self.paths.append(path)
                 self.token_counts.append(count)
@@ -888,29 +855,13 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
     write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def model_from_checkpoint(checkpoint: dict, path: Path, dropout: float | None = None) -> GPT:
-    """The GPT a checkpoint describes, with its weights; dropout may be changed (it has no weights)."""
-    try:
-        config = GPTConfig(**checkpoint["model_config"])
-    except TypeError as e:
-        raise ValueError(f"{path}: its model_config does not fit this gpt.py's GPTConfig ({e})") from None
-    if dropout is not None:
-        config = replace(config, dropout=dropout)
-    model = GPT(config)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match its model_config ({str(e).splitlines()[0]})") from None
-    return model
-
-
-
-
 # -- The training loop, in steps ----------------------------------------------------------------------------
 
-def build_model(cfg: SimpleNamespace, overrides: dict, meta: dict, checkpoint: dict | None) -> tuple[GPT, str]:
+def build_model(cfg: SimpleNamespace, overrides: dict, meta: dict,
+                checkpoint: dict | None) -> tuple[GPT, str]:
     """The model to train and its tokenizer's text: the checkpoint's, GPT-2's weights, or a new model."""
     if checkpoint is not None:
+        # GPT(its model_config) with its weights, or one clear error: Part II, model_from_checkpoint
         model = model_from_checkpoint(checkpoint, checkpoint_path(cfg), dropout=cfg.dropout)
         # model flags that contradict the loaded weights are refused: Part II, check_architecture
         check_architecture(model.config, overrides, str(checkpoint_path(cfg)))
@@ -935,8 +886,8 @@ def micro_steps(cfg: SimpleNamespace, world_size: int) -> tuple[int, int]:
     tokens_per_micro_step = cfg.batch_size * cfg.block_size * world_size
     tokens_per_step = cfg.total_batch_tokens or tokens_per_micro_step
     if tokens_per_step % tokens_per_micro_step:
-        raise ValueError(f"--total_batch_tokens={tokens_per_step} is not a multiple of batch_size * block_size"
-                         f" * processes = {tokens_per_micro_step}: change one of them")
+        raise ValueError(f"--total_batch_tokens={tokens_per_step} is not a multiple of batch_size * "
+                         f"block_size * processes = {tokens_per_micro_step}: change one of them")
     return tokens_per_step // tokens_per_micro_step, tokens_per_step
 
 
@@ -1001,8 +952,8 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
     # MFU's numerator and denominator: Part II, flops_per_token and peak_flops_per_second
     flops, peak_flops = flops_per_token(model, cfg.block_size), peak_flops_per_second(runtime, cfg.peak_flops)
     run = Run(cfg, runtime, rank, world_size, meta, model, fast_model, train_model, optimizer,
-              tokenizer_from_text(tokenizer_text), tokenizer_text, windows, data_generator, accumulation_steps,
-              tokens_per_step, flops, peak_flops, step, best_val_loss, saved_step)
+              tokenizer_from_text(tokenizer_text), tokenizer_text, windows, data_generator,
+              accumulation_steps, tokens_per_step, flops, peak_flops, step, best_val_loss, saved_step)
     if rank == 0:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}")
@@ -1087,7 +1038,8 @@ def evaluate_and_checkpoint(run: Run, log: "RunLog") -> None:
     losses = evaluate(run.fast_model, run.windows, cfg, run.runtime, run.rank, run.world_size)
     record = {"kind": "eval", "step": run.step, "train_loss": losses["train"], "val_loss": losses["val"],
               "val_perplexity": math.exp(min(losses["val"], 50.0))}
-    val_tokens, val_bytes = run.meta["splits"]["val"].get("tokens", 0), run.meta["splits"]["val"].get("bytes", 0)
+    val = run.meta["splits"]["val"]
+    val_tokens, val_bytes = val.get("tokens", 0), val.get("bytes", 0)
     if val_bytes:  # a tokenizer-independent measure: how many bits the model needs per byte of text
         record["val_bits_per_byte"] = losses["val"] / math.log(2) * val_tokens / val_bytes
     if device.type == "cuda":
@@ -1160,22 +1112,9 @@ def load_for_sampling(cfg: SimpleNamespace, device: torch.device) -> tuple[GPT, 
     else:
         path = checkpoint_path(cfg)
         checkpoint = load_checkpoint(path)  # Part II, load_checkpoint
-        model, tokenizer = model_from_checkpoint(checkpoint, path), tokenizer_from_text(checkpoint["tokenizer"])
+        model = model_from_checkpoint(checkpoint, path)  # Part II, model_from_checkpoint
+        tokenizer = tokenizer_from_text(checkpoint["tokenizer"])
     return model.to(device).eval(), tokenizer
-
-
-def encode_prompt(prompt_flag: str, tokenizer: Tokenizer) -> list[int]:
-    """--prompt as ids; FILE:path reads the text from a file. Special tokens in it (<|endoftext|>) count."""
-    text = prompt_flag
-    if prompt_flag.startswith("FILE:"):
-        path = Path(prompt_flag.removeprefix("FILE:"))
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompt=FILE:{path}: no such file")
-        text = path.read_text(encoding="utf-8")
-    ids = tokenizer.encode(text, allowed_special="all")
-    if not ids:
-        raise ValueError("--prompt encodes to no tokens: give some text, or leave it out to start a new document")
-    return ids
 
 
 def decode_until(ids: list[int], tokenizer: Tokenizer, stop_token: int | None) -> str:
@@ -1192,6 +1131,7 @@ def run_sampling(cfg: SimpleNamespace, overrides: dict) -> None:
         raise ValueError("--beam finds one best continuation: drop --num_samples")
     runtime = setup_device(cfg.device, cfg.dtype)  # Part II, setup_device
     model, tokenizer = load_for_sampling(cfg, runtime.device)
+    # --prompt as ids (text, or FILE:path): Part II, encode_prompt
     prompt = torch.tensor([encode_prompt(cfg.prompt, tokenizer)], device=runtime.device)  # (1, T)
     stop_token = None if cfg.ignore_eot else tokenizer.eot_token
     generator = torch.Generator(device=runtime.device).manual_seed(cfg.seed)
@@ -1265,7 +1205,8 @@ def setup_device(device_name: str, dtype_name: str = "auto", local_rank: int = 0
     T4); float32 on CPUs, where bfloat16 is emulated and much slower unless the CPU has bf16 units (ask
     for it with --dtype=bfloat16)."""
     if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        mps = torch.backends.mps.is_available()
+        device_name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     kind = device_name.split(":")[0]
     if kind not in ("cuda", "mps", "cpu"):
         raise ValueError(f"--device={device_name!r} is not one of auto, cuda, cuda:N, mps, cpu")
@@ -1288,7 +1229,8 @@ def setup_device(device_name: str, dtype_name: str = "auto", local_rank: int = 0
         raise ValueError(f"--dtype=float16 needs loss scaling, done here on CUDA only: use bfloat16 or "
                          f"float32 on {kind}")
     if dtype_name == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"--dtype=bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16: use float16")
+        raise ValueError(f"--dtype=bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16: "
+                         f"use float16")
 
     if kind == "cuda":
         torch.cuda.set_device(device)
@@ -1418,6 +1360,27 @@ def peak_flops_per_second(runtime: Runtime, configured: float) -> float:
 # 7. Safety and resume plumbing: inputs checked before a run, a stopped run continued exactly, a signal
 #    that stops it cleanly, the log and the console
 
+def shard_token_count(path: Path) -> int:
+    """Check a shard's header and size; return its token count."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: shard listed in meta.json is missing; re-run prepare_fineweb.py")
+    with open(path, "rb") as f:
+        header = np.frombuffer(f.read(HEADER_BYTES), dtype=np.int32)
+    if header.size < 256:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes is shorter than the 1024-byte shard header; "
+                         f"re-run prepare_fineweb.py")
+    magic, version, count = (int(v) for v in header[:3])
+    if magic != SHARD_MAGIC:
+        raise ValueError(f"{path}: not a token shard (magic {magic}, expected {SHARD_MAGIC})")
+    if version != SHARD_VERSION:
+        raise ValueError(f"{path}: shard version {version}, this reader knows version {SHARD_VERSION}")
+    size, expected = path.stat().st_size, HEADER_BYTES + 2 * count
+    if size != expected:
+        raise ValueError(f"{path}: the header says {count:,} tokens ({expected:,} bytes) but the file has "
+                         f"{size:,} bytes (truncated?); re-run prepare_fineweb.py")
+    return count
+
+
 def load_meta(data_dir: Path) -> dict:
     """meta.json of a prepared dataset, checked to list train and val shards and an existing tokenizer."""
     meta_path = data_dir / "meta.json"
@@ -1457,6 +1420,25 @@ def load_checkpoint(path: Path) -> dict:
     if missing:
         raise ValueError(f"{path} is not a checkpoint of gpt.py (missing {', '.join(missing)})")
     return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict, path: Path, dropout: float | None = None) -> GPT:
+    """The GPT a checkpoint describes, with its weights; dropout may be changed (it has no weights)."""
+    try:
+        config = GPTConfig(**checkpoint["model_config"])
+    except TypeError as e:
+        raise ValueError(f"{path}: its model_config does not fit this gpt.py's GPTConfig ({e})") from None
+    if dropout is not None:
+        config = replace(config, dropout=dropout)
+    model = GPT(config)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        reason = str(e).splitlines()[0]
+        raise ValueError(f"{path}: weights do not match its model_config ({reason})") from None
+    return model
+
+
 
 
 def check_architecture(model_config: GPTConfig, overrides: dict, source: str) -> None:
@@ -1511,7 +1493,8 @@ class StopOnSignal:
         self.previous_handlers = {}
 
     def __enter__(self) -> "StopOnSignal":
-        self.previous_handlers = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous_handlers = {sig: signal.signal(sig, self.request)
+                                  for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc) -> None:
@@ -1598,7 +1581,8 @@ def print_step(run: Run, record: dict) -> None:
 
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 GPT2_SIZES = {  # model_type: (n_layer, n_head, n_embd)
-    "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600),
+    "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
 }
 
 
@@ -1615,8 +1599,8 @@ def from_gpt2(model_type: str = "gpt2", gpt2_dir: str | os.PathLike | None = Non
             gpt2_dir = snapshot_download(f"openai-community/{model_type}",
                                          allow_patterns=["config.json", "model.safetensors"])
         except Exception as e:
-            raise ValueError(f"could not download {model_type} from the Hugging Face hub ({type(e).__name__}); "
-                             f"download it elsewhere and pass --gpt2_dir=DIR") from None
+            raise ValueError(f"could not download {model_type} from the Hugging Face hub "
+                             f"({type(e).__name__}); download it elsewhere and pass --gpt2_dir=DIR") from None
     gpt2_dir = Path(gpt2_dir)
     weights_file = gpt2_dir / "model.safetensors"
     if not weights_file.is_file():
@@ -1690,8 +1674,10 @@ def export_to_hf(model: GPT, out_dir: str | os.PathLike) -> None:
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(out_dir / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    write_atomically(out_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf_config, indent=2)))
+    write_atomically(out_dir / "model.safetensors",
+                     lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_atomically(out_dir / "config.json",
+                     lambda tmp: Path(tmp).write_text(json.dumps(hf_config, indent=2)))
 
 
 def gpt2_tokenizer(gpt2_dir: str) -> Tokenizer:
@@ -1709,7 +1695,7 @@ def run_export(cfg: SimpleNamespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 9. Plots (one function per figure), and the --help text
+# 9. Plots: one function per figure
 
 PLOT_PROMPT = "First Citizen: Once upon a time, a little girl asked the king why the sky was blue."
 WEIGHT_KINDS = {"attn.c_attn": "attention q,k,v", "attn.c_proj": "attention output",
@@ -1721,7 +1707,8 @@ def run_plot(cfg: SimpleNamespace) -> None:
     attention heatmaps for --prompt, weight histograms and spectral norms."""
     path = checkpoint_path(cfg)
     checkpoint = load_checkpoint(path)
-    model, tokenizer = model_from_checkpoint(checkpoint, path).eval(), tokenizer_from_text(checkpoint["tokenizer"])
+    model = model_from_checkpoint(checkpoint, path).eval()
+    tokenizer = tokenizer_from_text(checkpoint["tokenizer"])
     log_path = path.parent / "log.jsonl"
     records = ([json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line]
                if log_path.is_file() else [])
@@ -1747,8 +1734,8 @@ def plot_run(model: GPT, tokenizer: Tokenizer, records: list[dict], out_dir: Pat
     ids = tokenizer.encode_ordinary(prompt)[-min(24, model.config.block_size):]
     if ids:
         figures["attention.png"] = plot_attention(plt, model, tokenizer, ids)
-    matrices = {title: [block.get_submodule(key).weight.detach().float().cpu() for block in model.transformer.h]
-                for key, title in WEIGHT_KINDS.items()}  # {kind: one matrix per layer}
+    matrices = {title: [block.get_submodule(key).weight.detach().float().cpu()  # one matrix per layer
+                        for block in model.transformer.h] for key, title in WEIGHT_KINDS.items()}
     figures["weights.png"] = plot_weight_histograms(plt, matrices)
     figures["spectral_norms.png"] = plot_spectral_norms(plt, matrices)
     written = []
@@ -1860,7 +1847,8 @@ def plot_weight_histograms(plt, matrices: dict[str, list[torch.Tensor]]):
     fig, axes = plt.subplots(1, len(matrices), figsize=(4 * len(matrices), 3.2), layout="constrained")
     for ax, (title, weights) in zip(axes, matrices.items()):
         for layer, weight in enumerate(weights):
-            ax.hist(weight.flatten().numpy(), bins=80, histtype="step", color=colors[layer], label=f"layer {layer}")
+            ax.hist(weight.flatten().numpy(), bins=80, histtype="step", color=colors[layer],
+                    label=f"layer {layer}")
         ax.set(title=title, xlabel="weight value", ylabel="count")
         ax.set_yscale("log")
     axes[-1].legend(fontsize=7)
@@ -1882,6 +1870,9 @@ def plot_spectral_norms(plt, matrices: dict[str, list[torch.Tensor]]):
     return fig
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 10. Command-line conveniences: --help, the flag checks, --prompt
+
 def help_text() -> str:
     """--help: the commands, then every knob with its default (as typed on the command line) and comment."""
     lines = ["usage: python gpt.py [--key=value ...]      train (the default)",
@@ -1896,6 +1887,38 @@ def help_text() -> str:
         shown = repr(default) if isinstance(default, str) else str(default).lower()  # --bias=true, as typed
         lines.append(f"  --{name}={shown}".ljust(34) + f" {comment}")
     return "\n".join(lines)
+
+
+def check_config(cfg: SimpleNamespace) -> SimpleNamespace:
+    """cfg, once every knob with a fixed set of choices or a range is within it; else a ValueError."""
+    if cfg.init_from not in INIT_CHOICES:
+        raise ValueError(f"--init_from={cfg.init_from!r} is not one of {', '.join(INIT_CHOICES)}")
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype={cfg.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    for name in ("batch_size", "eval_interval", "eval_iters", "log_interval", "num_samples",
+                 "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name}={getattr(cfg, name)} must be at least 1")
+    for name in ("max_steps", "warmup_steps", "lr_decay_steps", "total_batch_tokens", "beam", "top_k",
+                 "grad_clip"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name}={getattr(cfg, name)} must not be negative")
+    return cfg
+
+
+def encode_prompt(prompt_flag: str, tokenizer: Tokenizer) -> list[int]:
+    """--prompt as ids; FILE:path reads the text from a file. Special tokens in it (<|endoftext|>) count."""
+    text = prompt_flag
+    if prompt_flag.startswith("FILE:"):
+        path = Path(prompt_flag.removeprefix("FILE:"))
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompt=FILE:{path}: no such file")
+        text = path.read_text(encoding="utf-8")
+    ids = tokenizer.encode(text, allowed_special="all")
+    if not ids:
+        raise ValueError("--prompt encodes to no tokens: give some text, or leave it out to start a new "
+                         "document")
+    return ids
 
 
 if __name__ == "__main__":

@@ -6,42 +6,38 @@ plus a few switches a learner wants to try: sinusoidal or rotary positions, ReLU
 The loop trains it on CUDA (one GPU, or many with torchrun), Apple's MPS or the CPU, and a stopped run
 continues from its checkpoint exactly as if it had never stopped.
 
-Run it (prepare_fineweb.py first writes the token shards it trains on; model flags as in the seed
-configurations below):
+Run it (prepare_fineweb.py first writes the token shards it trains on; the README's recipes are tested
+sets of flags, with the losses they reach):
     python gpt.py --data_dir=data/tinystories ...              # train: out/ckpt.pt, out/log.jsonl
-    python gpt.py --init_from=resume                           # continue out/ckpt.pt where it stopped (Ctrl-C saves)
+    python gpt.py --init_from=resume                           # continue out/ckpt.pt (Ctrl-C saves it)
     python gpt.py --sample --ckpt=out/ckpt.pt --prompt="Once"  # stream a sample to stdout
+    python gpt.py --sample --init_from=gpt2                    # OpenAI's GPT-2 (or gpt2-medium/-large/-xl)
     torchrun --standalone --nproc_per_node=8 gpt.py ...        # 8 GPUs (DDP); multi-node: torchrun's --nnodes
     python gpt.py --plot --ckpt=out/ckpt.pt                    # curves, attention, weights as PNGs in out/
     python gpt.py --export_hf=DIR                              # the checkpoint as a Hugging Face GPT-2
     python gpt.py --help                                       # every knob with its default and meaning
 
-Seed configurations (the vocabulary size always comes from the data's meta.json):
-    GPT-2 124M (the defaults) on FineWeb-edu with GPT-2's tokenizer, 0.5M tokens per step:
-        python prepare_fineweb.py --tokenizer=gpt2 --name=fineweb_gpt2 --max_tokens=all
-        torchrun --standalone --nproc_per_node=8 gpt.py --data_dir=data/fineweb_gpt2 --batch_size=64 \
-            --total_batch_tokens=524288 --warmup_steps=715 --max_steps=19073 --compile
-    gpt2-nano: 12 layers, 8 heads, 512 wide, sinusoidal positions, ReLU, an 8192-token vocabulary:
-        python prepare_fineweb.py
-        python gpt.py --n_layer=12 --n_head=8 --n_embd=512 --pos_emb=sinusoidal --activation=relu
-    TinyStories: 4 layers, 4 heads, 128 wide, context 256 (runs on a laptop CPU):
-        python prepare_fineweb.py --dataset=tinystories
-        python gpt.py --data_dir=data/tinystories --n_layer=4 --n_head=4 --n_embd=128 --block_size=256 \
-            --dropout=0.1 --batch_size=32 --learning_rate=1e-3 --min_lr=1e-4 --max_steps=5000 --eval_interval=500
-    OpenAI's GPT-2: sample with `--sample --init_from=gpt2` (or gpt2-medium/-large/-xl, --gpt2_dir=DIR
-    offline); fine-tune with `--init_from=gpt2 --data_dir=... --learning_rate=3e-5` on GPT-2-tokenized data.
-
-Sections, in reading order:
-    1. Configuration: every knob as a plain global, and the flag parser that overrides them
-    2. The model: attention (the plain computation, then the fused kernel), MLP, block, config, GPT
-       (forward, generation with a KV cache, sampling filters, beam search, GPT-2 import and export)
+Part I, the lesson: stop at its end and you have read the whole program.
+    1. Configuration: every knob a plain global, and the flag parser that overrides them
+    2. The model: config, LayerNorm, positions, attention (written out, then the fused kernel), MLP, block,
+       from logits to a token (temperature, top-k, top-p), the KV cache, GPT (init, forward, generation),
+       beam search
     3. Data: the shard format, and random windows read from it
-    4. Training: device and precision, optimiser, learning-rate schedule, evaluation, checkpoints, the loop
-    5. Sampling, export to Hugging Face, plots (training curves, attention heatmaps, weight statistics)
-    6. main: train, sample, export or plot
+    4. Training: device and precision, optimiser, schedule, evaluation, checkpoints, and the loop in steps
+       (start, one optimizer step, evaluate and checkpoint, log)
+    5. Sampling from the command line, and main
+Part II, the workshop: what makes the lesson fast, safe, interoperable and visible.
+    6. Devices and speed routes: choosing the device and precision, Linear's CPU route for generation,
+       the chunked loss, MFU and the device's peak FLOPs
+    7. Safety and resume plumbing: shards, meta.json and checkpoints checked before use, random-generator
+       states, stopping on a signal, the run log and the console
+    8. GPT-2 / Hugging Face: import, export, GPT-2's tokenizer
+    9. Plots (one function per figure)
+   10. Command-line conveniences: --help, the flag checks, --prompt
 """
 import codecs
 import difflib
+import inspect
 import json
 import math
 import os
@@ -53,7 +49,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
+from typing import Annotated, Iterator, get_origin
 
 import numpy as np
 import torch
@@ -64,70 +60,76 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from bpe import Tokenizer, load_tokenizer, write_atomically
 
+# ==========================================================================================================
+# Part I: the lesson
+# ==========================================================================================================
+
 # ----------------------------------------------------------------------------------------------------------
 # 1. Configuration
 #
-# Every knob is a plain global below. `python gpt.py --batch_size=16` (or `--batch_size 16`) overrides one;
-# `--help` lists them all with these comments. A value must parse as its default's type (an int is fine for
-# a float; bools take true/false/1/0, and a bare `--sample` means true), so a typo stops the run instead of
-# training the wrong model. The defaults are GPT-2 124M; the docstring has the other seed configurations.
+# Every knob is a plain global below; `python gpt.py --batch_size=16` (or `--batch_size 16`) overrides one.
+# Each is annotated Annotated[type, "what it does"], and --help prints those words: the parser reads them
+# as data, never this file's text. A value must parse as its default's type (an int is fine for a float;
+# bools take true/false/1/0, and a bare `--sample` means true), so a typo stops the run instead of training
+# the wrong model. The defaults are GPT-2 124M; the README's recipes are small models that were run.
 
-# ---- knobs (the flag parser reads this block: `name = default  # comment` lines under "# group" headings)
 # I/O
-out_dir = "out"  # ckpt.pt and log.jsonl (one JSON object per step and per evaluation) go here
-init_from = "scratch"  # scratch | resume (continue the checkpoint) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
-ckpt = ""  # checkpoint to resume, sample or export; empty means <out_dir>/ckpt.pt
-gpt2_dir = ""  # folder with HF's GPT-2 files (model.safetensors, merges.txt, vocab.json); empty: download them
-eval_interval = 250  # evaluate every this many steps (and checkpoint, see always_save_checkpoint)
-eval_iters = 20  # batches per split in each evaluation
-log_interval = 1  # print a training line every this many steps (log.jsonl gets every step)
-always_save_checkpoint = False  # checkpoint at every evaluation, not only when the val loss improves
+out_dir: Annotated[str, "ckpt.pt and log.jsonl (a JSON object per step and per evaluation) go here"] = "out"
+init_from: Annotated[str, "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl"] = "scratch"
+ckpt: Annotated[str, "checkpoint to resume, sample or export; empty means <out_dir>/ckpt.pt"] = ""
+gpt2_dir: Annotated[str, "HF's GPT-2 files (model.safetensors, merges.txt, vocab.json); empty: download"] = ""
+eval_interval: Annotated[int, "evaluate every this many steps (and checkpoint, see below)"] = 250
+eval_iters: Annotated[int, "batches per split in each evaluation"] = 20
+log_interval: Annotated[int, "print a training line every this many steps (log.jsonl gets every step)"] = 1
+always_save_checkpoint: Annotated[bool, "checkpoint at every evaluation, not only when val improves"] = False
 # data
-data_dir = "data/fineweb"  # the shards, meta.json and tokenizer.bpe written by prepare_fineweb.py
-batch_size = 8  # sequences per micro-step in each process
-total_batch_tokens = 0  # tokens per optimizer step, all processes (sets the micro-steps); 0: one micro-step
+data_dir: Annotated[str, "shards, meta.json and tokenizer.bpe from prepare_fineweb.py"] = "data/fineweb"
+batch_size: Annotated[int, "sequences per micro-step in each process"] = 8
+total_batch_tokens: Annotated[int, "tokens per optimizer step over all processes; 0: one micro-step"] = 0
 # model (the vocabulary size comes from the data's meta.json)
-n_layer = 12  # transformer blocks
-n_head = 12  # attention heads per block; must divide n_embd
-n_embd = 768  # channels of the residual stream
-block_size = 1024  # context length in tokens
-dropout = 0.0  # ~0.1 for small models on little data; on a CPU it slows steps ~1.5x (unfused attention)
-bias = True  # biases in Linear and LayerNorm layers, as in GPT-2
-pos_emb = "learned"  # learned | sinusoidal | rope
-activation = "gelu"  # gelu | relu
-tie_weights = True  # the output layer shares the token embedding matrix
-attention = "sdpa"  # sdpa (fused kernel) | manual (the same computation written out)
+n_layer: Annotated[int, "transformer blocks"] = 12
+n_head: Annotated[int, "attention heads per block; must divide n_embd"] = 12
+n_embd: Annotated[int, "channels of the residual stream"] = 768
+block_size: Annotated[int, "context length in tokens"] = 1024
+dropout: Annotated[float, "~0.1 for small models on little data; on a CPU it unfuses attention"] = 0.0
+bias: Annotated[bool, "biases in Linear and LayerNorm layers, as in GPT-2"] = True
+pos_emb: Annotated[str, "learned | sinusoidal | rope"] = "learned"
+activation: Annotated[str, "gelu | relu"] = "gelu"
+tie_weights: Annotated[bool, "the output layer shares the token embedding matrix"] = True
+attention: Annotated[str, "sdpa (fused kernel) | manual (the same computation written out)"] = "sdpa"
 # optimiser and schedule
-learning_rate = 6e-4  # peak learning rate, reached at the end of the warmup
-min_lr = 6e-5  # where the cosine decay ends (about learning_rate / 10)
-warmup_steps = 100  # linear warmup from ~0, while Adam's moment estimates settle
-max_steps = 5000  # optimizer steps to train for
-lr_decay_steps = 0  # step at which the cosine reaches min_lr; 0 means max_steps (set it to extend a run later)
-weight_decay = 0.1  # AdamW decay of the 2-D weights (matmuls, embeddings); biases and norm gains get none
-beta1 = 0.9  # AdamW's momentum
-beta2 = 0.95  # AdamW's second-moment decay; below 0.999 so a sudden large gradient fades quickly
-grad_clip = 1.0  # clip the global gradient norm to this; 0 turns clipping off
+learning_rate: Annotated[float, "peak learning rate, reached at the end of the warmup"] = 6e-4
+min_lr: Annotated[float, "where the cosine decay ends (about learning_rate / 10)"] = 6e-5
+warmup_steps: Annotated[int, "linear warmup from ~0, while Adam's moment estimates settle"] = 100
+max_steps: Annotated[int, "optimizer steps to train for"] = 5000
+lr_decay_steps: Annotated[int, "the cosine reaches min_lr here; 0: max_steps (set it to extend a run)"] = 0
+weight_decay: Annotated[float, "AdamW decay of the 2-D weights; biases and norm gains get none"] = 0.1
+beta1: Annotated[float, "AdamW's momentum"] = 0.9
+beta2: Annotated[float, "AdamW's second-moment decay; < 0.999, so a large gradient spike fades fast"] = 0.95
+grad_clip: Annotated[float, "clip the global gradient norm to this; 0 turns clipping off"] = 1.0
 # system
-device = "auto"  # auto (cuda, then mps, then cpu) | cuda | cuda:N | mps | cpu
-dtype = "auto"  # auto (see setup_device) | float32 | bfloat16 | float16
-compile = False  # torch.compile: faster CUDA steps after a minute of compiling; ignored on MPS and Windows
-peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0: a table of known GPUs, else measured with a matmul
-seed = 1337  # seeds the weights, the data order and the samples
+device: Annotated[str, "auto (cuda, then mps, then cpu) | cuda | cuda:N | mps | cpu"] = "auto"
+dtype: Annotated[str, "auto (see setup_device) | float32 | bfloat16 | float16"] = "auto"
+compile: Annotated[bool, "torch.compile (faster CUDA steps after compiling); ignored on MPS, Windows"] = False
+peak_flops: Annotated[float, "peak FLOP/s for MFU; 0: the table of known GPUs, else a timed matmul"] = 0.0
+seed: Annotated[int, "seeds the weights, the data order and the samples"] = 1337
 # sampling, export and plotting
-sample = False  # sample from --ckpt (or --init_from=gpt2...) instead of training
-prompt = "<|endoftext|>"  # text to continue, or FILE:path; the default starts a new document
-num_samples = 1  # samples to draw; one sample streams to stdout as it is generated
-max_new_tokens = 200  # tokens to generate per sample
-temperature = 0.8  # below 1 sharpens the distribution, above 1 flattens it; 0 is greedy
-top_k = 200  # sample only from the k most likely tokens; 0 turns it off
-top_p = 1.0  # sample only from the most likely tokens that make up this much probability; 1 turns it off
-greedy = False  # always take the most likely token (the same as --temperature=0)
-beam = 0  # beam search with this many beams (deterministic; one sample); 0 samples instead
-ignore_eot = False  # keep generating past <|endoftext|> instead of stopping there
-export_hf = ""  # write the checkpoint's model to this folder as a Hugging Face GPT-2 and exit
-plot = False  # write PNG plots of --ckpt's run next to it (curves, attention for --prompt, weights) and exit
-# ---- end of knobs
+sample: Annotated[bool, "sample from --ckpt (or --init_from=gpt2...) instead of training"] = False
+prompt: Annotated[str, "text to continue, or FILE:path; the default starts a new document"] = "<|endoftext|>"
+num_samples: Annotated[int, "samples to draw; one sample streams to stdout as it is generated"] = 1
+max_new_tokens: Annotated[int, "tokens to generate per sample"] = 200
+temperature: Annotated[float, "below 1 sharpens the distribution, above 1 flattens it; 0 is greedy"] = 0.8
+top_k: Annotated[int, "sample only from the k most likely tokens; 0 turns it off"] = 200
+top_p: Annotated[float, "sample only from the most likely tokens holding this much probability; 1: off"] = 1.0
+greedy: Annotated[bool, "always take the most likely token (the same as --temperature=0)"] = False
+beam: Annotated[int, "beam search with this many beams (deterministic; one sample); 0 samples"] = 0
+ignore_eot: Annotated[bool, "keep generating past <|endoftext|> instead of stopping there"] = False
+export_hf: Annotated[str, "write the checkpoint's model to this folder as a Hugging Face GPT-2 and exit"] = ""
+plot: Annotated[bool, "write PNG plots of --ckpt's run beside it (curves, attention, weights); exit"] = False
 
+KNOB_GROUPS = {"out_dir": "I/O", "data_dir": "data", "learning_rate": "optimiser and schedule",
+               "n_layer": "model (the vocabulary size comes from the data's meta.json)", "device": "system",
+               "sample": "sampling, export and plotting"}  # --help's headings, by each group's first knob
 MODEL_KNOBS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos_emb", "activation",
                "tie_weights", "attention")  # the knobs that are GPTConfig fields
 INIT_CHOICES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -136,34 +138,13 @@ BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}
 
 
 def config_knobs() -> list[tuple[str, str, str]]:
-    """(group, name, comment) of every knob, in file order, read from the source of the block above.
-
-    Reading the source (never executing it) gives --help the same words a reader of this file sees."""
-    source = Path(__file__).read_text(encoding="utf-8")
-    block = source.split("# ---- knobs (")[1].split("# ---- end of knobs")[0]
+    """(group, name, comment) of every knob, in the order of the block above, read from its annotations."""
     knobs, group = [], ""
-    for line in block.splitlines()[1:]:
-        if line.startswith("# "):
-            group = line[2:]
-        elif line:
-            name, _, comment = line.partition("  # ")
-            knobs.append((group, name.split(" = ")[0], comment))
+    for name, hint in inspect.get_annotations(sys.modules[__name__]).items():
+        if get_origin(hint) is Annotated:
+            group = KNOB_GROUPS.get(name, group)
+            knobs.append((group, name, hint.__metadata__[0]))
     return knobs
-
-
-def help_text() -> str:
-    lines = ["usage: python gpt.py [--key=value ...]      train (the default)",
-             "       python gpt.py --sample [--ckpt=out/ckpt.pt] [--prompt=TEXT] ...",
-             "       python gpt.py --export_hf=DIR [--ckpt=...]   |   python gpt.py --plot [--out_dir=...]"]
-    group = None
-    for knob_group, name, comment in config_knobs():
-        if knob_group != group:
-            group = knob_group
-            lines.append(f"\n{group}:")
-        default = globals()[name]
-        shown = repr(default) if isinstance(default, str) else str(default).lower()  # --bias=true, as typed
-        lines.append(f"  --{name}={shown}".ljust(34) + f" {comment}")
-    return "\n".join(lines)
 
 
 def parse_value(name: str, text: str, default: bool | int | float | str) -> bool | int | float | str:
@@ -177,26 +158,27 @@ def parse_value(name: str, text: str, default: bool | int | float | str) -> bool
         try:
             return kind(text)
         except ValueError:
-            raise ValueError(f"--{name} takes {'an int' if kind is int else 'a number'}, got {text!r}") from None
+            expected = "an int" if kind is int else "a number"
+            raise ValueError(f"--{name} takes {expected}, got {text!r}") from None
     return text
 
 
 def parse_flags(argv: list[str]) -> dict:
-    """Command-line flags -> {knob: typed value} for the knobs that were given. --help prints the knobs and exits."""
+    """Command-line flags -> {knob: typed value} for the knobs given. --help prints the knobs and exits."""
     defaults = {name: globals()[name] for _, name, _ in config_knobs()}
     overrides, i = {}, 0
     while i < len(argv):
         arg = argv[i]
         i += 1
         if arg in ("-h", "--help"):
-            print(help_text())
+            print(help_text())  # the knobs, grouped, with defaults and comments: Part II, help_text
             raise SystemExit(0)
         if not arg.startswith("--"):
             raise ValueError(f"unexpected argument {arg!r}: flags look like --key=value (see --help)")
         name, has_value, text = arg[2:].partition("=")
         if name not in defaults:
-            close = difflib.get_close_matches(name, defaults, n=3)
-            hint = f"did you mean {' or '.join('--' + c for c in close)}?" if close else "see --help for the list"
+            close = ["--" + c for c in difflib.get_close_matches(name, defaults, n=3)]
+            hint = f"did you mean {' or '.join(close)}?" if close else "see --help for the list"
             raise ValueError(f"unknown flag --{name}: {hint}")
         default = defaults[name]
         if not has_value:
@@ -216,33 +198,14 @@ def make_config(overrides: dict, base: dict | None = None) -> SimpleNamespace:
     settings.update({k: v for k, v in (base or {}).items() if k in settings})
     settings.update(overrides)
     cfg = SimpleNamespace(**settings)
-    if cfg.init_from not in INIT_CHOICES:
-        raise ValueError(f"--init_from={cfg.init_from!r} is not one of {', '.join(INIT_CHOICES)}")
-    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
-        raise ValueError(f"--dtype={cfg.dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    for name in ("batch_size", "eval_interval", "eval_iters", "log_interval", "num_samples", "max_new_tokens"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name}={getattr(cfg, name)} must be at least 1")
-    for name in ("max_steps", "warmup_steps", "lr_decay_steps", "total_batch_tokens", "beam", "top_k", "grad_clip"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name}={getattr(cfg, name)} must not be negative")
-    return cfg
-
-
-def model_config(cfg: SimpleNamespace, vocab_size: int) -> "GPTConfig":  # (GPTConfig is defined in section 2)
-    """The model knobs as a GPTConfig (which checks them, e.g. that n_head divides n_embd)."""
-    return GPTConfig(vocab_size=vocab_size, **{name: getattr(cfg, name) for name in MODEL_KNOBS})
-
-
-def checkpoint_path(cfg: SimpleNamespace) -> Path:
-    return Path(cfg.ckpt) if cfg.ckpt else Path(cfg.out_dir) / "ckpt.pt"
+    return check_config(cfg)  # the choices and ranges a type cannot say: Part II, check_config
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 2. The model
 #
-# Shapes in the comments: B = batch, T = time (tokens), C = channels (n_embd), nh = heads, hs = C // nh,
-# V = vocabulary size.
+# Shapes in the comments: B = batch, T = time (tokens), C = channels (n_embd), nh = heads, hs = head size
+# = C // nh, V = vocabulary size. In GPT-2 124M: C = 768, nh = 12, so hs = 64 and nh * hs = C; V = 50257.
 
 
 @dataclass
@@ -267,7 +230,8 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
                              f"pick n_embd as a multiple of n_head")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rope needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}")
+            raise ValueError(f"rope needs an even head size, got n_embd/n_head = "
+                             f"{self.n_embd // self.n_head}")
         choices = {"pos_emb": ("learned", "sinusoidal", "rope"), "activation": ("gelu", "relu"),
                    "attention": ("sdpa", "manual")}
         for name, allowed in choices.items():
@@ -277,26 +241,9 @@ class GPTConfig:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
 
-class Linear(nn.Linear):
-    """nn.Linear, with a faster route on a multi-core CPU for the few rows of a generation step.
-
-    A generation step multiplies 1 to 16 rows by every weight matrix, so its time goes into reading the
-    weights from memory, and F.linear reads them on one core. Cut into one slice of output rows per
-    thread and multiplied as a batch (bmm), the matrix is read by every core at once: at 6 layers x 384
-    wide on 2 cores, generation went from 163 to 229 tokens/s at batch 1 and from 591 to 885 at batch 8.
-    The output is made contiguous because sdpa's fast CPU kernel needs it. The products are the same;
-    only float rounding can differ."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        threads, rows = torch.get_num_threads(), x.numel() // x.size(-1)
-        if x.device.type != "cpu" or threads == 1 or rows > 16 or self.out_features % threads:
-            return F.linear(x, self.weight, self.bias)  # training, GPUs, and anything else
-        columns = x.reshape(rows, self.in_features).t().expand(threads, -1, -1)  # (threads, in, rows)
-        slices = self.weight.view(threads, self.out_features // threads, self.in_features)
-        y = torch.bmm(slices, columns).reshape(self.out_features, rows).t().contiguous()  # (rows, out)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+def model_config(cfg: SimpleNamespace, vocab_size: int) -> GPTConfig:
+    """The model knobs as a GPTConfig (which checks them, e.g. that n_head divides n_embd)."""
+    return GPTConfig(vocab_size=vocab_size, **{name: getattr(cfg, name) for name in MODEL_KNOBS})
 
 
 class LayerNorm(nn.Module):
@@ -309,6 +256,22 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+# -- Positions: attention alone cannot tell where a token is, so its position is added or rotated in -------
+
+def sinusoidal_table(n_positions: int, n_embd: int) -> torch.Tensor:
+    """(n_positions, n_embd) fixed position codes: sin on even channels, cos on odd, wavelengths 2pi to
+    10000 * 2pi, scaled to a std of 0.02."""
+    position = torch.arange(n_positions).float().unsqueeze(1)
+    inv_freq = torch.exp(torch.arange(0, n_embd, 2).float() * (-math.log(10000.0) / n_embd))
+    table = torch.zeros(n_positions, n_embd)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq[: n_embd // 2])
+    # sin and cos have a std of ~0.7, while token embeddings start at 0.02: added as they are, positions
+    # would drown out the tokens (training stalls on the bigram plateau). So scale them to the 0.02 that a
+    # learned position table starts with.
+    return table * (0.02 / table.std())
 
 
 def rotary_tables(head_size: int, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,83 +290,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
-def sinusoidal_table(n_positions: int, n_embd: int) -> torch.Tensor:
-    """(n_positions, n_embd) fixed position codes: sin on even channels, cos on odd, wavelengths 2pi..10000*2pi,
-    scaled to a std of 0.02."""
-    position = torch.arange(n_positions).float().unsqueeze(1)
-    inv_freq = torch.exp(torch.arange(0, n_embd, 2).float() * (-math.log(10000.0) / n_embd))
-    table = torch.zeros(n_positions, n_embd)
-    table[:, 0::2] = torch.sin(position * inv_freq)
-    table[:, 1::2] = torch.cos(position * inv_freq[: n_embd // 2])
-    # sin and cos have a std of ~0.7, while token embeddings start at 0.02: added as they are, positions would
-    # drown out the tokens (training stalls on the bigram plateau). So scale them to the 0.02 that a learned
-    # position table starts with.
-    return table * (0.02 / table.std())
-
-
-class KVCache:
-    """One layer's keys and values for the tokens seen so far, preallocated so generation never reallocates.
-
-    k, v: (B, nh, capacity, hs); `length` is how many positions are filled."""
-
-    def __init__(self, batch: int, n_head: int, capacity: int, head_size: int, device, dtype):
-        self.k = torch.zeros(batch, n_head, capacity, head_size, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.length = 0
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, nh, T, hs) new keys and values; return all keys and values so far."""
-        end = self.length + k.size(2)
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Keep batch rows `rows` (beam search continues the best beams, some of them twice)."""
-        self.k, self.v = self.k[rows], self.v[rows]
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.n_head, self.n_embd = config.n_head, config.n_embd
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
-        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.manual = config.attention == "manual"
-
-    def queries_keys_values(self, x: torch.Tensor, rotary=None) -> tuple[torch.Tensor, ...]:
-        """(B, T, C) -> q, k, v, each (B, nh, T, hs): each head attends on its own hs-wide slice of channels."""
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        return q, k, v
-
-    def forward(self, x: torch.Tensor, rotary=None, cache: KVCache | None = None) -> torch.Tensor:
-        B, T, C = x.size()
-        q, k, v = self.queries_keys_values(x, rotary)
-        if cache is not None:
-            k, v = cache.append(k, v)  # the new queries attend to every earlier key too: (B, nh, past+T, hs)
-        dropout = self.dropout if self.training else 0.0
-        y = (manual_attention if self.manual else fused_attention)(q, k, v, dropout)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
-
+# -- Attention: written out first, then the same through the fused kernel ----------------------------------
 
 def causal_mask(t_query: int, t_key: int, device) -> torch.Tensor:
-    """(t_query, t_key) booleans, True where query i may see key j. The queries are the LAST t_query of the
-    t_key positions, so query i sits at position t_key - t_query + i and sees keys up to there."""
+    """(t_query, t_key) booleans, True where query i may see key j.
+
+    Subtle: the queries are the LAST t_query of the t_key positions (after cached keys, they continue the
+    text), so query i sits at position t_key - t_query + i and sees keys up to there: the mask's diagonal
+    runs into the bottom-right corner, not from the top-left."""
     return torch.ones(t_query, t_key, dtype=torch.bool, device=device).tril(diagonal=t_key - t_query)
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """q: (B, nh, Tq, hs), k: (B, nh, Tk, hs) -> (B, nh, Tq, Tk): how much each query looks at each key."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # how well each query matches each key
-    scores = scores.masked_fill(~causal_mask(q.size(2), k.size(2), q.device), float("-inf"))  # no peeking ahead
+    scores = scores.masked_fill(~causal_mask(q.size(2), k.size(2), q.device), float("-inf"))  # no peeking
     return F.softmax(scores, dim=-1)  # each row sums to 1 over the visible keys
 
 
@@ -415,15 +316,46 @@ def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout:
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-    """The same computation in one kernel (flash attention on CUDA): the (Tq, Tk) score matrix is never stored."""
+    """The same computation in one kernel (flash attention on CUDA): the (Tq, Tk) scores are never stored."""
     t_query, t_key = q.size(2), k.size(2)
     if t_query == t_key:  # training, or the prompt of a generation: the usual square causal mask
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
     if t_query == 1:      # one new token during generation: it may see every cached key
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-    # is_causal aligns the mask top-left; queries that come after cached keys need it bottom-right.
+    # Trap: is_causal aligns its mask top-left, but queries after cached keys need it bottom-right.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t_query, t_key, q.device),
                                           dropout_p=dropout)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_embd = config.n_head, config.n_embd
+        # Linear is nn.Linear with a faster CPU route for the few rows of a generation step: Part II, Linear.
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.manual = config.attention == "manual"
+
+    def queries_keys_values(self, x: torch.Tensor, rotary=None) -> tuple[torch.Tensor, ...]:
+        """(B, T, C) -> q, k, v, each (B, nh, T, hs): each head attends on its own hs-wide channel slice."""
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rotary=None, cache: "KVCache | None" = None) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.queries_keys_values(x, rotary)
+        if cache is not None:
+            k, v = cache.append(k, v)  # the new queries attend to every earlier key too: (B, nh, past+T, hs)
+        dropout = self.dropout if self.training else 0.0
+        y = (manual_attention if self.manual else fused_attention)(q, k, v, dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
@@ -453,346 +385,12 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rotary=None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary=None, cache: "KVCache | None" = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rotary, cache)
         return x + self.mlp(self.ln_2(x))
 
 
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of the logits x @ weight.T against targets, and its gradients, a chunk of rows at
-    a time. x: (N, C) hidden states, weight: (V, C) the output layer, targets: (N,) ids, -1 = ignore.
-
-    The plain way, F.cross_entropy(lm_head(x), targets), writes the (N, V) logits to memory, reads them back
-    for the softmax, writes the log-probabilities, and does it all again in the backward pass: at 8 x 256
-    tokens and V = 8192 that is 67 MB per pass, and on a CPU those passes cost as much as the matmuls.
-    But the gradient of the loss with respect to the logits is just softmax(logits) - onehot(target) (over
-    N), so we compute it at once, while a chunk's logits are still in the cache, and turn it straight into
-    the gradients of x and weight; backward then only scales them by the incoming gradient. The numbers are
-    the same; a training step at 4 layers x 128 wide gets about 1.2x faster on 2 CPU cores. (llm.c's
-    "fused classifier" does the same.)"""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        rows = max(1, (1 << 21) // weight.size(0))  # about 2M logits (8 MB) per chunk: stays in the cache
-        counted = targets != -1
-        n_counted = counted.sum().clamp(min=1)
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight)
-        for start in range(0, x.size(0), rows):
-            xs, ts, keep = x[start:start + rows], targets[start:start + rows].clamp(min=0), counted[start:start + rows]
-            logits = xs @ weight.t()                                    # (rows, V)
-            logsumexp = torch.logsumexp(logits, dim=-1, keepdim=True)   # (rows, 1)
-            row = torch.arange(len(ts), device=x.device)
-            loss += ((logsumexp.squeeze(1) - logits[row, ts]) * keep).sum()  # -log softmax at the target
-            grad_logits = logits.sub_(logsumexp).exp_()                 # softmax, in place of the logits
-            grad_logits[row, ts] -= 1.0                                 # minus the one-hot target
-            grad_logits *= keep[:, None]                                # ignored rows contribute nothing
-            torch.mm(grad_logits, weight, out=grad_x[start:start + rows])
-            grad_weight.addmm_(grad_logits.t(), xs)
-        ctx.save_for_backward(grad_x, grad_weight, n_counted)
-        return loss / n_counted
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        grad_x, grad_weight, n_counted = ctx.saved_tensors
-        scale = grad_loss / n_counted
-        return grad_x * scale, grad_weight * scale, None
-
-
-class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token id -> vector
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
-        ))
-        head_size = config.n_embd // config.n_head
-        if config.pos_emb == "learned":
-            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
-        elif config.pos_emb == "sinusoidal":
-            self.register_buffer("sinusoidal", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
-        else:
-            cos, sin = rotary_tables(head_size, config.block_size)
-            self.register_buffer("rotary_cos", cos, persistent=False)
-            self.register_buffer("rotary_sin", sin, persistent=False)
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_weights:
-            # One matrix both reads tokens in and scores them out: fewer parameters, and better small models.
-            self.transformer.wte.weight = self.lm_head.weight
-
-        # GPT-2's initialisation: N(0, 0.02) everywhere; the projections that write into the residual stream
-        # get 0.02 / sqrt(2 * n_layer), so the stream's variance does not grow with depth (2 writes per block).
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Parameters, counting a tied matrix once. non_embedding drops the position table, as the scaling-law
-        papers do (the token embedding stays: it doubles as the output layer)."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding and self.config.pos_emb == "learned":
-            n -= self.transformer.wpe.weight.numel()
-        return n
-
-    def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6 per parameter (2 forward, 4 backward) plus the
-        attention scores and weighted sums, 12 * n_layer * n_embd * T (PaLM paper, appendix B)."""
-        c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * (seq_len or c.block_size)
-
-    # -- forward --------------------------------------------------------------------------------------------
-
-    def hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, C) final hidden states. With caches, idx continues the cached tokens."""
-        B, T = idx.size()
-        start = caches[0].length if caches else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
-        x = self.transformer.wte(idx)  # (B, T, C)
-        rotary = None
-        if self.config.pos_emb == "learned":
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
-        elif self.config.pos_emb == "sinusoidal":
-            x = x + self.sinusoidal[start:start + T]
-        else:  # rope: positions enter inside attention, as rotations of the queries and keys
-            rotary = (self.rotary_cos[start:start + T], self.rotary_sin[start:start + T])
-        x = self.transformer.drop(x)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, rotary, caches[i] if caches else None)
-        return self.transformer.ln_f(x)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx (B, T) -> (logits (B, T, V), None); with targets (B, T) -> (None, mean cross-entropy).
-
-        Training needs only the loss, and the (B, T, V) logits are the largest tensor in the model, so
-        with targets they are not returned (and, on the fp32 path, never stored: see ChunkedCrossEntropy).
-        Targets of -1 are ignored."""
-        x = self.hidden_states(idx)  # (B, T, C)
-        if targets is None:
-            return self.lm_head(x), None
-        x, targets = x.view(-1, x.size(-1)), targets.view(-1)  # (B*T, C), (B*T,)
-        if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
-            return None, ChunkedCrossEntropy.apply(x, self.lm_head.weight, targets)
-        # Evaluation, or mixed precision, where autocast must cast the matmul (and torch.compile fuses the loss).
-        return None, F.cross_entropy(self.lm_head(x), targets, ignore_index=-1)
-
-    # -- generation -----------------------------------------------------------------------------------------
-    #
-    # Without a cache, every new token re-runs the whole context: token n costs n positions of work, so the
-    # text slows down as it grows. The KV cache keeps each layer's keys and values, so a new token costs
-    # one position. While the text fits in block_size the cached result is the same computation; once
-    # it outgrows block_size, the model must see only the last block_size tokens, with positions counted
-    # from the window's start, and every cached value depended on tokens that have now left the window. So
-    # from then on each token is computed from the window afresh, exactly as the no-cache sampler does.
-
-    def new_caches(self, batch: int, capacity: int) -> list[KVCache]:
-        c = self.config
-        p = self.lm_head.weight
-        return [KVCache(batch, c.n_head, capacity, c.n_embd // c.n_head, p.device, p.dtype) for _ in range(c.n_layer)]
-
-    @torch.inference_mode()
-    def next_token_logits(self, idx: torch.Tensor, caches: list[KVCache] | None) -> torch.Tensor:
-        """Logits (B, V) for the token after idx; with caches, idx holds only the tokens not yet cached."""
-        return self.lm_head(self.hidden_states(idx, caches)[:, -1, :])  # only the last position is needed
-
-    @torch.inference_mode()
-    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                        top_k: int | None = None, top_p: float | None = None, stop_token: int | None = None,
-                        generator: torch.Generator | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
-        """Yield (B,) new tokens, one step at a time, for the prompts idx (B, T).
-
-        temperature 0 is greedy (argmax). Rows that produced stop_token keep yielding stop_token; the stream
-        ends when every row has, or after max_new_tokens."""
-        check_sampling(temperature, top_k, top_p)
-        block = self.config.block_size
-        idx = idx[:, -block:]
-        caches = self.new_caches(idx.size(0), min(block, idx.size(1) + max_new_tokens)) if use_cache else None
-        logits = self.next_token_logits(idx, caches)  # the prompt in one forward pass
-        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for step in range(max_new_tokens):
-            next_token = sample_from_logits(logits, temperature, top_k, top_p, generator)  # (B,)
-            if stop_token is not None:
-                next_token = next_token.masked_fill(finished, stop_token)
-                finished |= next_token == stop_token
-            yield next_token
-            if finished.all() or step == max_new_tokens - 1:
-                return
-            idx = torch.cat((idx, next_token[:, None]), dim=1)
-            if caches and caches[0].length < block:
-                logits = self.next_token_logits(idx[:, -1:], caches)  # one position of work
-            else:  # no cache, or the text outgrew the context: recompute the last block_size tokens
-                caches = None
-                logits = self.next_token_logits(idx[:, -block:], None)
-
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, stop_token: int | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
-        """Continue the prompts idx (B, T); returns (B, T + new tokens). See generate_stream for the options."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, stop_token, generator,
-                                        use_cache))
-        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
-
-    @torch.inference_mode()
-    def beam_search(self, idx: torch.Tensor, max_new_tokens: int, beam_size: int, length_penalty: float = 1.0,
-                    stop_token: int | None = None) -> torch.Tensor:
-        """The most likely continuation of one prompt idx (1, T) that beam_size parallel hypotheses find.
-
-        Each step extends every beam by every token and keeps the beam_size best by total log-probability.
-        Finished hypotheses (those that produced stop_token, or all of them at the end) are ranked by
-        log-probability / length ** length_penalty, so that longer texts are not punished merely for
-        having more factors below 1. Returns (1, T + new tokens)."""
-        if idx.size(0) != 1:
-            raise ValueError(f"beam search continues one prompt, got a batch of {idx.size(0)}")
-        if beam_size < 1:
-            raise ValueError(f"beam={beam_size} must be at least 1")
-        block = self.config.block_size
-        prompt = idx[:, -block:]
-        beams = prompt.new_empty(1, 0)                    # (n_beams, generated so far)
-        scores = torch.zeros(1, device=idx.device)        # (n_beams,) summed log-probabilities
-        caches = self.new_caches(1, min(block, prompt.size(1) + max_new_tokens))
-        logits = self.next_token_logits(prompt, caches)
-        finished: list[tuple[float, torch.Tensor]] = []   # (normalised score, tokens)
-        for step in range(max_new_tokens):
-            logprobs = scores[:, None] + F.log_softmax(logits.float(), dim=-1)  # (n_beams, V)
-            top_scores, flat = logprobs.view(-1).topk(beam_size)
-            rows, tokens = flat // logits.size(-1), flat % logits.size(-1)
-            beams = torch.cat((beams[rows], tokens[:, None]), dim=1)
-            scores = top_scores
-            length = step + 1
-            done = tokens == stop_token if stop_token is not None else torch.zeros_like(tokens, dtype=torch.bool)
-            for i in done.nonzero().flatten().tolist():
-                finished.append((scores[i].item() / length ** length_penalty, beams[i]))
-            alive = (~done).nonzero().flatten()
-            if len(alive) == 0 or step == max_new_tokens - 1:
-                break
-            beams, scores, rows = beams[alive], scores[alive], rows[alive]
-            context = torch.cat((prompt.expand(len(alive), -1), beams), dim=1)
-            if caches and caches[0].length < block:
-                for cache in caches:
-                    cache.reorder(rows)
-                logits = self.next_token_logits(context[:, -1:], caches)
-            else:
-                caches = None
-                logits = self.next_token_logits(context[:, -block:], None)
-        for i in (~done).nonzero().flatten().tolist():  # the beams still alive at the end count as finished too
-            finished.append((scores[i].item() / length ** length_penalty, beams[i]))
-        best = max(finished, key=lambda pair: pair[0])[1]
-        return torch.cat((idx, best[None]), dim=1)
-
-    # -- GPT-2 checkpoints (Hugging Face layout) ------------------------------------------------------------
-    #
-    # HF's GPT-2 stores its linear layers as "Conv1D" modules whose weight is (in, out), the transpose of
-    # nn.Linear's (out, in). Everything else has the same name and shape as here.
-
-    HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    GPT2_SIZES = {  # model_type: (n_layer, n_head, n_embd)
-        "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600),
-    }
-
-    @classmethod
-    def from_gpt2(cls, model_type: str = "gpt2", gpt2_dir: str | os.PathLike | None = None) -> "GPT":
-        """GPT-2 with OpenAI's weights, from a directory holding HF's model.safetensors (and config.json), or
-        downloaded from the Hugging Face hub (openai-community/<model_type>) when no directory is given."""
-        from safetensors.torch import load_file
-
-        if gpt2_dir is None:
-            if model_type not in cls.GPT2_SIZES:
-                raise ValueError(f"unknown GPT-2 model {model_type!r}: use one of {', '.join(cls.GPT2_SIZES)}")
-            from huggingface_hub import snapshot_download
-            try:
-                gpt2_dir = snapshot_download(f"openai-community/{model_type}",
-                                             allow_patterns=["config.json", "model.safetensors"])
-            except Exception as e:
-                raise ValueError(f"could not download {model_type} from the Hugging Face hub ({type(e).__name__}); "
-                                 f"download it elsewhere and pass --gpt2_dir=DIR") from None
-        gpt2_dir = Path(gpt2_dir)
-        weights_file = gpt2_dir / "model.safetensors"
-        if not weights_file.is_file():
-            raise FileNotFoundError(f"{weights_file} not found: --gpt2_dir must hold HF's model.safetensors")
-        config_file = gpt2_dir / "config.json"
-        if config_file.is_file():
-            hf = json.loads(config_file.read_text())
-            config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                               n_head=hf["n_head"], n_embd=hf["n_embd"])
-        else:
-            if model_type not in cls.GPT2_SIZES:
-                raise ValueError(f"{gpt2_dir} has no config.json and {model_type!r} is not a GPT-2 size")
-            n_layer, n_head, n_embd = cls.GPT2_SIZES[model_type]
-            config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
-        try:
-            hf_state = load_file(weights_file)
-        except Exception as e:
-            raise ValueError(f"{weights_file} is not a readable safetensors file ({e})") from None
-        model = cls(config)
-        model.load_state_dict(cls._from_hf_names(hf_state, model, weights_file))
-        return model
-
-    @classmethod
-    def _from_hf_names(cls, hf_state: dict, model: "GPT", source: Path) -> dict:
-        """HF's tensor names and layout -> ours; name every missing, extra or misshapen tensor."""
-        ours = model.state_dict()
-        state, problems = {}, []
-        for name, tensor in hf_state.items():
-            if name.endswith((".attn.bias", ".attn.masked_bias")):  # old checkpoints store the causal mask
-                continue
-            key = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
-            if key.endswith(cls.HF_TRANSPOSED):
-                tensor = tensor.t()
-            if key not in ours:
-                problems.append(f"unexpected {name}")
-            elif tensor.shape != ours[key].shape:
-                problems.append(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(ours[key].shape)}")
-            else:
-                state[key] = tensor
-        state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))  # tied: HF may store it once
-        problems += [f"missing {key}" for key in ours if state.get(key) is None]
-        if problems:
-            raise ValueError(f"{source} does not match a GPT-2 of this shape: {'; '.join(problems[:5])}"
-                             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
-        return state
-
-    def export_hf(self, out_dir: str | os.PathLike) -> None:
-        """Write this model as a Hugging Face GPT-2 checkpoint: config.json + model.safetensors, loadable with
-        transformers.GPT2LMHeadModel.from_pretrained(out_dir). Only GPT-2-shaped models have such a form."""
-        from safetensors.torch import save_file
-
-        c = self.config
-        differences = [f"{name}={getattr(c, name)!r} (GPT-2 has {want!r})"
-                       for name, want in (("pos_emb", "learned"), ("activation", "gelu"), ("tie_weights", True),
-                                          ("bias", True)) if getattr(c, name) != want]
-        if differences:
-            raise ValueError(f"cannot export to HF GPT-2: {', '.join(differences)}")
-        state = {}
-        for key, tensor in self.state_dict().items():
-            if key == "lm_head.weight":  # tied to wte; HF re-ties it on load
-                continue
-            tensor = tensor.detach().float().cpu()
-            state[key] = (tensor.t() if key.endswith(self.HF_TRANSPOSED) else tensor).contiguous()
-        hf_config = {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
-            "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
-            "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-            "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout, "initializer_range": 0.02,
-            "tie_word_embeddings": True, "bos_token_id": c.vocab_size - 1, "eos_token_id": c.vocab_size - 1,
-        }
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomically(out_dir / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        write_atomically(out_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf_config, indent=2)))
-
-
-# -- Sampling: turning logits into a token ----------------------------------------------------------------------
+# -- Decoding: from logits to a token ------------------------------------------------------------------------
 #
 # The standard order: divide by the temperature (below 1 sharpens, above 1 flattens), keep the top_k most
 # likely tokens, then keep the smallest set whose probabilities add up to top_p (the "nucleus"), renormalise
@@ -821,7 +419,7 @@ def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: in
     """(B, V) logits -> (B,) token ids.
 
     With top_k, only the k candidates that torch.topk returns are softmaxed and drawn from, not all V
-    logits (at batch 1 and 6 layers x 384 wide, the full-vocabulary draw was ~10% of a token's time)."""
+    logits: the same distribution, with k values to exponentiate instead of V."""
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1)  # greedy
     logits = logits.float() / temperature
@@ -832,8 +430,240 @@ def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: in
         if token_ids is None:
             logits, token_ids = torch.sort(logits, dim=-1, descending=True)
         logits = filter_top_p(logits, top_p)
-    choice = torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)  # (B, 1) candidate
+    choice = torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)  # (B, 1)
     return (choice if token_ids is None else token_ids.gather(-1, choice)).squeeze(1)
+
+
+# -- The KV cache, then the model --------------------------------------------------------------------------
+
+class KVCache:
+    """One layer's keys and values for the tokens seen so far, preallocated so generation never reallocates.
+
+    Why a cache: without one, every new token re-runs the whole context, so token n costs n positions of
+    work and the text slows down as it grows. But a causal model's keys and values for a position never
+    change once computed (later tokens cannot reach back into them), so each layer keeps them here and a
+    new token costs one position: its query attends to the cached keys. That holds while the text fits in
+    block_size; what happens after is GPT.advance's business.
+
+    k, v: (B, nh, capacity, hs); `length` is how many positions are filled."""
+
+    def __init__(self, batch: int, n_head: int, capacity: int, head_size: int, device, dtype):
+        self.k = torch.zeros(batch, n_head, capacity, head_size, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, nh, T, hs) new keys and values; return all keys and values so far."""
+        end = self.length + k.size(2)
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep batch rows `rows` (beam search continues the best beams, some of them twice)."""
+        self.k, self.v = self.k[rows], self.v[rows]
+
+
+class GPT(nn.Module):
+    """GPT-2: token embeddings (+ positions), n_layer blocks, a final LayerNorm, and the output layer that
+    scores every token of the vocabulary.
+
+    Initialisation, all of it (GPT-2's):
+        parameter                                   distribution                      why
+        transformer.wte (token embedding)           N(0, 0.02)                        small: a near-uniform
+        transformer.wpe (learned positions)         N(0, 0.02)                          first prediction
+        attn.c_attn, mlp.c_fc weights               N(0, 0.02)
+        attn.c_proj, mlp.c_proj weights             N(0, 0.02 / sqrt(2 * n_layer))    see below
+        lm_head (the same matrix as wte if tied)    N(0, 0.02)
+        every Linear bias                           0
+        LayerNorm gains, shifts                     1, 0
+        sinusoidal and rotary tables                fixed buffers, not parameters
+    c_proj writes into the residual stream, twice per block: scaling it by 1 / sqrt(2 * n_layer) keeps the
+    stream's variance from growing with depth."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token id -> vector
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        head_size = config.n_embd // config.n_head
+        if config.pos_emb == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        elif config.pos_emb == "sinusoidal":
+            table = sinusoidal_table(config.block_size, config.n_embd)
+            self.register_buffer("sinusoidal", table, persistent=False)
+        else:
+            cos, sin = rotary_tables(head_size, config.block_size)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            # One matrix both reads tokens in and scores them out: fewer parameters, and better small models.
+            self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)  # the table above
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters, counting a tied matrix once. non_embedding drops the position table, as the
+        scaling-law papers do (the token embedding stays: it doubles as the output layer)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.config.pos_emb == "learned":
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    # -- forward --------------------------------------------------------------------------------------------
+
+    def hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, C) final hidden states. With caches, idx continues the cached tokens."""
+        B, T = idx.size()
+        start = caches[0].length if caches else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than "
+                             f"block_size={self.config.block_size}")
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rotary = None
+        if self.config.pos_emb == "learned":
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        elif self.config.pos_emb == "sinusoidal":
+            x = x + self.sinusoidal[start:start + T]
+        else:  # rope: positions enter inside attention, as rotations of the queries and keys
+            rotary = (self.rotary_cos[start:start + T], self.rotary_sin[start:start + T])
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rotary, caches[i] if caches else None)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """idx (B, T) -> (logits (B, T, V), None); with targets (B, T) -> (None, mean cross-entropy).
+
+        Training needs only the loss, and the (B, T, V) logits are the largest tensor in the model, so
+        with targets they are not returned. Targets of -1 are ignored."""
+        x = self.hidden_states(idx)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(x), None
+        x, targets = x.view(-1, x.size(-1)), targets.view(-1)  # (B*T, C), (B*T,)
+        if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+            # The same loss without storing the logits: Part II, ChunkedCrossEntropy.
+            return None, ChunkedCrossEntropy.apply(x, self.lm_head.weight, targets)
+        # Evaluation, or mixed precision, where autocast must cast the matmul (and torch.compile fuses it).
+        return None, F.cross_entropy(self.lm_head(x), targets, ignore_index=-1)
+
+    # -- generation -----------------------------------------------------------------------------------------
+
+    def new_caches(self, batch: int, capacity: int) -> list[KVCache]:
+        c, p = self.config, self.lm_head.weight
+        return [KVCache(batch, c.n_head, capacity, c.n_embd // c.n_head, p.device, p.dtype)
+                for _ in range(c.n_layer)]
+
+    @torch.inference_mode()
+    def next_token_logits(self, idx: torch.Tensor, caches: list[KVCache] | None) -> torch.Tensor:
+        """Logits (B, V) for the token after idx; with caches, idx holds only the tokens not yet cached."""
+        return self.lm_head(self.hidden_states(idx, caches)[:, -1, :])  # only the last position is needed
+
+    def advance(self, idx: torch.Tensor, caches: list[KVCache] | None) -> tuple[torch.Tensor, list | None]:
+        """(logits (B, V) for the token after idx (B, T), the whole text so far; the caches to go on with).
+
+        While the text fits in block_size, only its last token runs, against the cache. Once it outgrows
+        block_size, the model must see only the last block_size tokens, with positions counted from the
+        window's start, and every cached value depended on tokens that have now left the window: from then
+        on each token is computed from the window afresh (caches None), exactly as without a cache."""
+        block = self.config.block_size
+        if caches and caches[0].length < block:
+            return self.next_token_logits(idx[:, -1:], caches), caches  # one position of work
+        return self.next_token_logits(idx[:, -block:], None), None
+
+    @torch.inference_mode()
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, stop_token: int | None = None,
+                        generator: torch.Generator | None = None,
+                        use_cache: bool = True) -> Iterator[torch.Tensor]:
+        """Yield (B,) new tokens, one step at a time, for the prompts idx (B, T).
+
+        temperature 0 is greedy (argmax). Rows that produced stop_token keep yielding stop_token; the stream
+        ends when every row has, or after max_new_tokens."""
+        check_sampling(temperature, top_k, top_p)
+        block = self.config.block_size
+        idx = idx[:, -block:]
+        caches = self.new_caches(idx.size(0), min(block, idx.size(1) + max_new_tokens)) if use_cache else None
+        logits = self.next_token_logits(idx, caches)  # the prompt in one forward pass
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for step in range(max_new_tokens):
+            next_token = sample_from_logits(logits, temperature, top_k, top_p, generator)  # (B,)
+            if stop_token is not None:
+                next_token = next_token.masked_fill(finished, stop_token)
+                finished |= next_token == stop_token
+            yield next_token
+            if finished.all() or step == max_new_tokens - 1:
+                return
+            idx = torch.cat((idx, next_token[:, None]), dim=1)
+            logits, caches = self.advance(idx, caches)
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, stop_token: int | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Continue the prompts idx (B, T); returns (B, T + new tokens). Options: see generate_stream."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, stop_token,
+                                        generator, use_cache))
+        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+
+# -- Beam search: decoding beside the model, on the same advance-or-recompute step as generate_stream -------
+
+@torch.inference_mode()
+def beam_search(model: GPT, idx: torch.Tensor, max_new_tokens: int, beam_size: int,
+                length_penalty: float = 1.0, stop_token: int | None = None) -> torch.Tensor:
+    """The most likely continuation of one prompt idx (1, T) that beam_size parallel hypotheses find.
+
+    Each step extends every beam by every token and keeps the beam_size best by total log-probability.
+    Finished hypotheses (those that produced stop_token, or all of them at the end) are ranked by
+    log-probability / length ** length_penalty, so that longer texts are not punished merely for
+    having more factors below 1. Returns (1, T + new tokens)."""
+    if idx.size(0) != 1:
+        raise ValueError(f"beam search continues one prompt, got a batch of {idx.size(0)}")
+    if beam_size < 1:
+        raise ValueError(f"beam={beam_size} must be at least 1")
+    block = model.config.block_size
+    prompt = idx[:, -block:]
+    beams = prompt.new_empty(1, 0)                    # (n_beams, generated so far)
+    scores = torch.zeros(1, device=idx.device)        # (n_beams,) summed log-probabilities
+    caches = model.new_caches(1, min(block, prompt.size(1) + max_new_tokens))
+    logits = model.next_token_logits(prompt, caches)
+    finished: list[tuple[float, torch.Tensor]] = []   # (normalised score, tokens)
+    for step in range(max_new_tokens):
+        logprobs = scores[:, None] + F.log_softmax(logits.float(), dim=-1)  # (n_beams, V)
+        top_scores, flat = logprobs.view(-1).topk(beam_size)
+        rows, tokens = flat // logits.size(-1), flat % logits.size(-1)
+        beams = torch.cat((beams[rows], tokens[:, None]), dim=1)
+        scores = top_scores
+        length = step + 1
+        done = tokens == stop_token if stop_token is not None else torch.zeros_like(tokens, dtype=torch.bool)
+        for i in done.nonzero().flatten().tolist():
+            finished.append((scores[i].item() / length ** length_penalty, beams[i]))
+        alive = (~done).nonzero().flatten()
+        if len(alive) == 0 or step == max_new_tokens - 1:
+            break
+        beams, scores, rows = beams[alive], scores[alive], rows[alive]
+        for cache in caches or []:  # each surviving beam continues the cache of the beam it extends
+            cache.reorder(rows)
+        logits, caches = model.advance(torch.cat((prompt.expand(len(alive), -1), beams), dim=1), caches)
+    for i in (~done).nonzero().flatten().tolist():  # the beams still alive at the end count as finished too
+        finished.append((scores[i].item() / length ** length_penalty, beams[i]))
+    best = max(finished, key=lambda pair: pair[0])[1]
+    return torch.cat((idx, best[None]), dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -856,52 +686,6 @@ SHARD_VERSION = 1
 HEADER_BYTES = 256 * 4
 
 
-def shard_token_count(path: Path) -> int:
-    """Check a shard's header and size; return its token count."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: shard listed in meta.json is missing; re-run prepare_fineweb.py")
-    with open(path, "rb") as f:
-        header = np.frombuffer(f.read(HEADER_BYTES), dtype=np.int32)
-    if header.size < 256:
-        raise ValueError(f"{path}: {path.stat().st_size} bytes is shorter than the 1024-byte shard header; "
-                         f"re-run prepare_fineweb.py")
-    magic, version, count = (int(v) for v in header[:3])
-    if magic != SHARD_MAGIC:
-        raise ValueError(f"{path}: not a token shard (magic {magic}, expected {SHARD_MAGIC})")
-    if version != SHARD_VERSION:
-        raise ValueError(f"{path}: shard version {version}, this reader knows version {SHARD_VERSION}")
-    size, expected = path.stat().st_size, HEADER_BYTES + 2 * count
-    if size != expected:
-        raise ValueError(f"{path}: the header says {count:,} tokens ({expected:,} bytes) but the file has "
-                         f"{size:,} bytes (truncated?); re-run prepare_fineweb.py")
-    return count
-
-
-def load_meta(data_dir: Path) -> dict:
-    """meta.json of a prepared dataset, checked to list train and val shards and an existing tokenizer."""
-    meta_path = data_dir / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"no shards in {data_dir} (no meta.json): run prepare_fineweb.py to write them, "
-                                f"or point --data_dir at its output")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        shard_lists = {split: meta["splits"][split]["shards"] for split in ("train", "val")}
-        tokenizer_path = data_dir / meta["tokenizer"]
-        int(meta["vocab_size"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{meta_path}: not a meta.json written by prepare_fineweb.py "
-                         f"({type(e).__name__}: {e})") from None
-    if meta.get("complete") is False:  # prepare_fineweb.py was stopped part way; it can resume
-        raise ValueError(f"{meta_path} says its preparation did not finish: run prepare_fineweb.py again")
-    for split, shards in shard_lists.items():
-        if not shards:
-            raise FileNotFoundError(f"{meta_path} lists no {split} shards: run prepare_fineweb.py again")
-    if not tokenizer_path.is_file():
-        raise FileNotFoundError(f"{tokenizer_path}: the tokenizer meta.json names is missing; "
-                                f"run prepare_fineweb.py again")
-    return meta
-
-
 class TokenWindows:
     """Random windows of block_size + 1 tokens from one split's shards.
 
@@ -916,19 +700,20 @@ class TokenWindows:
         total_windows = 0
         for name in shard_names:
             path = data_dir / name
-            count = shard_token_count(path)
+            count = shard_token_count(path)  # the header, checked against the file: Part II
             if count > block_size:  # shards shorter than one window (a small last shard) hold no window
                 self.paths.append(path)
                 self.token_counts.append(count)
                 self.first_window.append(total_windows)
                 total_windows += count - block_size
         if not self.paths:
-            raise ValueError(f"block_size={block_size} needs windows of {block_size + 1} tokens but every {split} "
-                             f"shard in {data_dir} is shorter: lower --block_size or prepare more data")
+            raise ValueError(f"block_size={block_size} needs windows of {block_size + 1} tokens but every "
+                             f"{split} shard in {data_dir} is shorter: lower --block_size or prepare more "
+                             f"data")
         self.num_windows = total_windows
 
     def draw(self, generator: torch.Generator, num_batches: int, batch_size: int) -> torch.Tensor:
-        """(num_batches, batch_size) random window ids; all randomness of the data order comes from generator."""
+        """(num_batches, batch_size) random window ids: the data order's only randomness is generator's."""
         return torch.randint(self.num_windows, (num_batches, batch_size), generator=generator)
 
     def read(self, window_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -963,7 +748,9 @@ def tokenizer_from_text(text: str) -> Tokenizer:
 
 @dataclass
 class Runtime:
-    """Where the model runs and in what precision: decided once, by setup_device, for everything else."""
+    """Where the model runs and in what precision: decided once, for everything else, by setup_device
+    (Part II): the fastest device there is, and bfloat16 autocast where the hardware has it, float16 plus
+    a GradScaler on CUDA GPUs without it, float32 on CPUs."""
     device: torch.device
     autocast_dtype: torch.dtype    # float32 means no autocast
     scaler: torch.amp.GradScaler   # enabled only for float16, whose narrow range needs the loss scaled up
@@ -975,101 +762,6 @@ class Runtime:
         if self.autocast_dtype == torch.float32:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-
-def setup_device(device_name: str, dtype_name: str = "auto", local_rank: int = 0,
-                 compile_model: bool = False) -> Runtime:
-    """Pick the device and precision.
-
-    auto picks cuda, then mps, then cpu. Precision: bfloat16 autocast where the hardware has it (recent
-    NVIDIA GPUs, Apple GPUs on macOS 14+); float16 plus a GradScaler on CUDA GPUs without bfloat16 (V100,
-    T4); float32 on CPUs, where bfloat16 is emulated and about 100x slower unless the CPU has bf16 units
-    (ask for it with --dtype=bfloat16)."""
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    kind = device_name.split(":")[0]
-    if kind not in ("cuda", "mps", "cpu"):
-        raise ValueError(f"--device={device_name!r} is not one of auto, cuda, cuda:N, mps, cpu")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device={device_name} but CUDA is not available (no GPU, or a CPU-only torch): "
-                         f"use --device=cpu")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device=mps but MPS is not available (it needs Apple silicon and macOS 12.3+): "
-                         "use --device=cpu")
-    device = torch.device(device_name if ":" in device_name or kind != "cuda" else f"cuda:{local_rank}")
-
-    if dtype_name == "auto":
-        if kind == "cuda":
-            dtype_name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        elif kind == "mps":
-            dtype_name = "bfloat16" if mps_has_bfloat16() else "float32"
-        else:
-            dtype_name = "float32"
-    if dtype_name == "float16" and kind != "cuda":
-        raise ValueError(f"--dtype=float16 needs loss scaling, done here on CUDA only: use bfloat16 or float32 "
-                         f"on {kind}")
-    if dtype_name == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"--dtype=bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16: use float16")
-
-    if kind == "cuda":
-        torch.cuda.set_device(device)
-        # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, ~8x faster and fine for training.
-        torch.set_float32_matmul_precision("high")
-    # torch.compile has no MPS backend worth using, and no Windows support for its default backend.
-    use_compile = compile_model and kind != "mps" and sys.platform != "win32"
-    if compile_model and not use_compile:
-        print(f"note: --compile is ignored on {kind if kind == 'mps' else 'Windows'}")
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype_name == "float16")
-    return Runtime(device, DTYPES[dtype_name], scaler, use_compile, fused_adamw=kind == "cuda")
-
-
-def mps_has_bfloat16() -> bool:
-    """Whether MPS autocast runs in bfloat16 here (macOS 14+ with a recent torch); tried, not guessed."""
-    try:
-        with torch.autocast("mps", dtype=torch.bfloat16):
-            torch.ones(2, 2, device="mps") @ torch.ones(2, 2, device="mps")
-        return True
-    except (RuntimeError, TypeError):
-        return False
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the GPU, so that a timer measures the work and not just its queueing."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-# Dense bfloat16 (float16 for V100 and T4) tensor-core peaks from the vendors' data sheets, in FLOP/s.
-# The first name contained in torch.cuda.get_device_name() wins, hence "H100 PCIe" before "H100", "L40S"
-# before "L40" before "L4". Other GPUs are measured, or take --peak_flops.
-GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
-                  "L40": 181e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
-
-
-def peak_flops_per_second(runtime: Runtime, configured: float) -> float:
-    """The device's peak, the denominator of MFU: --peak_flops, else the GPU table, else measured."""
-    if configured > 0:
-        return configured
-    if runtime.device.type == "cuda":
-        name = torch.cuda.get_device_name(runtime.device)
-        for gpu, flops in GPU_PEAK_FLOPS.items():
-            if gpu in name:
-                return flops
-    # Unknown device: time a large matmul in the training precision; the best of a few runs after a warm-up.
-    # (On a machine shared with other work this reads low and MFU high: pass --peak_flops for a fixed figure.)
-    n = 8192 if runtime.device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=runtime.device, dtype=runtime.autocast_dtype)
-    a @ a
-    best = math.inf
-    for _ in range(5):
-        synchronize(runtime.device)
-        t0 = time.perf_counter()
-        a @ a
-        synchronize(runtime.device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
 
 
 def make_optimizer(model: GPT, cfg: SimpleNamespace, runtime: Runtime) -> torch.optim.AdamW:
@@ -1120,21 +812,6 @@ def evaluate(model: torch.nn.Module, splits: dict[str, TokenWindows], cfg: Simpl
     return losses
 
 
-EVAL_SAMPLE_TOKENS = 64  # a glimpse of the model's text at each evaluation
-
-
-def eval_sample(model: GPT, tokenizer: Tokenizer, cfg: SimpleNamespace, runtime: Runtime) -> str:
-    """A short sample from the start of a document, drawn with its own generator: training's RNG is untouched."""
-    generator = torch.Generator(device=runtime.device).manual_seed(cfg.seed)
-    start = torch.tensor([[tokenizer.eot_token or 0]], device=runtime.device)
-    model.eval()
-    with runtime.autocast():
-        out = model.generate(start, EVAL_SAMPLE_TOKENS, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                             stop_token=tokenizer.eot_token, generator=generator)
-    model.train()
-    return tokenizer.decode([t for t in out[0, 1:].tolist() if t != tokenizer.eot_token])
-
-
 # -- Checkpoints ---------------------------------------------------------------------------------------------
 #
 # One dict holds everything a run needs to continue exactly where it stopped, and nothing but tensors,
@@ -1153,23 +830,8 @@ def eval_sample(model: GPT, tokenizer: Tokenizer, cfg: SimpleNamespace, runtime:
 # every run can be continued. A run that stops on a non-finite loss writes nothing: the last good
 # checkpoint stays.
 
-
-def rng_states(device: torch.device) -> dict:
-    """This process's random generators that training draws from: dropout on the CPU, CUDA or MPS."""
-    states = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    elif device.type == "mps":
-        states["mps"] = torch.mps.get_rng_state()
-    return states
-
-
-def restore_rng_states(states: dict, device: torch.device) -> None:
-    torch.set_rng_state(states["torch"])
-    if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"], device)
-    elif device.type == "mps" and "mps" in states:
-        torch.mps.set_rng_state(states["mps"])
+def checkpoint_path(cfg: SimpleNamespace) -> Path:
+    return Path(cfg.ckpt) if cfg.ckpt else Path(cfg.out_dir) / "ckpt.pt"
 
 
 def training_state(model: GPT, optimizer: torch.optim.Optimizer, runtime: Runtime, step: int,
@@ -1177,13 +839,13 @@ def training_state(model: GPT, optimizer: torch.optim.Optimizer, runtime: Runtim
                    data_generator: torch.Generator, world_size: int = 1) -> dict:
     """Everything a run needs to continue exactly, as one dict. With several processes every one of them
     must call this: their RNG states are gathered into the list."""
-    states = [rng_states(runtime.device)]
+    states = [rng_states(runtime.device)]  # this process's dropout generators: Part II, rng_states
     if world_size > 1:
         states = [None] * world_size
         dist.all_gather_object(states, rng_states(runtime.device))
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": runtime.scaler.state_dict(),
-            "step": step, "best_val_loss": best_val_loss, "config": dict(vars(cfg)),
-            "model_config": asdict(model.config), "tokenizer": tokenizer_text,
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": runtime.scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
+            "config": dict(vars(cfg)), "model_config": asdict(model.config), "tokenizer": tokenizer_text,
             "rng": {"data": data_generator.get_state(), "processes": states}}
 
 
@@ -1191,6 +853,557 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
     """Write atomically: a crash or Ctrl-C during the write leaves the previous checkpoint whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+# -- The training loop, in steps ----------------------------------------------------------------------------
+
+def build_model(cfg: SimpleNamespace, overrides: dict, meta: dict,
+                checkpoint: dict | None) -> tuple[GPT, str]:
+    """The model to train and its tokenizer's text: the checkpoint's, GPT-2's weights, or a new model."""
+    if checkpoint is not None:
+        # GPT(its model_config) with its weights, or one clear error: Part II, model_from_checkpoint
+        model = model_from_checkpoint(checkpoint, checkpoint_path(cfg), dropout=cfg.dropout)
+        # model flags that contradict the loaded weights are refused: Part II, check_architecture
+        check_architecture(model.config, overrides, str(checkpoint_path(cfg)))
+        return model, checkpoint["tokenizer"]
+    tokenizer_text = (Path(cfg.data_dir) / meta["tokenizer"]).read_text(encoding="utf-8")
+    if cfg.init_from == "scratch":
+        return GPT(model_config(cfg, vocab_size=int(meta["vocab_size"]))), tokenizer_text
+    # Fine-tuning GPT-2 (with a lower --learning_rate), on data tokenized with GPT-2's tokenizer; OpenAI's
+    # weights come in through Part II, from_gpt2.
+    model = from_gpt2(cfg.init_from, cfg.gpt2_dir or None)
+    check_architecture(model.config, overrides, cfg.init_from)
+    if cfg.dropout != model.config.dropout:  # dropout has no weights: rebuild with it and copy them over
+        weights = model.state_dict()
+        model = GPT(replace(model.config, dropout=cfg.dropout))
+        model.load_state_dict(weights)
+    return model, tokenizer_text
+
+
+def micro_steps(cfg: SimpleNamespace, world_size: int) -> tuple[int, int]:
+    """(micro-steps per optimizer step, tokens per step). Each process runs batch_size * block_size tokens
+    at a time and adds up gradients until the step has seen total_batch_tokens."""
+    tokens_per_micro_step = cfg.batch_size * cfg.block_size * world_size
+    tokens_per_step = cfg.total_batch_tokens or tokens_per_micro_step
+    if tokens_per_step % tokens_per_micro_step:
+        raise ValueError(f"--total_batch_tokens={tokens_per_step} is not a multiple of batch_size * "
+                         f"block_size * processes = {tokens_per_micro_step}: change one of them")
+    return tokens_per_step // tokens_per_micro_step, tokens_per_step
+
+
+@dataclass
+class Run:
+    """One process's training: what start_run builds, and the three numbers the loop moves forward."""
+    cfg: SimpleNamespace
+    runtime: Runtime
+    rank: int                          # this process; 0 prints, logs and writes checkpoints
+    world_size: int
+    meta: dict                         # the data's meta.json
+    model: GPT                         # as built: its state_dict is what a checkpoint holds
+    fast_model: nn.Module              # the same model, compiled when --compile: evaluation runs it
+    train_model: nn.Module             # fast_model, wrapped in DDP with several processes: training runs it
+    optimizer: torch.optim.Optimizer
+    tokenizer: Tokenizer               # for the sample printed at each evaluation
+    tokenizer_text: str                # the same, as the text a checkpoint carries
+    windows: dict[str, TokenWindows]   # "train" and "val"
+    data_generator: torch.Generator    # the order of training windows; its state is the position in the data
+    accumulation_steps: int            # micro-steps per optimizer step
+    tokens_per_step: int
+    flops_per_token: float             # training FLOPs per token, and the device's peak FLOP/s: for MFU
+    peak_flops: float
+    step: int = 0                      # optimizer steps done
+    best_val_loss: float = math.inf
+    saved_step: int = -1               # the step the checkpoint on disk holds (-1: none yet)
+
+
+def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, runtime: Runtime, rank: int,
+              world_size: int) -> Run:
+    """Build the model, data and optimiser, or restore them from the checkpoint: everything but the loop."""
+    device, data_dir = runtime.device, Path(cfg.data_dir)
+    meta = load_meta(data_dir)  # meta.json, checked: Part II, load_meta
+    # torch.manual_seed first, so every process builds the same initial weights (DDP also copies process
+    # 0's to the others).
+    torch.manual_seed(cfg.seed)
+    model, tokenizer_text = build_model(cfg, overrides, meta, checkpoint)
+    if int(meta["vocab_size"]) > model.config.vocab_size:
+        raise ValueError(f"{data_dir}/meta.json has vocab_size {meta['vocab_size']} but the model only "
+                         f"{model.config.vocab_size} token ids: prepare the data with the model's tokenizer")
+    if cfg.block_size > model.config.block_size:
+        raise ValueError(f"--block_size={cfg.block_size} is longer than the model's context "
+                         f"({model.config.block_size})")
+    model.to(device)
+    windows = {split: TokenWindows(data_dir, meta["splits"][split]["shards"], cfg.block_size, split)
+               for split in ("train", "val")}
+    accumulation_steps, tokens_per_step = micro_steps(cfg, world_size)
+    optimizer = make_optimizer(model, cfg, runtime)
+    data_generator = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
+    step, best_val_loss, saved_step = 0, math.inf, -1
+    if checkpoint is not None:
+        # the optimizer, the scaler and every random generator as they were: Part II, restore_training_state
+        step, best_val_loss = restore_training_state(checkpoint, optimizer, runtime, data_generator, rank)
+        saved_step = step
+        checkpoint.clear()  # free the CPU copy of the weights and optimizer state (train() holds this dict)
+    fast_model = torch.compile(model) if runtime.compile else model
+    # DDP averages gradients across processes. broadcast_buffers=False: the only buffers are the position
+    # tables, the same in every process, so there is nothing to copy before each forward.
+    train_model = DDP(fast_model, device_ids=[device.index] if device.type == "cuda" else None,
+                      broadcast_buffers=False) if world_size > 1 else fast_model
+    # MFU's numerator and denominator: Part II, flops_per_token and peak_flops_per_second
+    flops, peak_flops = flops_per_token(model, cfg.block_size), peak_flops_per_second(runtime, cfg.peak_flops)
+    run = Run(cfg, runtime, rank, world_size, meta, model, fast_model, train_model, optimizer,
+              tokenizer_from_text(tokenizer_text), tokenizer_text, windows, data_generator,
+              accumulation_steps, tokens_per_step, flops, peak_flops, step, best_val_loss, saved_step)
+    if rank == 0:
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}")
+        print(f"device {device}, autocast {str(runtime.autocast_dtype).removeprefix('torch.')}, "
+              f"{world_size} process(es); {tokens_per_step:,} tokens per step = {cfg.batch_size} x "
+              f"{cfg.block_size} x {world_size} x {accumulation_steps} micro-step(s); data: "
+              f"{windows['train'].num_windows:,} train windows; peak {peak_flops / 1e12:.2f} TFLOP/s for MFU")
+    return run
+
+
+def forward_backward(run: Run, windows: torch.Tensor) -> torch.Tensor:
+    """Gradients of one optimizer step, summed over its micro-steps; returns this process's mean loss."""
+    device, world_size, ddp = run.runtime.device, run.world_size, run.world_size > 1
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(run.accumulation_steps):
+        x, y = run.windows["train"].read(windows[micro_step * world_size + run.rank], device)
+        # DDP averages gradients across processes during backward(). Only the last micro-step needs that;
+        # no_sync() skips it for the others and must cover their forward as well as backward.
+        last = micro_step == run.accumulation_steps - 1
+        with run.train_model.no_sync() if ddp and not last else nullcontext():
+            with run.runtime.autocast():
+                _, loss = run.train_model(x, y)
+            loss = loss / run.accumulation_steps  # gradients add up over micro-steps: this makes them a mean
+            run.runtime.scaler.scale(loss).backward()
+        loss_sum += loss.detach().float()
+    return loss_sum
+
+
+def optimizer_step(run: Run, stop: "StopOnSignal") -> dict:
+    """One optimizer step; returns its record for the log.
+
+    All windows of the step (every micro-step of every process) come from one draw of the data generator;
+    process r's micro-step m takes row m * W + r, so 1 process with 2 micro-steps sees exactly the windows
+    of 2 processes with 1, and a resumed run the same as a straight one."""
+    cfg, runtime, optimizer, device = run.cfg, run.runtime, run.optimizer, run.runtime.device
+    t0 = time.perf_counter()
+    lr = learning_rate_at(run.step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    windows = run.windows["train"].draw(run.data_generator, run.accumulation_steps * run.world_size,
+                                        cfg.batch_size)
+    loss_sum = forward_backward(run, windows)
+    # One all-reduce carries the step's loss for the log, and whether any process was asked to stop (the
+    # processes decide together: Part II, StopOnSignal).
+    stats = torch.stack([loss_sum, torch.tensor(float(stop.requested), device=device)])
+    if run.world_size > 1:
+        dist.all_reduce(stats)
+    train_loss, stop.agreed = stats[0].item() / run.world_size, stats[1].item() > 0
+    if not math.isfinite(train_loss):  # never step on a NaN: it would poison every weight
+        path = Path(cfg.out_dir) / "ckpt.pt"
+        kept = f"{path} keeps step {run.saved_step}" if run.saved_step >= 0 else "nothing saved"
+        raise FloatingPointError(f"the loss became {train_loss} at step {run.step + 1}; stopped ({kept}): "
+                                 f"try a lower --learning_rate or a longer --warmup_steps")
+    runtime.scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf).item()
+    runtime.scaler.step(optimizer)  # skips the step if float16 gradients overflowed
+    runtime.scaler.update()
+    optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until the next backward
+    synchronize(device)  # wait for the GPU, so the step's time is its work: Part II, synchronize
+    run.step += 1
+    step_time = time.perf_counter() - t0
+    tokens_per_second = run.tokens_per_step / step_time
+    mfu = run.flops_per_token * tokens_per_second / (run.peak_flops * run.world_size)
+    return {"kind": "train", "step": run.step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+            "ms": step_time * 1000, "tokens_per_s": tokens_per_second, "mfu": mfu}
+
+
+def save_run(run: Run) -> None:
+    """Checkpoint where the run stands. Every process gathers its state (DDP needs them all); 0 writes."""
+    state = training_state(run.model, run.optimizer, run.runtime, run.step, run.best_val_loss, run.cfg,
+                           run.tokenizer_text, run.data_generator, run.world_size)
+    if run.rank == 0:
+        path = Path(run.cfg.out_dir) / "ckpt.pt"
+        save_checkpoint(path, state)
+        print(f"saved {path} at step {run.step}")
+    run.saved_step = run.step
+
+
+def evaluate_and_checkpoint(run: Run, log: "RunLog") -> None:
+    """Evaluate both splits, report, and checkpoint when the val loss improved (or always, if asked)."""
+    cfg, device = run.cfg, run.runtime.device
+    losses = evaluate(run.fast_model, run.windows, cfg, run.runtime, run.rank, run.world_size)
+    record = {"kind": "eval", "step": run.step, "train_loss": losses["train"], "val_loss": losses["val"],
+              "val_perplexity": math.exp(min(losses["val"], 50.0))}
+    val = run.meta["splits"]["val"]
+    val_tokens, val_bytes = val.get("tokens", 0), val.get("bytes", 0)
+    if val_bytes:  # a tokenizer-independent measure: how many bits the model needs per byte of text
+        record["val_bits_per_byte"] = losses["val"] / math.log(2) * val_tokens / val_bytes
+    if device.type == "cuda":
+        record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    print_eval(run, record)  # the losses and a short sample of the model's text: Part II, print_eval
+    log.write(record)
+    improved = losses["val"] < run.best_val_loss
+    run.best_val_loss = min(run.best_val_loss, losses["val"])
+    if run.step > 0 and (improved or cfg.always_save_checkpoint):  # nothing to keep before step 1
+        save_run(run)
+
+
+def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, runtime: Runtime, rank: int,
+               world_size: int) -> None:
+    """One process's training: start (or restore) the run, then step, evaluating and checkpointing."""
+    resumed = checkpoint is not None
+    run = start_run(cfg, overrides, checkpoint, runtime, rank, world_size)
+    # log.jsonl (cut back to the checkpoint on resume) and Ctrl-C: Part II, RunLog and StopOnSignal
+    log_path = Path(cfg.out_dir) / "log.jsonl"
+    with RunLog(log_path, rank == 0, run.step if resumed else None) as log, StopOnSignal(rank == 0) as stop:
+        # ---- TRAINING SECTION BEGIN
+        while True:
+            # Evaluate every eval_interval steps and at the end, except where the checkpoint on disk was
+            # written right after this step's evaluation (a resumed run starts there).
+            due = run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps
+            if due and run.step != run.saved_step:
+                evaluate_and_checkpoint(run, log)
+            if run.step >= cfg.max_steps or stop.agreed:
+                break
+            record = optimizer_step(run, stop)
+            log.write(record)
+            print_step(run, record)  # Part II, print_step
+        # ---- TRAINING SECTION END
+        if run.saved_step != run.step:  # the end of the run, or Ctrl-C: save, so that it can be continued
+            save_run(run)
+
+
+def train(overrides: dict) -> None:
+    """Train (or continue training) the model the flags describe; see the docstring for the commands."""
+    cfg = make_config(overrides)
+    checkpoint = None
+    if cfg.init_from == "resume":
+        # The run continues with its own saved settings; flags given now still win (e.g. a larger max_steps).
+        checkpoint = load_checkpoint(checkpoint_path(cfg))  # torch.load, checked: Part II, load_checkpoint
+        cfg = make_config(overrides, base=checkpoint["config"])
+
+    # torchrun starts one process per GPU (or per CPU slot) and tells each its place in these variables.
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    runtime = setup_device(cfg.device, cfg.dtype, local_rank, cfg.compile)  # Part II, setup_device
+    ddp = world_size > 1
+    if ddp:  # NCCL moves CUDA tensors between GPUs; gloo is the CPU backend
+        if runtime.device.type == "mps":
+            raise ValueError("torchrun with MPS is not supported: run one process on a Mac")
+        dist.init_process_group("nccl" if runtime.device.type == "cuda" else "gloo")
+    try:
+        train_loop(cfg, overrides, checkpoint, runtime, rank, world_size)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Sampling from the command line, and main
+
+def load_for_sampling(cfg: SimpleNamespace, device: torch.device) -> tuple[GPT, Tokenizer]:
+    """(model, tokenizer) from --init_from=gpt2... or from the checkpoint (which carries its tokenizer)."""
+    if cfg.init_from.startswith("gpt2"):  # OpenAI's weights and tokenizer: Part II, from_gpt2, gpt2_tokenizer
+        model, tokenizer = from_gpt2(cfg.init_from, cfg.gpt2_dir or None), gpt2_tokenizer(cfg.gpt2_dir)
+    else:
+        path = checkpoint_path(cfg)
+        checkpoint = load_checkpoint(path)  # Part II, load_checkpoint
+        model = model_from_checkpoint(checkpoint, path)  # Part II, model_from_checkpoint
+        tokenizer = tokenizer_from_text(checkpoint["tokenizer"])
+    return model.to(device).eval(), tokenizer
+
+
+def decode_until(ids: list[int], tokenizer: Tokenizer, stop_token: int | None) -> str:
+    """Text of ids up to (not including) the first stop_token."""
+    return tokenizer.decode(ids[:ids.index(stop_token)] if stop_token in ids else ids)
+
+
+def run_sampling(cfg: SimpleNamespace, overrides: dict) -> None:
+    """Print num_samples continuations of the prompt; a single sample streams token by token."""
+    sampling_flags = [k for k in ("temperature", "top_k", "top_p", "greedy") if k in overrides]
+    if cfg.beam and sampling_flags:
+        raise ValueError(f"--beam is deterministic: drop --{sampling_flags[0]}")
+    if cfg.beam and cfg.num_samples > 1:
+        raise ValueError("--beam finds one best continuation: drop --num_samples")
+    runtime = setup_device(cfg.device, cfg.dtype)  # Part II, setup_device
+    model, tokenizer = load_for_sampling(cfg, runtime.device)
+    # --prompt as ids (text, or FILE:path): Part II, encode_prompt
+    prompt = torch.tensor([encode_prompt(cfg.prompt, tokenizer)], device=runtime.device)  # (1, T)
+    stop_token = None if cfg.ignore_eot else tokenizer.eot_token
+    generator = torch.Generator(device=runtime.device).manual_seed(cfg.seed)
+    options = dict(temperature=0.0 if cfg.greedy else cfg.temperature, top_k=cfg.top_k or None,
+                   top_p=None if cfg.top_p == 1.0 else cfg.top_p, stop_token=stop_token, generator=generator)
+    shown_prompt = "" if cfg.prompt == "<|endoftext|>" else tokenizer.decode(prompt[0].tolist())
+    with runtime.autocast():
+        if cfg.beam:
+            out = beam_search(model, prompt, cfg.max_new_tokens, cfg.beam, stop_token=stop_token)
+            print(shown_prompt + decode_until(out[0, prompt.size(1):].tolist(), tokenizer, stop_token))
+        elif cfg.num_samples == 1:
+            # Stream: a token may end in the middle of a UTF-8 character (an emoji can take 4 tokens), so
+            # bytes go through an incremental decoder that prints each character once it is complete.
+            utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            sys.stdout.write(shown_prompt)
+            for token in model.generate_stream(prompt, cfg.max_new_tokens, **options):
+                if token.item() == stop_token:
+                    break
+                sys.stdout.write(utf8.decode(tokenizer.decode_bytes([token.item()])))
+                sys.stdout.flush()
+            print(utf8.decode(b"", final=True))
+        else:
+            out = model.generate(prompt.expand(cfg.num_samples, -1), cfg.max_new_tokens, **options)
+            for row in out[:, prompt.size(1):].tolist():
+                print(shown_prompt + decode_until(row, tokenizer, stop_token))
+                print("-" * 80)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train, sample, export or plot, as the flags say. Bad input ends with one `error: ...` line."""
+    try:
+        overrides = parse_flags(sys.argv[1:] if argv is None else argv)
+        cfg = make_config(overrides)
+        if cfg.sample:
+            run_sampling(cfg, overrides)
+        elif cfg.export_hf:
+            run_export(cfg)  # Part II, run_export
+        elif cfg.plot:
+            run_plot(cfg)  # Part II, run_plot
+        else:
+            train(overrides)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C while sampling, or a second Ctrl-C while training
+        raise SystemExit(130) from None
+
+
+# ===== Part II: the workshop (speed routes, safety and resume plumbing, GPT-2/HF interop, plots) ==========
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Devices and speed routes: the same results as the lesson's plain code, sooner
+
+def mps_has_bfloat16() -> bool:
+    """Whether MPS autocast runs in bfloat16 here (macOS 14+ with a recent torch); tried, not guessed."""
+    try:
+        with torch.autocast("mps", dtype=torch.bfloat16):
+            torch.ones(2, 2, device="mps") @ torch.ones(2, 2, device="mps")
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+def setup_device(device_name: str, dtype_name: str = "auto", local_rank: int = 0,
+                 compile_model: bool = False) -> Runtime:
+    """Pick the device and precision.
+
+    auto picks cuda, then mps, then cpu. Precision: bfloat16 autocast where the hardware has it (recent
+    NVIDIA GPUs, Apple GPUs on macOS 14+); float16 plus a GradScaler on CUDA GPUs without bfloat16 (V100,
+    T4); float32 on CPUs, where bfloat16 is emulated and much slower unless the CPU has bf16 units (ask
+    for it with --dtype=bfloat16)."""
+    if device_name == "auto":
+        mps = torch.backends.mps.is_available()
+        device_name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    kind = device_name.split(":")[0]
+    if kind not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"--device={device_name!r} is not one of auto, cuda, cuda:N, mps, cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={device_name} but CUDA is not available (no GPU, or a CPU-only torch): "
+                         f"use --device=cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device=mps but MPS is not available (it needs Apple silicon and macOS 12.3+): "
+                         "use --device=cpu")
+    device = torch.device(device_name if ":" in device_name or kind != "cuda" else f"cuda:{local_rank}")
+
+    if dtype_name == "auto":
+        if kind == "cuda":
+            dtype_name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        elif kind == "mps":
+            dtype_name = "bfloat16" if mps_has_bfloat16() else "float32"
+        else:
+            dtype_name = "float32"
+    if dtype_name == "float16" and kind != "cuda":
+        raise ValueError(f"--dtype=float16 needs loss scaling, done here on CUDA only: use bfloat16 or "
+                         f"float32 on {kind}")
+    if dtype_name == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--dtype=bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16: "
+                         f"use float16")
+
+    if kind == "cuda":
+        torch.cuda.set_device(device)
+        # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, precise enough for training.
+        torch.set_float32_matmul_precision("high")
+    # torch.compile has no MPS backend worth using, and no Windows support for its default backend.
+    use_compile = compile_model and kind != "mps" and sys.platform != "win32"
+    if compile_model and not use_compile:
+        print(f"note: --compile is ignored on {kind if kind == 'mps' else 'Windows'}")
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype_name == "float16")
+    return Runtime(device, DTYPES[dtype_name], scaler, use_compile, fused_adamw=kind == "cuda")
+
+
+class Linear(nn.Linear):
+    """nn.Linear, with a faster route on a multi-core CPU for the few rows of a generation step.
+
+    A generation step multiplies 1 to 16 rows by every weight matrix, so its time goes into reading the
+    weights from memory, and F.linear reads them on one core. Cut into one slice of output rows per
+    thread and multiplied as a batch (bmm), the matrix is read by every core at once (the README's
+    generation table has the figures). The products are the same; only float rounding can differ."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        threads, rows = torch.get_num_threads(), x.numel() // x.size(-1)
+        if x.device.type != "cpu" or threads == 1 or rows > 16 or self.out_features % threads:
+            return F.linear(x, self.weight, self.bias)  # training, GPUs, and anything else
+        columns = x.reshape(rows, self.in_features).t().expand(threads, -1, -1)  # (threads, in, rows)
+        slices = self.weight.view(threads, self.out_features // threads, self.in_features)
+        # Trap: .contiguous(), because sdpa's fused CPU kernel needs contiguous q, k, v (split from this
+        # output); the transposed bmm result would send attention down a slower path.
+        y = torch.bmm(slices, columns).reshape(self.out_features, rows).t().contiguous()  # (rows, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight.T against targets, and its gradients, a chunk of rows at
+    a time. x: (N, C) hidden states, weight: (V, C) the output layer, targets: (N,) ids, -1 = ignore.
+
+    The plain way, F.cross_entropy(lm_head(x), targets), writes the (N, V) logits to memory, reads them
+    back for the softmax, writes the log-probabilities, and does it all again in the backward pass: at
+    8 x 256 tokens and V = 8192 that is 67 MB per pass. But the gradient of the loss with respect to the
+    logits is just softmax(logits) - onehot(target) (over N), so we compute it at once, while a chunk's
+    logits are still in the cache, and turn it straight into the gradients of x and weight; backward then
+    only scales them by the incoming gradient. The numbers are the same, with a fraction of the memory
+    traffic. (llm.c's "fused classifier" does the same.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows = max(1, (1 << 21) // weight.size(0))  # about 2M logits (8 MB) per chunk: stays in the cache
+        counted = targets != -1
+        n_counted = counted.sum().clamp(min=1)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight)
+        for start in range(0, x.size(0), rows):
+            xs, keep = x[start:start + rows], counted[start:start + rows]
+            ts = targets[start:start + rows].clamp(min=0)
+            logits = xs @ weight.t()                                    # (rows, V)
+            logsumexp = torch.logsumexp(logits, dim=-1, keepdim=True)   # (rows, 1)
+            row = torch.arange(len(ts), device=x.device)
+            loss += ((logsumexp.squeeze(1) - logits[row, ts]) * keep).sum()  # -log softmax at the target
+            grad_logits = logits.sub_(logsumexp).exp_()                 # softmax, in place of the logits
+            grad_logits[row, ts] -= 1.0                                 # minus the one-hot target
+            grad_logits *= keep[:, None]                                # ignored rows contribute nothing
+            torch.mm(grad_logits, weight, out=grad_x[start:start + rows])
+            grad_weight.addmm_(grad_logits.t(), xs)
+        ctx.save_for_backward(grad_x, grad_weight, n_counted)
+        return loss / n_counted
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_x, grad_weight, n_counted = ctx.saved_tensors
+        scale = grad_loss / n_counted
+        return grad_x * scale, grad_weight * scale, None
+
+
+# -- MFU: the share of the device's peak FLOP/s that training uses -----------------------------------------
+
+def flops_per_token(model: GPT, seq_len: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward): 6 per parameter (2 forward, 4 backward) plus the
+    attention scores and weighted sums, 12 * n_layer * n_embd * T (PaLM paper, appendix B)."""
+    c = model.config
+    return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * (seq_len or c.block_size)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU, so that a timer measures the work and not just its queueing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# Dense bfloat16 (float16 for V100 and T4) tensor-core peaks from the vendors' data sheets, in FLOP/s.
+# The first name contained in torch.cuda.get_device_name() wins, hence "H100 PCIe" before "H100", "L40S"
+# before "L40" before "L4". Other GPUs are measured, or take --peak_flops.
+GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
+                  "L40": 181e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12,
+                  "T4": 65e12}
+
+
+def peak_flops_per_second(runtime: Runtime, configured: float) -> float:
+    """The device's peak, the denominator of MFU: --peak_flops, else the GPU table, else measured."""
+    if configured > 0:
+        return configured
+    if runtime.device.type == "cuda":
+        name = torch.cuda.get_device_name(runtime.device)
+        for gpu, flops in GPU_PEAK_FLOPS.items():
+            if gpu in name:
+                return flops
+    # Unknown device: time a large matmul in the training precision; the best of a few runs after a warm-up.
+    # (On a machine shared with other work this reads low and MFU high: pass --peak_flops for a fixed figure.)
+    n = 8192 if runtime.device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=runtime.device, dtype=runtime.autocast_dtype)
+    a @ a
+    best = math.inf
+    for _ in range(5):
+        synchronize(runtime.device)
+        t0 = time.perf_counter()
+        a @ a
+        synchronize(runtime.device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Safety and resume plumbing: inputs checked before a run, a stopped run continued exactly, a signal
+#    that stops it cleanly, the log and the console
+
+def shard_token_count(path: Path) -> int:
+    """Check a shard's header and size; return its token count."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: shard listed in meta.json is missing; re-run prepare_fineweb.py")
+    with open(path, "rb") as f:
+        header = np.frombuffer(f.read(HEADER_BYTES), dtype=np.int32)
+    if header.size < 256:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes is shorter than the 1024-byte shard header; "
+                         f"re-run prepare_fineweb.py")
+    magic, version, count = (int(v) for v in header[:3])
+    if magic != SHARD_MAGIC:
+        raise ValueError(f"{path}: not a token shard (magic {magic}, expected {SHARD_MAGIC})")
+    if version != SHARD_VERSION:
+        raise ValueError(f"{path}: shard version {version}, this reader knows version {SHARD_VERSION}")
+    size, expected = path.stat().st_size, HEADER_BYTES + 2 * count
+    if size != expected:
+        raise ValueError(f"{path}: the header says {count:,} tokens ({expected:,} bytes) but the file has "
+                         f"{size:,} bytes (truncated?); re-run prepare_fineweb.py")
+    return count
+
+
+def load_meta(data_dir: Path) -> dict:
+    """meta.json of a prepared dataset, checked to list train and val shards and an existing tokenizer."""
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no shards in {data_dir} (no meta.json): run prepare_fineweb.py to write "
+                                f"them, or point --data_dir at its output")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        shard_lists = {split: meta["splits"][split]["shards"] for split in ("train", "val")}
+        tokenizer_path = data_dir / meta["tokenizer"]
+        int(meta["vocab_size"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{meta_path}: not a meta.json written by prepare_fineweb.py "
+                         f"({type(e).__name__}: {e})") from None
+    if meta.get("complete") is False:  # prepare_fineweb.py was stopped part way; it can resume
+        raise ValueError(f"{meta_path} says its preparation did not finish: run prepare_fineweb.py again")
+    for split, shards in shard_lists.items():
+        if not shards:
+            raise FileNotFoundError(f"{meta_path} lists no {split} shards: run prepare_fineweb.py again")
+    if not tokenizer_path.is_file():
+        raise FileNotFoundError(f"{tokenizer_path}: the tokenizer meta.json names is missing; "
+                                f"run prepare_fineweb.py again")
+    return meta
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -1221,8 +1434,11 @@ def model_from_checkpoint(checkpoint: dict, path: Path, dropout: float | None = 
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match its model_config ({str(e).splitlines()[0]})") from None
+        reason = str(e).splitlines()[0]
+        raise ValueError(f"{path}: weights do not match its model_config ({reason})") from None
     return model
+
+
 
 
 def check_architecture(model_config: GPTConfig, overrides: dict, source: str) -> None:
@@ -1234,239 +1450,235 @@ def check_architecture(model_config: GPTConfig, overrides: dict, source: str) ->
         raise ValueError(f"{conflicts[0]}: drop the model flags, they come from {source}")
 
 
-# -- The training loop ---------------------------------------------------------------------------------------
-
-def build_model(cfg: SimpleNamespace, overrides: dict, meta: dict, checkpoint: dict | None) -> tuple[GPT, str]:
-    """The model to train and its tokenizer's text: the checkpoint's, GPT-2's weights, or a new model."""
-    if checkpoint is not None:
-        model = model_from_checkpoint(checkpoint, checkpoint_path(cfg), dropout=cfg.dropout)
-        check_architecture(model.config, overrides, str(checkpoint_path(cfg)))
-        return model, checkpoint["tokenizer"]
-    tokenizer_text = (Path(cfg.data_dir) / meta["tokenizer"]).read_text(encoding="utf-8")
-    if cfg.init_from == "scratch":
-        return GPT(model_config(cfg, vocab_size=int(meta["vocab_size"]))), tokenizer_text
-    # Fine-tuning GPT-2 (with a lower --learning_rate), on data tokenized with GPT-2's tokenizer.
-    model = GPT.from_gpt2(cfg.init_from, cfg.gpt2_dir or None)
-    check_architecture(model.config, overrides, cfg.init_from)
-    if cfg.dropout != model.config.dropout:  # dropout has no weights: rebuild with it and copy them over
-        weights = model.state_dict()
-        model = GPT(replace(model.config, dropout=cfg.dropout))
-        model.load_state_dict(weights)
-    return model, tokenizer_text
+def rng_states(device: torch.device) -> dict:
+    """This process's random generators that training draws from: dropout on the CPU, CUDA or MPS."""
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        states["mps"] = torch.mps.get_rng_state()
+    return states
 
 
-def train(overrides: dict) -> None:
-    """Train (or continue training) the model the flags describe; see the docstring for the commands."""
-    cfg = make_config(overrides)
-    checkpoint = None
-    if cfg.init_from == "resume":
-        # The run continues with its own saved settings; flags given now still win (e.g. a larger max_steps).
-        checkpoint = load_checkpoint(checkpoint_path(cfg))
-        cfg = make_config(overrides, base=checkpoint["config"])
-
-    # torchrun starts one process per GPU (or per CPU slot) and tells each its place in these variables.
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    runtime = setup_device(cfg.device, cfg.dtype, local_rank, cfg.compile)
-    ddp = world_size > 1
-    if ddp:  # NCCL moves CUDA tensors between GPUs; gloo is the CPU backend
-        if runtime.device.type == "mps":
-            raise ValueError("torchrun with MPS is not supported: run one process on a Mac")
-        dist.init_process_group("nccl" if runtime.device.type == "cuda" else "gloo")
-    try:
-        train_loop(cfg, overrides, checkpoint, runtime, rank, world_size)
-    finally:
-        if ddp:
-            dist.destroy_process_group()
+def restore_rng_states(states: dict, device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+    elif device.type == "mps" and "mps" in states:
+        torch.mps.set_rng_state(states["mps"])
 
 
-def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, runtime: Runtime, rank: int,
-               world_size: int) -> None:
-    """One process's training: build the model, data and optimiser (or restore them), then loop."""
-    device, ddp = runtime.device, world_size > 1
-    master = rank == 0  # only process 0 prints, logs and writes checkpoints
-    resumed = checkpoint is not None
-    out_dir = Path(cfg.out_dir)
-    data_dir = Path(cfg.data_dir)
-    meta = load_meta(data_dir)
+def restore_training_state(checkpoint: dict, optimizer: torch.optim.Optimizer, runtime: Runtime,
+                           data_generator: torch.Generator, rank: int) -> tuple[int, float]:
+    """Put the checkpoint's optimizer, scaler and random generators back; return (step, best_val_loss)."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint["scaler"]:  # empty when saved without float16 (the scaler was off)
+        runtime.scaler.load_state_dict(checkpoint["scaler"])
+    data_generator.set_state(checkpoint["rng"]["data"])
+    saved_ranks = checkpoint["rng"]["processes"]
+    restore_rng_states(saved_ranks[rank] if rank < len(saved_ranks) else saved_ranks[0], runtime.device)
+    return checkpoint["step"], checkpoint["best_val_loss"]
 
-    # torch.manual_seed first, so every process builds the same initial weights (DDP also copies process
-    # 0's to the others).
-    torch.manual_seed(cfg.seed)
-    model, tokenizer_text = build_model(cfg, overrides, meta, checkpoint)
-    if int(meta["vocab_size"]) > model.config.vocab_size:
-        raise ValueError(f"{data_dir}/meta.json has vocab_size {meta['vocab_size']} but the model only "
-                         f"{model.config.vocab_size} token ids: prepare the data with the model's tokenizer")
-    if cfg.block_size > model.config.block_size:
-        raise ValueError(f"--block_size={cfg.block_size} is longer than the model's context "
-                         f"({model.config.block_size})")
-    model.to(device)
-    tokenizer = tokenizer_from_text(tokenizer_text)
-    train_windows = TokenWindows(data_dir, meta["splits"]["train"]["shards"], cfg.block_size, "train")
-    val_windows = TokenWindows(data_dir, meta["splits"]["val"]["shards"], cfg.block_size, "val")
 
-    # Batch size in tokens -> micro-steps: each process runs batch_size * block_size tokens at a time and
-    # adds up gradients until the step has seen total_batch_tokens.
-    tokens_per_micro_step = cfg.batch_size * cfg.block_size * world_size
-    tokens_per_step = cfg.total_batch_tokens or tokens_per_micro_step
-    if tokens_per_step % tokens_per_micro_step:
-        raise ValueError(f"--total_batch_tokens={tokens_per_step} is not a multiple of batch_size * block_size * "
-                         f"processes = {tokens_per_micro_step}: change one of them")
-    accumulation_steps = tokens_per_step // tokens_per_micro_step
+class StopOnSignal:
+    """Ctrl-C (or a scheduler's SIGTERM) asks training to stop at the end of the current step and save.
 
-    optimizer = make_optimizer(model, cfg, runtime)
-    # The order of training windows comes from this generator alone; its state is the position in the data.
-    data_generator = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
-    step, best_val_loss = 0, math.inf
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint["scaler"]:  # empty when saved without float16 (the scaler was off)
-            runtime.scaler.load_state_dict(checkpoint["scaler"])
-        step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
-        data_generator.set_state(checkpoint["rng"]["data"])
-        saved_ranks = checkpoint["rng"]["processes"]
-        restore_rng_states(saved_ranks[rank] if rank < len(saved_ranks) else saved_ranks[0], device)
-        checkpoint.clear()  # free the CPU copy of the weights and optimizer state (train() holds this dict too)
-    start_step = step
+    The signal may reach the processes at different moments, so they decide together, in the step's
+    all-reduce: `requested` is this process's wish, `agreed` the decision. A second Ctrl-C aborts. Used as
+    a `with` block, which puts the previous handlers back at its end."""
 
-    fast_model = torch.compile(model) if runtime.compile else model
-    # DDP averages gradients across processes. broadcast_buffers=False: the only buffers are the position
-    # tables, the same in every process, so there is nothing to copy before each forward.
-    train_model = DDP(fast_model, device_ids=[device.index] if device.type == "cuda" else None,
-                      broadcast_buffers=False) if ddp else fast_model
-    flops_per_token = model.flops_per_token(cfg.block_size)
-    peak_flops = peak_flops_per_second(runtime, cfg.peak_flops)
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}")
-        print(f"device {device}, autocast {str(runtime.autocast_dtype).removeprefix('torch.')}, "
-              f"{world_size} process(es); {tokens_per_step:,} tokens per step = {cfg.batch_size} x {cfg.block_size}"
-              f" x {world_size} x {accumulation_steps} micro-step(s); data: {train_windows.num_windows:,} train "
-              f"windows; peak {peak_flops / 1e12:.2f} TFLOP/s for MFU")
-    log_path = out_dir / "log.jsonl"
-    if master and resumed and log_path.is_file():
-        # Keep the log up to the checkpoint: steps logged after it (before a crash, or a non-finite loss)
-        # are about to be run again.
-        kept = [line for line in log_path.read_text(encoding="utf-8").splitlines(keepends=True)
-                if json.loads(line)["step"] <= start_step]
-        write_atomically(log_path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
-    log_file = open(log_path, "a" if resumed else "w", encoding="utf-8") if master else None
+    def __init__(self, announce: bool):
+        self.requested = self.agreed = False
+        self.announce = announce  # process 0 says what is happening
+        self.previous_handlers = {}
 
-    def log(record: dict) -> None:
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
+    def __enter__(self) -> "StopOnSignal":
+        self.previous_handlers = {sig: signal.signal(sig, self.request)
+                                  for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
-    def write_checkpoint() -> None:
-        state = training_state(model, optimizer, runtime, step, best_val_loss, cfg, tokenizer_text,
-                               data_generator, world_size)
-        if master:
-            save_checkpoint(out_dir / "ckpt.pt", state)
-            print(f"saved {out_dir / 'ckpt.pt'} at step {step}")
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous_handlers.items():
+            signal.signal(sig, handler)
 
-    # Ctrl-C (or a scheduler's SIGTERM) asks the loop to stop at the end of the current step and save. The
-    # signal may reach the processes at different moments, so they decide together, in the step's all-reduce:
-    # stop_requested is this process's wish, stop_agreed the decision. A second Ctrl-C aborts.
-    stop_requested = stop_agreed = False
-
-    def request_stop(signum, frame):
-        nonlocal stop_requested
-        if stop_requested:
+    def request(self, signum, frame) -> None:
+        if self.requested:
             raise KeyboardInterrupt
-        stop_requested = True
-        if master:
+        self.requested = True
+        if self.announce:
             print("\nstopping after this step (Ctrl-C again to abort without saving)", flush=True)
 
-    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    val_tokens, val_bytes = meta["splits"]["val"].get("tokens", 0), meta["splits"]["val"].get("bytes", 0)
-    saved_step = start_step if resumed else -1  # the step the checkpoint on disk holds (-1: none yet)
-    try:
-        while True:
-            # Evaluate every eval_interval steps and at the end. A resumed run skips the step it starts at:
-            # its checkpoint was written right after that evaluation.
-            if (step % cfg.eval_interval == 0 or step == cfg.max_steps) and not (resumed and step == start_step):
-                losses = evaluate(fast_model, {"train": train_windows, "val": val_windows}, cfg, runtime, rank,
-                                  world_size)
-                record = {"kind": "eval", "step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                          "val_perplexity": math.exp(min(losses["val"], 50.0))}
-                if val_bytes:  # a tokenizer-independent measure: how many bits the model needs per byte of text
-                    record["val_bits_per_byte"] = losses["val"] / math.log(2) * val_tokens / val_bytes
-                if device.type == "cuda":
-                    record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                if master:
-                    bpb = f", {record['val_bits_per_byte']:.3f} bits/byte" if val_bytes else ""
-                    memory = f", peak GPU memory {record['peak_memory_gib']:.1f} GiB" if device.type == "cuda" else ""
-                    print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-                          f"(perplexity {record['val_perplexity']:.1f}{bpb}){memory}")
-                    print(f"  sample: {eval_sample(model, tokenizer, cfg, runtime)!r}")
-                    log(record)
-                improved = losses["val"] < best_val_loss
-                best_val_loss = min(best_val_loss, losses["val"])
-                if step > 0 and (improved or cfg.always_save_checkpoint):  # nothing to keep before step 1
-                    write_checkpoint()
-                    saved_step = step
-            if step >= cfg.max_steps or stop_agreed:
-                break
 
-            # One optimizer step. All windows of the step (every micro-step of every process) come from one
-            # draw of the data generator; process r's micro-step m takes row m * W + r, so 1 process with 2
-            # micro-steps sees exactly the windows of 2 processes with 1, and a resumed run the same as a
-            # straight one.
-            t0 = time.perf_counter()
-            lr = learning_rate_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            windows = train_windows.draw(data_generator, accumulation_steps * world_size, cfg.batch_size)
-            loss_sum = torch.zeros((), device=device)
-            for micro_step in range(accumulation_steps):
-                x, y = train_windows.read(windows[micro_step * world_size + rank], device)
-                # DDP averages gradients across processes during backward(). Only the last micro-step needs
-                # that; no_sync() skips it for the others and must cover their forward as well as backward.
-                last = micro_step == accumulation_steps - 1
-                with train_model.no_sync() if ddp and not last else nullcontext():
-                    with runtime.autocast():
-                        _, loss = train_model(x, y)
-                    loss = loss / accumulation_steps  # gradients add up over micro-steps: this makes them a mean
-                    runtime.scaler.scale(loss).backward()
-                loss_sum += loss.detach().float()
-            # One all-reduce carries the step's loss for the log, and whether any process was asked to stop.
-            stats = torch.stack([loss_sum, torch.tensor(float(stop_requested), device=device)])
-            if ddp:
-                dist.all_reduce(stats)
-            train_loss, stop_agreed = stats[0].item() / world_size, stats[1].item() > 0
-            if not math.isfinite(train_loss):  # never step on a NaN: it would poison every weight
-                kept = f"{out_dir / 'ckpt.pt'} keeps step {saved_step}" if saved_step >= 0 else "nothing saved"
-                raise FloatingPointError(f"the loss became {train_loss} at step {step + 1}; stopped ({kept}): "
-                                         f"try a lower --learning_rate or a longer --warmup_steps")
-            runtime.scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
-            runtime.scaler.step(optimizer)  # skips the step if float16 gradients overflowed
-            runtime.scaler.update()
-            optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until the next backward
-            synchronize(device)
-            step += 1
+class RunLog:
+    """log.jsonl: one JSON object per training step and per evaluation, written by process 0 only.
 
-            step_time = time.perf_counter() - t0
-            tokens_per_second = tokens_per_step / step_time
-            mfu = flops_per_token * tokens_per_second / (peak_flops * world_size)
-            if master:
-                log({"kind": "train", "step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                     "ms": step_time * 1000, "tokens_per_s": tokens_per_second, "mfu": mfu})
-                if step % cfg.log_interval == 0 or step == 1:
-                    print(f"step {step}/{cfg.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm "
-                          f"{grad_norm:.2f} | {step_time * 1000:.0f} ms | {tokens_per_second:,.0f} tok/s | "
-                          f"MFU {mfu:.1%}", flush=True)
-        if saved_step != step:  # the end of the run, or Ctrl-C: save where we are, so it can be continued
-            write_checkpoint()
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-        if log_file:
-            log_file.close()
+    A resumed run first cuts the log back to its checkpoint's step: the steps logged after it (before a
+    crash, or a non-finite loss) are about to be run again."""
+
+    def __init__(self, path: Path, enabled: bool, resumed_at: int | None):
+        self.file = None
+        if not enabled:
+            return
+        if resumed_at is not None and path.is_file():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                    if json.loads(line)["step"] <= resumed_at]
+            write_atomically(path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
+        self.file = open(path, "a" if resumed_at is not None else "w", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file:
+            self.file.close()
+
+
+def print_eval(run: Run, record: dict) -> None:
+    """Process 0 prints an evaluation's losses, and a short sample of what the model writes by now."""
+    if run.rank != 0:
+        return
+    bpb = f", {record['val_bits_per_byte']:.3f} bits/byte" if "val_bits_per_byte" in record else ""
+    memory = f", peak GPU memory {record['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in record else ""
+    print(f"step {record['step']}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f} "
+          f"(perplexity {record['val_perplexity']:.1f}{bpb}){memory}")
+    print(f"  sample: {eval_sample(run.model, run.tokenizer, run.cfg, run.runtime)!r}")
+
+
+EVAL_SAMPLE_TOKENS = 64  # a glimpse of the model's text at each evaluation
+
+
+def eval_sample(model: GPT, tokenizer: Tokenizer, cfg: SimpleNamespace, runtime: Runtime) -> str:
+    """A short sample from the start of a document, drawn with its own generator: training's RNG is
+    untouched."""
+    generator = torch.Generator(device=runtime.device).manual_seed(cfg.seed)
+    start = torch.tensor([[tokenizer.eot_token or 0]], device=runtime.device)
+    model.eval()
+    with runtime.autocast():
+        out = model.generate(start, EVAL_SAMPLE_TOKENS, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                             stop_token=tokenizer.eot_token, generator=generator)
+    model.train()
+    return tokenizer.decode([t for t in out[0, 1:].tolist() if t != tokenizer.eot_token])
+
+
+def print_step(run: Run, record: dict) -> None:
+    """Process 0 prints a training line every log_interval steps (and after the first)."""
+    if run.rank == 0 and (run.step % run.cfg.log_interval == 0 or run.step == 1):
+        print(f"step {run.step}/{run.cfg.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+              f"grad norm {record['grad_norm']:.2f} | {record['ms']:.0f} ms | "
+              f"{record['tokens_per_s']:,.0f} tok/s | MFU {record['mfu']:.1%}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Sampling, export and plotting
+# 8. GPT-2 / Hugging Face: OpenAI's weights in, our models out
+#
+# HF's GPT-2 stores its linear layers as "Conv1D" modules whose weight is (in, out), the transpose of
+# nn.Linear's (out, in). Everything else has the same name and shape as here.
+
+HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+GPT2_SIZES = {  # model_type: (n_layer, n_head, n_embd)
+    "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+}
+
+
+def from_gpt2(model_type: str = "gpt2", gpt2_dir: str | os.PathLike | None = None) -> GPT:
+    """GPT-2 with OpenAI's weights, from a directory holding HF's model.safetensors (and config.json), or
+    downloaded from the Hugging Face hub (openai-community/<model_type>) when no directory is given."""
+    from safetensors.torch import load_file
+
+    if gpt2_dir is None:
+        if model_type not in GPT2_SIZES:
+            raise ValueError(f"unknown GPT-2 model {model_type!r}: use one of {', '.join(GPT2_SIZES)}")
+        from huggingface_hub import snapshot_download
+        try:
+            gpt2_dir = snapshot_download(f"openai-community/{model_type}",
+                                         allow_patterns=["config.json", "model.safetensors"])
+        except Exception as e:
+            raise ValueError(f"could not download {model_type} from the Hugging Face hub "
+                             f"({type(e).__name__}); download it elsewhere and pass --gpt2_dir=DIR") from None
+    gpt2_dir = Path(gpt2_dir)
+    weights_file = gpt2_dir / "model.safetensors"
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{weights_file} not found: --gpt2_dir must hold HF's model.safetensors")
+    config_file = gpt2_dir / "config.json"
+    if config_file.is_file():
+        hf = json.loads(config_file.read_text())
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"])
+    else:
+        if model_type not in GPT2_SIZES:
+            raise ValueError(f"{gpt2_dir} has no config.json and {model_type!r} is not a GPT-2 size")
+        n_layer, n_head, n_embd = GPT2_SIZES[model_type]
+        config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    try:
+        hf_state = load_file(weights_file)
+    except Exception as e:
+        raise ValueError(f"{weights_file} is not a readable safetensors file ({e})") from None
+    model = GPT(config)
+    model.load_state_dict(state_from_hf(hf_state, model, weights_file))
+    return model
+
+
+def state_from_hf(hf_state: dict, model: GPT, source: Path) -> dict:
+    """HF's tensor names and layout -> ours; name every missing, extra or misshapen tensor."""
+    ours = model.state_dict()
+    state, problems = {}, []
+    for name, tensor in hf_state.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):  # old checkpoints store the causal mask
+            continue
+        key = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
+        if key.endswith(HF_TRANSPOSED):
+            tensor = tensor.t()
+        if key not in ours:
+            problems.append(f"unexpected {name}")
+        elif tensor.shape != ours[key].shape:
+            problems.append(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(ours[key].shape)}")
+        else:
+            state[key] = tensor
+    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))  # tied: HF may store it once
+    problems += [f"missing {key}" for key in ours if state.get(key) is None]
+    if problems:
+        raise ValueError(f"{source} does not match a GPT-2 of this shape: {'; '.join(problems[:5])}"
+                         + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+    return state
+
+
+def export_to_hf(model: GPT, out_dir: str | os.PathLike) -> None:
+    """Write the model as a Hugging Face GPT-2 checkpoint: config.json + model.safetensors, loadable with
+    transformers.GPT2LMHeadModel.from_pretrained(out_dir). Only GPT-2-shaped models have such a form."""
+    from safetensors.torch import save_file
+
+    c = model.config
+    differences = [f"{name}={getattr(c, name)!r} (GPT-2 has {want!r})"
+                   for name, want in (("pos_emb", "learned"), ("activation", "gelu"), ("tie_weights", True),
+                                      ("bias", True)) if getattr(c, name) != want]
+    if differences:
+        raise ValueError(f"cannot export to HF GPT-2: {', '.join(differences)}")
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight":  # tied to wte; HF re-ties it on load
+            continue
+        tensor = tensor.detach().float().cpu()
+        state[key] = (tensor.t() if key.endswith(HF_TRANSPOSED) else tensor).contiguous()
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+        "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
+        "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout, "initializer_range": 0.02,
+        "tie_word_embeddings": True, "bos_token_id": c.vocab_size - 1, "eos_token_id": c.vocab_size - 1,
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(out_dir / "model.safetensors",
+                     lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_atomically(out_dir / "config.json",
+                     lambda tmp: Path(tmp).write_text(json.dumps(hf_config, indent=2)))
+
 
 def gpt2_tokenizer(gpt2_dir: str) -> Tokenizer:
     """GPT-2's tokenizer: from gpt2_dir when it holds GPT-2's tokenizer files, else tiktoken's "gpt2"."""
@@ -1474,78 +1686,20 @@ def gpt2_tokenizer(gpt2_dir: str) -> Tokenizer:
     return load_tokenizer(gpt2_dir if has_files else "gpt2", flag="--gpt2_dir")
 
 
-def load_for_sampling(cfg: SimpleNamespace, device: torch.device) -> tuple[GPT, Tokenizer]:
-    """(model, tokenizer) from --init_from=gpt2... or from the checkpoint (which carries its tokenizer)."""
-    if cfg.init_from.startswith("gpt2"):
-        model, tokenizer = GPT.from_gpt2(cfg.init_from, cfg.gpt2_dir or None), gpt2_tokenizer(cfg.gpt2_dir)
-    else:
-        path = checkpoint_path(cfg)
-        checkpoint = load_checkpoint(path)
-        model, tokenizer = model_from_checkpoint(checkpoint, path), tokenizer_from_text(checkpoint["tokenizer"])
-    return model.to(device).eval(), tokenizer
-
-
-def encode_prompt(prompt_flag: str, tokenizer: Tokenizer) -> list[int]:
-    """--prompt as ids; FILE:path reads the text from a file. Special tokens in it (<|endoftext|>) count as such."""
-    text = prompt_flag
-    if prompt_flag.startswith("FILE:"):
-        path = Path(prompt_flag.removeprefix("FILE:"))
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompt=FILE:{path}: no such file")
-        text = path.read_text(encoding="utf-8")
-    ids = tokenizer.encode(text, allowed_special="all")
-    if not ids:
-        raise ValueError("--prompt encodes to no tokens: give some text, or leave it out to start a new document")
-    return ids
-
-
-def run_sampling(cfg: SimpleNamespace, overrides: dict) -> None:
-    """Print num_samples continuations of the prompt; a single sample streams token by token."""
-    sampling_flags = [k for k in ("temperature", "top_k", "top_p", "greedy") if k in overrides]
-    if cfg.beam and sampling_flags:
-        raise ValueError(f"--beam is deterministic: drop --{sampling_flags[0]}")
-    if cfg.beam and cfg.num_samples > 1:
-        raise ValueError("--beam finds one best continuation: drop --num_samples")
-    runtime = setup_device(cfg.device, cfg.dtype)
-    model, tokenizer = load_for_sampling(cfg, runtime.device)
-    prompt = torch.tensor([encode_prompt(cfg.prompt, tokenizer)], device=runtime.device)  # (1, T)
-    stop_token = None if cfg.ignore_eot else tokenizer.eot_token
-    generator = torch.Generator(device=runtime.device).manual_seed(cfg.seed)
-    options = dict(temperature=0.0 if cfg.greedy else cfg.temperature, top_k=cfg.top_k or None,
-                   top_p=None if cfg.top_p == 1.0 else cfg.top_p, stop_token=stop_token, generator=generator)
-    shown_prompt = "" if cfg.prompt == "<|endoftext|>" else tokenizer.decode(prompt[0].tolist())
-    with runtime.autocast():
-        if cfg.beam:
-            out = model.beam_search(prompt, cfg.max_new_tokens, cfg.beam, stop_token=stop_token)
-            print(shown_prompt + decode_until(out[0, prompt.size(1):].tolist(), tokenizer, stop_token))
-        elif cfg.num_samples == 1:
-            # Stream: a token may end in the middle of a UTF-8 character (an emoji can take 4 tokens), so
-            # bytes go through an incremental decoder that prints each character once it is complete.
-            utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            sys.stdout.write(shown_prompt)
-            for token in model.generate_stream(prompt, cfg.max_new_tokens, **options):
-                if token.item() == stop_token:
-                    break
-                sys.stdout.write(utf8.decode(tokenizer.decode_bytes([token.item()])))
-                sys.stdout.flush()
-            print(utf8.decode(b"", final=True))
-        else:
-            out = model.generate(prompt.expand(cfg.num_samples, -1), cfg.max_new_tokens, **options)
-            for row in out[:, prompt.size(1):].tolist():
-                print(shown_prompt + decode_until(row, tokenizer, stop_token))
-                print("-" * 80)
-
-
-def decode_until(ids: list[int], tokenizer: Tokenizer, stop_token: int | None) -> str:
-    """Text of ids up to (not including) the first stop_token."""
-    return tokenizer.decode(ids[:ids.index(stop_token)] if stop_token in ids else ids)
-
-
 def run_export(cfg: SimpleNamespace) -> None:
+    """--export_hf: the checkpoint's (or GPT-2's) model as a Hugging Face GPT-2."""
     model, _ = load_for_sampling(cfg, torch.device("cpu"))
-    model.export_hf(cfg.export_hf)
+    export_to_hf(model, cfg.export_hf)
     print(f"wrote {Path(cfg.export_hf) / 'model.safetensors'} and config.json "
           f"(load with transformers.GPT2LMHeadModel.from_pretrained)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. Plots: one function per figure
+
+PLOT_PROMPT = "First Citizen: Once upon a time, a little girl asked the king why the sky was blue."
+WEIGHT_KINDS = {"attn.c_attn": "attention q,k,v", "attn.c_proj": "attention output",
+                "mlp.c_fc": "MLP in", "mlp.c_proj": "MLP out"}
 
 
 def run_plot(cfg: SimpleNamespace) -> None:
@@ -1553,7 +1707,8 @@ def run_plot(cfg: SimpleNamespace) -> None:
     attention heatmaps for --prompt, weight histograms and spectral norms."""
     path = checkpoint_path(cfg)
     checkpoint = load_checkpoint(path)
-    model, tokenizer = model_from_checkpoint(checkpoint, path).eval(), tokenizer_from_text(checkpoint["tokenizer"])
+    model = model_from_checkpoint(checkpoint, path).eval()
+    tokenizer = tokenizer_from_text(checkpoint["tokenizer"])
     log_path = path.parent / "log.jsonl"
     records = ([json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line]
                if log_path.is_file() else [])
@@ -1564,16 +1719,79 @@ def run_plot(cfg: SimpleNamespace) -> None:
         print(f"wrote {written}")
 
 
-PLOT_PROMPT = "First Citizen: Once upon a time, a little girl asked the king why the sky was blue."
+def plot_run(model: GPT, tokenizer: Tokenizer, records: list[dict], out_dir: Path, prompt: str) -> list[Path]:
+    """Write the training curves, attention heatmaps and weight statistics as PNGs in out_dir."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    figures = {}
+    train = [r for r in records if r["kind"] == "train"]
+    if train:
+        evals = [r for r in records if r["kind"] == "eval"]
+        figures.update({"loss.png": plot_loss(plt, train, evals), "lr.png": plot_learning_rate(plt, train),
+                        "throughput.png": plot_throughput(plt, train)})
+    ids = tokenizer.encode_ordinary(prompt)[-min(24, model.config.block_size):]
+    if ids:
+        figures["attention.png"] = plot_attention(plt, model, tokenizer, ids)
+    matrices = {title: [block.get_submodule(key).weight.detach().float().cpu()  # one matrix per layer
+                        for block in model.transformer.h] for key, title in WEIGHT_KINDS.items()}
+    figures["weights.png"] = plot_weight_histograms(plt, matrices)
+    figures["spectral_norms.png"] = plot_spectral_norms(plt, matrices)
+    written = []
+    for name, fig in figures.items():
+        path = out_dir / name
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 def moving_average(values: list[float], width: int) -> list[float]:
-    """Mean of the last `width` values at each point (fewer at the start), to see the trend through the noise."""
+    """Mean of the last `width` values at each point (fewer at the start): the trend through the noise."""
     out, total = [], 0.0
     for i, v in enumerate(values):
         total += v - (values[i - width] if i >= width else 0.0)
         out.append(total / min(i + 1, width))
     return out
+
+
+def plot_loss(plt, train: list[dict], evals: list[dict]):
+    """Does it learn, and does it overfit? Per-step loss is noisy: show it faint, with its moving average."""
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
+    ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.7, label="train loss (each step)")
+    ax.plot(steps, moving_average(losses, max(1, len(losses) // 50)), color="tab:blue", lw=1.5,
+            label="train loss (moving average)")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:red",
+                ms=3, label="val loss (evaluation)")
+    # The first few percent of the steps fall from ~ln(V); zoom on the rest, where runs differ.
+    val_losses = [r["val_loss"] for r in evals]
+    ax.set_ylim(0.97 * min(losses + val_losses), sorted(losses)[int(0.97 * (len(losses) - 1))] + 0.05)
+    ax.set(xlabel="step", ylabel="cross-entropy (nats / token)", title="Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def plot_learning_rate(plt, train: list[dict]):
+    """What did the schedule do? Warm-up, then cosine decay."""
+    fig, ax = plt.subplots(figsize=(8, 3), layout="constrained")
+    ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:green")
+    ax.set(xlabel="step", ylabel="learning rate", title="Learning-rate schedule")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_throughput(plt, train: list[dict]):
+    """How fast did it run? The first steps include warm-up work (allocation, compilation)."""
+    fig, ax = plt.subplots(figsize=(8, 3), layout="constrained")
+    ax.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train], color="tab:purple", lw=0.8)
+    ax.set(xlabel="step", ylabel="tokens / s", title="Training throughput")
+    ax.grid(alpha=0.3)
+    return fig
 
 
 @torch.no_grad()
@@ -1597,132 +1815,110 @@ def attention_maps(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     return torch.stack(maps)
 
 
-def plot_run(model: GPT, tokenizer: Tokenizer, records: list[dict], out_dir: Path, prompt: str) -> list[Path]:
-    """Write the training curves, attention heatmaps and weight statistics as PNGs in out_dir."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no window
-    import matplotlib.pyplot as plt
+def plot_attention(plt, model: GPT, tokenizer: Tokenizer, ids: list[int]):
+    """Where does each head look? One heatmap per (layer, head) for the prompt's tokens."""
+    maps = attention_maps(model, torch.tensor([ids], device=model.lm_head.weight.device)).float().cpu()
+    labels = [tokenizer.decode([i]).replace("\n", "\\n") for i in ids]
+    n_layer, n_head = maps.shape[:2]
+    size = 0.18 * len(ids) + 0.8
+    fig, axes = plt.subplots(n_layer, n_head, figsize=(size * n_head, size * n_layer), squeeze=False,
+                             layout="constrained")
+    for layer in range(n_layer):
+        for head in range(n_head):
+            ax = axes[layer][head]
+            ax.imshow(maps[layer, head].numpy(), cmap="viridis", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if layer == n_layer - 1:
+                ax.set_xticks(range(len(ids)), labels, rotation=90, fontsize=6)
+            if head == 0:
+                ax.set_yticks(range(len(ids)), labels, fontsize=6)
+                ax.set_ylabel(f"layer {layer}", fontsize=8)
+            if layer == 0:
+                ax.set_title(f"head {head}", fontsize=8)
+    fig.suptitle("Attention weights (row: query token, column: the token it attends to)", fontsize=9)
+    return fig
 
-    written = []
 
-    def save(fig, name: str) -> None:
-        path = out_dir / name
-        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-        plt.close(fig)
-        written.append(path)
-
-    train = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
-    steps = [r["step"] for r in train]
-    if train:
-        # Does it learn, and does it overfit? Per-step loss is noisy: show it faint, with its moving average.
-        fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
-        losses = [r["loss"] for r in train]
-        ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.7, label="train loss (each step)")
-        ax.plot(steps, moving_average(losses, max(1, len(losses) // 50)), color="tab:blue", lw=1.5,
-                label="train loss (moving average)")
-        if evals:
-            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:red",
-                    ms=3, label="val loss (evaluation)")
-        # The first few percent of the steps fall from ~ln(V); zoom on the rest, where runs differ.
-        val_losses = [r["val_loss"] for r in evals]
-        ax.set_ylim(0.97 * min(losses + val_losses), sorted(losses)[int(0.97 * (len(losses) - 1))] + 0.05)
-        ax.set(xlabel="step", ylabel="cross-entropy (nats / token)", title="Loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        save(fig, "loss.png")
-
-        # What did the schedule do? Warm-up, then cosine decay.
-        fig, ax = plt.subplots(figsize=(8, 3), layout="constrained")
-        ax.plot(steps, [r["lr"] for r in train], color="tab:green")
-        ax.set(xlabel="step", ylabel="learning rate", title="Learning-rate schedule")
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-        ax.grid(alpha=0.3)
-        save(fig, "lr.png")
-
-        # How fast did it run? The first steps include warm-up work (allocation, compilation).
-        fig, ax = plt.subplots(figsize=(8, 3), layout="constrained")
-        ax.plot(steps, [r["tokens_per_s"] for r in train], color="tab:purple", lw=0.8)
-        ax.set(xlabel="step", ylabel="tokens / s", title="Training throughput")
-        ax.grid(alpha=0.3)
-        save(fig, "throughput.png")
-
-    # Where does each head look? One heatmap per (layer, head) for the prompt's tokens.
-    ids = tokenizer.encode_ordinary(prompt)[-min(24, model.config.block_size):]
-    if ids:
-        maps = attention_maps(model, torch.tensor([ids], device=model.lm_head.weight.device)).float().cpu()
-        labels = [tokenizer.decode([i]).replace("\n", "\\n") for i in ids]
-        n_layer, n_head = maps.shape[:2]
-        size = 0.18 * len(ids) + 0.8
-        fig, axes = plt.subplots(n_layer, n_head, figsize=(size * n_head, size * n_layer), squeeze=False,
-                                 layout="constrained")
-        for layer in range(n_layer):
-            for head in range(n_head):
-                ax = axes[layer][head]
-                ax.imshow(maps[layer, head].numpy(), cmap="viridis", vmin=0, vmax=1)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if layer == n_layer - 1:
-                    ax.set_xticks(range(len(ids)), labels, rotation=90, fontsize=6)
-                if head == 0:
-                    ax.set_yticks(range(len(ids)), labels, fontsize=6)
-                    ax.set_ylabel(f"layer {layer}", fontsize=8)
-                if layer == 0:
-                    ax.set_title(f"head {head}", fontsize=8)
-        fig.suptitle("Attention weights (row: query token, column: the token it attends to)", fontsize=9)
-        save(fig, "attention.png")
-
-    # Are the weights healthy? Histograms per layer, and each matrix's largest singular value (its
-    # spectral norm: how much it can stretch a vector), which grows when training is unstable.
-    kinds = {"attn.c_attn": "attention q,k,v", "attn.c_proj": "attention output",
-             "mlp.c_fc": "MLP in", "mlp.c_proj": "MLP out"}
-    n_layer = model.config.n_layer
+def plot_weight_histograms(plt, matrices: dict[str, list[torch.Tensor]]):
+    """Are the weights healthy? A histogram per layer for each kind of matrix."""
+    n_layer = len(next(iter(matrices.values())))
     colors = plt.cm.viridis([i / max(1, n_layer - 1) for i in range(n_layer)])
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.2), layout="constrained")
-    norms = {}
-    for ax, (key, title) in zip(axes, kinds.items()):
-        norms[title] = []
-        for layer, block in enumerate(model.transformer.h):
-            weight = block.get_submodule(key).weight.detach().float().cpu()
-            ax.hist(weight.flatten().numpy(), bins=80, histtype="step", color=colors[layer], label=f"layer {layer}")
-            norms[title].append(torch.linalg.matrix_norm(weight, ord=2).item())
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4 * len(matrices), 3.2), layout="constrained")
+    for ax, (title, weights) in zip(axes, matrices.items()):
+        for layer, weight in enumerate(weights):
+            ax.hist(weight.flatten().numpy(), bins=80, histtype="step", color=colors[layer],
+                    label=f"layer {layer}")
         ax.set(title=title, xlabel="weight value", ylabel="count")
         ax.set_yscale("log")
     axes[-1].legend(fontsize=7)
-    save(fig, "weights.png")
+    return fig
 
+
+def plot_spectral_norms(plt, matrices: dict[str, list[torch.Tensor]]):
+    """Each matrix's largest singular value (its spectral norm: how much it can stretch a vector), which
+    grows when training is unstable."""
     fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
-    for title, values in norms.items():
-        ax.plot(range(n_layer), values, "o-", label=title)
+    for title, weights in matrices.items():
+        ax.plot(range(len(weights)), [torch.linalg.matrix_norm(w, ord=2).item() for w in weights], "o-",
+                label=title)
+    n_layer = len(next(iter(matrices.values())))
     ax.set(xlabel="layer", ylabel="largest singular value", title="Spectral norm of each weight matrix")
     ax.set_xticks(range(n_layer))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    save(fig, "spectral_norms.png")
-    return written
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. main
+# 10. Command-line conveniences: --help, the flag checks, --prompt
 
-def main(argv: list[str] | None = None) -> None:
-    """Train, sample, export or plot, as the flags say. Bad input ends with one `error: ...` line."""
-    try:
-        overrides = parse_flags(sys.argv[1:] if argv is None else argv)
-        cfg = make_config(overrides)
-        if cfg.sample:
-            run_sampling(cfg, overrides)
-        elif cfg.export_hf:
-            run_export(cfg)
-        elif cfg.plot:
-            run_plot(cfg)
-        else:
-            train(overrides)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:  # Ctrl-C while sampling, or a second Ctrl-C while training
-        raise SystemExit(130) from None
+def help_text() -> str:
+    """--help: the commands, then every knob with its default (as typed on the command line) and comment."""
+    lines = ["usage: python gpt.py [--key=value ...]      train (the default)",
+             "       python gpt.py --sample [--ckpt=out/ckpt.pt] [--prompt=TEXT] ...",
+             "       python gpt.py --export_hf=DIR [--ckpt=...]   |   python gpt.py --plot [--out_dir=...]"]
+    group = None
+    for knob_group, name, comment in config_knobs():
+        if knob_group != group:
+            group = knob_group
+            lines.append(f"\n{group}:")
+        default = globals()[name]
+        shown = repr(default) if isinstance(default, str) else str(default).lower()  # --bias=true, as typed
+        lines.append(f"  --{name}={shown}".ljust(34) + f" {comment}")
+    return "\n".join(lines)
+
+
+def check_config(cfg: SimpleNamespace) -> SimpleNamespace:
+    """cfg, once every knob with a fixed set of choices or a range is within it; else a ValueError."""
+    if cfg.init_from not in INIT_CHOICES:
+        raise ValueError(f"--init_from={cfg.init_from!r} is not one of {', '.join(INIT_CHOICES)}")
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype={cfg.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    for name in ("batch_size", "eval_interval", "eval_iters", "log_interval", "num_samples",
+                 "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name}={getattr(cfg, name)} must be at least 1")
+    for name in ("max_steps", "warmup_steps", "lr_decay_steps", "total_batch_tokens", "beam", "top_k",
+                 "grad_clip"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name}={getattr(cfg, name)} must not be negative")
+    return cfg
+
+
+def encode_prompt(prompt_flag: str, tokenizer: Tokenizer) -> list[int]:
+    """--prompt as ids; FILE:path reads the text from a file. Special tokens in it (<|endoftext|>) count."""
+    text = prompt_flag
+    if prompt_flag.startswith("FILE:"):
+        path = Path(prompt_flag.removeprefix("FILE:"))
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompt=FILE:{path}: no such file")
+        text = path.read_text(encoding="utf-8")
+    ids = tokenizer.encode(text, allowed_special="all")
+    if not ids:
+        raise ValueError("--prompt encodes to no tokens: give some text, or leave it out to start a new "
+                         "document")
+    return ids
 
 
 if __name__ == "__main__":

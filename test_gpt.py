@@ -1108,20 +1108,20 @@ def test_beam_search_finds_the_best_sequence_where_greedy_does_not():
     model = bigram_model(probs)
     prompt = torch.tensor([[0]])
     greedy = model.generate(prompt, 2, temperature=0)[0, 1:].tolist()
-    beam = model.beam_search(prompt, 2, beam_size=2)[0, 1:].tolist()
+    beam = gpt.beam_search(model, prompt, 2, beam_size=2)[0, 1:].tolist()
     # Exhaustive search over all 16 continuations for the most likely one.
     best = max(((a, b) for a in range(4) for b in range(4)), key=lambda s: probs[0][s[0]] * probs[s[0]][s[1]])
     assert greedy[0] == 1
     assert tuple(beam) == best == (2, 3)
-    assert model.beam_search(prompt, 2, beam_size=1)[0, 1:].tolist() == greedy  # one beam is greedy
+    assert gpt.beam_search(model, prompt, 2, beam_size=1)[0, 1:].tolist() == greedy  # one beam is greedy
 
 
 def test_beam_search_with_a_stop_token_and_past_block_size():
     model = tiny_model()
-    out = model.beam_search(torch.randint(0, 64, (1, 10)), 12, beam_size=3)
+    out = gpt.beam_search(model, torch.randint(0, 64, (1, 10)), 12, beam_size=3)
     assert out.shape == (1, 22)
     with pytest.raises(ValueError, match="beam search continues one prompt"):
-        model.beam_search(torch.zeros(2, 1, dtype=torch.long), 3, beam_size=2)
+        gpt.beam_search(model, torch.zeros(2, 1, dtype=torch.long), 3, beam_size=2)
 
 
 # -- GPT-2 interop against HF transformers --------------------------------------------------------------------
@@ -1141,7 +1141,7 @@ def hf_gpt2(tmp_path, seed=0):
 
 def test_gpt2_import_gives_hf_logits(tmp_path):
     hf, hf_dir = hf_gpt2(tmp_path)
-    ours = GPT.from_gpt2(gpt2_dir=hf_dir).eval()
+    ours = gpt.from_gpt2(gpt2_dir=hf_dir).eval()
     assert (ours.config.n_layer, ours.config.n_head, ours.config.n_embd, ours.config.block_size,
             ours.config.vocab_size) == (3, 4, 32, 24, 97)
     idx = torch.randint(0, 97, (2, 24))
@@ -1156,17 +1156,17 @@ def test_gpt2_import_gives_hf_logits(tmp_path):
 def test_export_then_hf_import_round_trips_exactly(tmp_path):
     transformers = pytest.importorskip("transformers")
     ours = tiny_model(vocab_size=97, block_size=24, n_embd=32, n_head=4)
-    ours.export_hf(tmp_path / "export")
+    gpt.export_to_hf(ours, tmp_path / "export")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
     hf_state = hf.state_dict()
     for key, tensor in ours.state_dict().items():
         theirs = hf_state[key]
-        assert torch.equal(theirs.t() if key.endswith(GPT.HF_TRANSPOSED) else theirs, tensor), key
+        assert torch.equal(theirs.t() if key.endswith(gpt.HF_TRANSPOSED) else theirs, tensor), key
     idx = torch.randint(0, 97, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, ours(idx)[0], atol=1e-5, rtol=0)
     # ... and back again: our own import of the export is bit-identical.
-    again = GPT.from_gpt2(gpt2_dir=tmp_path / "export")
+    again = gpt.from_gpt2(gpt2_dir=tmp_path / "export")
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
 
 
@@ -1179,19 +1179,19 @@ def test_gpt2_import_names_missing_and_mismatched_tensors(tmp_path):
     save_file(state, hf_dir / "model.safetensors")
     with pytest.raises(ValueError, match=r"h\.0\.ln_1\.weight has shape \(31,\), expected \(32,\).*"
                                          r"missing transformer\.h\.1\.mlp\.c_fc\.bias"):
-        GPT.from_gpt2(gpt2_dir=hf_dir)
+        gpt.from_gpt2(gpt2_dir=hf_dir)
     (hf_dir / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="is not a readable safetensors file"):
-        GPT.from_gpt2(gpt2_dir=hf_dir)
+        gpt.from_gpt2(gpt2_dir=hf_dir)
     with pytest.raises(FileNotFoundError, match="must hold HF's model.safetensors"):
-        GPT.from_gpt2(gpt2_dir=tmp_path / "nowhere")
+        gpt.from_gpt2(gpt2_dir=tmp_path / "nowhere")
 
 
 def test_export_refuses_models_that_are_not_gpt2_shaped(tmp_path):
     model = tiny_model(pos_emb="rope", activation="relu")
     with pytest.raises(ValueError, match=r"cannot export to HF GPT-2: pos_emb='rope' \(GPT-2 has 'learned'\), "
                                          r"activation='relu'"):
-        model.export_hf(tmp_path / "export")
+        gpt.export_to_hf(model, tmp_path / "export")
     assert not (tmp_path / "export" / "model.safetensors").exists()
 
 

@@ -40,13 +40,16 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import errno
 import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shlex
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -200,6 +203,10 @@ def open_source(args: argparse.Namespace) -> Source:
             raise ValueError(f"--input {path}: the file is empty")
         if path.suffix.lower() == ".txt":
             check_utf8(path)
+    for i, path in enumerate(files):  # the same documents twice would be in the shards twice
+        for earlier in files[:i]:
+            if path.samefile(earlier):
+                raise ValueError(f"--input {path}: given twice (also as {earlier}); give each file once")
     return Source(args.name or files[0].stem, None, None, files, args.text_column)
 
 
@@ -240,10 +247,35 @@ def check_column(dataset, column: str, where: str) -> None:
                          "pick one with --text_column")
 
 
-def column_texts(dataset, column: str) -> Iterator[str]:
-    """The strings of one column of a streaming dataset, fetched as Arrow batches (2x faster than rows)."""
+def column_texts(dataset, column: str, where: str) -> Iterator[str]:
+    """The strings of one column of a streaming dataset, fetched as Arrow batches (2x faster than rows).
+    A value that is not a string is an error. (datasets gives a column of mixed JSON values as JSON
+    text: read as is, a number or a list among the texts would put JSON quotes into the shards.)"""
+    import pyarrow as pa
+    row = 0
     for table in dataset.select_columns([column]).with_format("arrow").iter(batch_size=1024):
-        yield from table.column(column).to_pylist()
+        values = table.column(column)
+        texts = values.to_pylist()
+        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+            if getattr(values.type, "extension_name", None) == "arrow.json":
+                texts = [None if text is None else json.loads(text) for text in texts]
+            check_all_strings(texts, row, column, where)
+        yield from texts
+        row += len(texts)
+
+
+class NotAString(ValueError):
+    pass
+
+
+def check_all_strings(values: list, first_row: int, column: str, where: str) -> None:
+    """Raise for the first value that is neither a string nor missing, naming its row (from 1)."""
+    for row, value in enumerate(values, start=first_row + 1):
+        if value is not None and not isinstance(value, str):
+            kind = {bool: "true/false", int: "a number", float: "a number", list: "a list",
+                    dict: "an object"}.get(type(value), type(value).__name__)
+            raise NotAString(f"{where}: row {row} of column {column!r} is {kind}, not a string; "
+                             "give each document as a JSON string")
 
 
 def read_text_file(path: Path) -> Iterator[str]:
@@ -255,7 +287,7 @@ def read_text_file(path: Path) -> Iterator[str]:
         lines = datasets.load_dataset("text", data_files=str(path), split="train", streaming=True,
                                       keep_linebreaks=True)
         document = []
-        for line in column_texts(lines, "text"):
+        for line in column_texts(lines, "text", f"--input {path}"):
             if line.strip() == EOT:
                 yield "".join(document).strip("\n")
                 document = []
@@ -266,7 +298,7 @@ def read_text_file(path: Path) -> Iterator[str]:
         # datasets' "paragraph" rows are text.split("\n\n"), so a run of 3 newlines leaves one on the next row.
         paragraphs = datasets.load_dataset("text", data_files=str(path), split="train", streaming=True,
                                            sample_by="paragraph")
-        for paragraph in column_texts(paragraphs, "text"):
+        for paragraph in column_texts(paragraphs, "text", f"--input {path}"):
             yield paragraph.strip("\n")
 
 
@@ -279,9 +311,11 @@ def read_file(path: Path, column: str) -> Iterator[str]:
     else:
         dataset = datasets.load_dataset(loader, data_files=str(path), split="train", streaming=True)
         check_column(dataset, column, f"--input {path}")
-        documents = column_texts(dataset, column)
+        documents = column_texts(dataset, column, f"--input {path}")
     try:
         yield from documents
+    except NotAString:
+        raise
     except (ValueError, OSError) as error:  # also UnicodeDecodeError and pyarrow's errors (subclasses)
         first_line = str(error).strip().split("\n")[0]
         raise ValueError(f"--input {path}: cannot read it as {loader} ({type(error).__name__}: {first_line})") from None
@@ -295,7 +329,7 @@ def read_hub(source: Source, split: str) -> Iterator[str]:
     except Exception as error:  # the hub raises many types (ConnectionError, HfHubHTTPError, ...)
         raise hub_error(source, error) from None
     check_column(dataset, source.text_column, source.describe())
-    yield from column_texts(dataset, source.text_column)
+    yield from column_texts(dataset, source.text_column, source.describe())
 
 
 def hub_error(source: Source, error: Exception) -> ValueError:
@@ -381,6 +415,9 @@ def train_tokenizer(documents: Iterable[str], args: argparse.Namespace) -> Token
     started = time.perf_counter()
     tokenizer = Tokenizer.train(texts, vocab_size=args.vocab_size, pattern=PATTERNS[args.pattern])
     print(f"trained in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    if tokenizer.vocab_size < args.vocab_size:  # every pre-token became one token before the last merge
+        print(f"note: the training text allows only {tokenizer.vocab_size - 257:,} merges: the vocabulary "
+              f"has {tokenizer.vocab_size:,} tokens, not --vocab_size={args.vocab_size}", file=sys.stderr)
     return tokenizer
 
 
@@ -404,10 +441,23 @@ def check_tokenizer(tokenizer: Tokenizer) -> None:
 worker_encoding: tiktoken.Encoding | None = None  # set in each worker process by start_worker
 
 
-def start_worker(encoding: tiktoken.Encoding) -> None:
+def start_worker(encoding: tiktoken.Encoding, main_pid: int, stop: threading.Event) -> None:
+    """Each worker's setup. Signals are the main process's to handle: Ctrl-C, or SIGTERM sent to the
+    whole process group (`timeout`, a scheduler), must not kill a worker part way, since a worker that
+    dies holding the pool's queue lock leaves the pool unable to stop. A worker exits when the main
+    process has set `stop` (its pool.terminate() then sends SIGTERM), or on its own when the main process
+    has died (kill -9): nothing else would end it."""
     global worker_encoding
     worker_encoding = encoding
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the main process
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0) if stop.is_set() else None)
+    threading.Thread(target=exit_with_parent, args=(main_pid,), daemon=True).start()
+
+
+def exit_with_parent(main_pid: int) -> None:
+    while os.getppid() == main_pid:
+        time.sleep(0.2)
+    os._exit(0)
 
 
 def encode_documents(texts: list[str]) -> tuple[np.ndarray, list[int], list[int]]:
@@ -437,16 +487,59 @@ def chunks_of(texts: Iterable[str], chunk_chars: int = 1 << 20) -> Iterator[list
         yield chunk
 
 
-def encode_in_order(pool, texts: Iterable[str], workers: int) -> Iterator[tuple[np.ndarray, list[int], list[int]]]:
-    """pool.imap(encode_documents, chunks) with at most 2 chunks per worker in flight. (imap itself reads
-    its whole input ahead on a thread: on a 10B-token stream, the whole dataset into memory.)"""
-    in_flight = deque()
-    for chunk in chunks_of(texts):
-        in_flight.append(pool.apply_async(encode_documents, (chunk,)))
-        if len(in_flight) >= 2 * workers:
-            yield in_flight.popleft().get()
-    while in_flight:
-        yield in_flight.popleft().get()
+class EncodingPool:
+    """A "spawn" pool of encoding workers that stops within seconds, whoever sends the signal."""
+
+    def __init__(self, tokenizer: Tokenizer, workers: int):
+        self.workers = workers
+        context = multiprocessing.get_context("spawn")
+        self.stop_event = context.Event()
+        self.others = set(multiprocessing.active_children())  # children that are not ours to stop
+        setup = (tokenizer.to_tiktoken(), os.getpid(), self.stop_event)
+        self.pool = context.Pool(workers, start_worker, setup)
+        self.processes = [p for p in multiprocessing.active_children() if p not in self.others]
+
+    def encode_in_order(self, texts: Iterable[str]) -> Iterator[tuple[np.ndarray, list[int], list[int]]]:
+        """pool.imap(encode_documents, chunks) with at most 2 chunks per worker in flight. (imap itself reads
+        its whole input ahead on a thread: on a 10B-token stream, the whole dataset into memory.)"""
+        in_flight = deque()
+        for chunk in chunks_of(texts):
+            in_flight.append(self.pool.apply_async(encode_documents, (chunk,)))
+            if len(in_flight) >= 2 * self.workers:
+                yield self.result(in_flight.popleft())
+        while in_flight:
+            yield self.result(in_flight.popleft())
+
+    def result(self, pending):
+        """pending.get(), but an error instead of waiting forever for the chunk of a worker that was
+        killed (the pool replaces the worker, not its chunk)."""
+        while True:
+            try:
+                return pending.get(timeout=1)
+            except multiprocessing.TimeoutError:
+                dead = [p for p in self.processes if p.exitcode is not None]
+                if dead:
+                    raise WorkerDied(f"an encoding worker stopped (exit code {dead[0].exitcode}; killed, "
+                                     "perhaps for lack of memory?); rerun the same command to continue")
+
+    def close(self, timeout: float = 10) -> None:
+        """pool.terminate(), which lets each worker finish its chunk; a worker killed from outside can leave
+        the pool's lock taken forever, so after `timeout` seconds the workers are killed instead."""
+        if self.stop_event.is_set():
+            return
+        self.stop_event.set()
+        stopper = threading.Thread(target=self.pool.terminate, daemon=True)
+        stopper.start()
+        stopper.join(timeout)
+        if stopper.is_alive():
+            for process in multiprocessing.active_children():
+                if process not in self.others:  # the workers, and any the pool started to replace one
+                    process.kill()
+                    process.join()
+
+
+class WorkerDied(RuntimeError):
+    pass
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -479,7 +572,20 @@ def shard_file_size(n_tokens: int) -> int:
 
 
 def write_json(path: Path, data: dict) -> None:
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8"))
+    with naming_errors(path):
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n",
+                                                          encoding="utf-8"))
+
+
+@contextmanager
+def naming_errors(path: Path):
+    """An OSError inside names `path` (an error while writing a temp file names the temp file, or nothing)."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from None
 
 
 class ShardWriter:
@@ -494,14 +600,14 @@ class ShardWriter:
         self.out_dir, self.name, self.shard_size, self.meta = out_dir, name, shard_size, meta
         self.file = None  # the open .tmp file of the shard being written
         self.split = self.path = None
-        self.tokens = self.documents = self.bytes = 0
+        self.tokens = self.documents = self.bytes = self.max_token_id = 0
 
     def add(self, split: str, tokens: np.ndarray, token_counts: list[int], byte_counts: list[int]) -> None:
         """Append documents: `tokens` is their concatenation, the counts have one entry per document."""
         begin = end = 0  # tokens[begin:end]: documents taken into the current shard but not yet written
         for n_tokens, n_bytes in zip(token_counts, byte_counts):
             if self.file is not None and self.tokens + n_tokens > self.shard_size:
-                self.file.write(tokens[begin:end].tobytes())
+                self.write(tokens[begin:end])
                 begin = end
                 self.finish()
             if self.file is None:
@@ -510,43 +616,66 @@ class ShardWriter:
             self.documents += 1
             self.bytes += n_bytes
             end += n_tokens
-        self.file.write(tokens[begin:end].tobytes())
+        self.write(tokens[begin:end])
 
     def start(self, split: str) -> None:
         self.split = split
         self.path = self.out_dir / f"{self.name}_{split}_{len(self.meta['shards']):06d}.bin"
-        self.file = open(self.path.with_name(self.path.name + ".tmp"), "wb")
-        self.file.write(shard_header(0))  # the real count goes in when the shard is complete
-        self.tokens = self.documents = self.bytes = 0
+        self.tokens = self.documents = self.bytes = self.max_token_id = 0
+        with self.failing_write():
+            self.file = open(self.path.with_name(self.path.name + ".tmp"), "wb")
+            self.file.write(shard_header(0))  # the real count goes in when the shard is complete
+
+    def write(self, tokens: np.ndarray) -> None:
+        if len(tokens):
+            self.max_token_id = max(self.max_token_id, int(tokens.max()))
+        with self.failing_write():
+            self.file.write(tokens.tobytes())
 
     def finish(self) -> None:
         """Complete the current shard: header, flush to disk, rename, record in meta.json."""
         if self.file is None:
             return
-        self.file.seek(0)
-        self.file.write(shard_header(self.tokens))
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        with self.failing_write():
+            self.file.seek(0)
+            self.file.write(shard_header(self.tokens))
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
         self.file = None
         # The rename and meta.json's new entry belong together: a shard on disk that meta.json does not list
         # would look complete but be unknown to a resume. So a Ctrl-C here waits until both are done.
         with interrupts_deferred():
             os.replace(self.path.with_name(self.path.name + ".tmp"), self.path)
-            record_shard(self.meta, self.path.name, self.split, self.tokens, self.documents, self.bytes)
+            record_shard(self.meta, self.path.name, self.split, self.tokens, self.documents, self.bytes,
+                         self.max_token_id)
             write_json(self.out_dir / "meta.json", self.meta)
 
     def discard(self) -> None:
-        """Drop the incomplete shard (on an interruption)."""
+        """Drop the incomplete shard (on an interruption or a failed write)."""
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # the buffered tail cannot be written either (a full disk): it is dropped anyway
+                pass
             self.file = None
             self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)
 
+    @contextmanager
+    def failing_write(self):
+        """A failed write (full disk, ...) removes the partial shard and names it in the error."""
+        try:
+            with naming_errors(self.path):
+                yield
+        except OSError:
+            self.discard()
+            raise
+
 
 @contextmanager
-def interrupts_deferred():
-    """Hold back Ctrl-C and SIGTERM inside the block; one that arrived is raised when the block ends."""
+def interrupts_deferred(then_raise: bool = True):
+    """Hold back Ctrl-C and SIGTERM inside the block; one that arrived is raised when the block ends
+    (unless then_raise is false: the run is stopping anyway)."""
     received = []
     previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -555,12 +684,15 @@ def interrupts_deferred():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if received:
+    if received and then_raise:
         raise KeyboardInterrupt
 
 
-def record_shard(meta: dict, name: str, split: str, tokens: int, documents: int, n_bytes: int) -> None:
-    meta["shards"][name] = {"split": split, "tokens": tokens, "documents": documents, "bytes": n_bytes}
+def record_shard(meta: dict, name: str, split: str, tokens: int, documents: int, n_bytes: int,
+                 max_token_id: int) -> None:
+    """max_token_id lets a reader check the ids against its vocabulary without reading the shard."""
+    meta["shards"][name] = {"split": split, "tokens": tokens, "documents": documents, "bytes": n_bytes,
+                            "max_token_id": max_token_id}
     totals = meta["splits"][split]
     totals["shards"].append(name)
     totals["tokens"] += tokens
@@ -604,13 +736,13 @@ class Progress:
         return self.total_tokens / (time.perf_counter() - self.started)
 
 
-def write_split(split: str, documents: Iterable[str], budget: int | None, pool, workers: int,
+def write_split(split: str, documents: Iterable[str], budget: int | None, pool: EncodingPool,
                 writer: ShardWriter, progress: Progress) -> None:
     """Encode one split's documents and write them into shards. With a budget, stop at the first document
     boundary at or past `budget` tokens of this split (counting shards from before a resume)."""
     split_tokens = writer.meta["splits"][split]["tokens"]
     progress.start(split)
-    for tokens, token_counts, byte_counts in encode_in_order(pool, documents, workers):
+    for tokens, token_counts, byte_counts in pool.encode_in_order(documents):
         if budget is not None and split_tokens + len(tokens) >= budget:
             keep = int(np.searchsorted(np.cumsum(token_counts), budget - split_tokens)) + 1  # documents to keep
             token_counts, byte_counts = token_counts[:keep], byte_counts[:keep]
@@ -624,13 +756,21 @@ def write_split(split: str, documents: Iterable[str], budget: int | None, pool, 
     progress.update(0, 0, len(writer.meta["shards"]), force=True)
 
 
+# Settings added after shards were first written: an older meta.json without them is not a change.
+SETTINGS_ADDED_LATER = ("input_mtime_ns",)
+
+
 def run_settings(args: argparse.Namespace, source: Source, tokenizer: Tokenizer | None) -> dict:
-    """Everything that decides the shards' content: a rerun with other settings must not mix with these."""
+    """Everything that decides the shards' content: a rerun with other settings must not mix with these.
+    An input file counts as unchanged while its size and modification time (in ns) are: an edit that keeps
+    the size still changes the time, and both cost nothing to read, where a hash of a large input would
+    cost a full read on every run. A file touched without a change is taken as changed: the safe side."""
     settings = {"source": source.describe(), "text_column": source.text_column, "val_size": args.val_size,
                 "val_from": args.val_from, "max_tokens": args.max_tokens, "shard_size": args.shard_size,
                 "tokenizer": args.tokenizer}
     if source.files:
         settings["input_bytes"] = [path.stat().st_size for path in source.files]
+        settings["input_mtime_ns"] = [path.stat().st_mtime_ns for path in source.files]
     if tokenizer is None:  # trained here: its recipe
         settings.update(vocab_size=args.vocab_size, pattern=args.pattern, tokenizer_train_mb=args.tokenizer_train_mb)
     else:
@@ -638,10 +778,54 @@ def run_settings(args: argparse.Namespace, source: Source, tokenizer: Tokenizer 
     return settings
 
 
-def our_files(out_dir: Path) -> list[Path]:
-    """The files a run writes (shards, their .tmp, meta.json, tokenizer.bpe): what --overwrite removes."""
-    names = ("*_train_*.bin", "*_val_*.bin", "*.bin.tmp", "meta.json", "meta.json.tmp", "tokenizer.bpe")
-    return [path for pattern in names for path in out_dir.glob(pattern)]
+# What this program may delete: only files it can show it wrote. Shards and their .tmp files carry the run's
+# name (<name>_<split>_NNNNNN.bin), meta.json lists the shards of the run that wrote it, and write_atomically
+# leaves .<name>.<pid>.<hex>.tmp when it is killed. Anything else in the folder belongs to someone else.
+ATOMIC_TEMP = re.compile(r"\.(meta\.json|tokenizer\.bpe)\.(\d+)\.[0-9a-f]{8}\.tmp")
+
+
+def is_shard_name(file_name: str, name: str) -> bool:
+    return re.fullmatch(rf"{re.escape(name)}_(train|val)_\d{{6}}\.bin(\.tmp)?", file_name) is not None
+
+
+def process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def leftovers(out_dir: Path, name: str, meta: dict | None) -> list[Path]:
+    """Files of this program that no complete run needs: shards meta.json does not list (or all of them
+    when meta is None), their .tmp files, and temp files of killed writes."""
+    listed = set(meta["shards"]) if meta is not None else set()
+    found = []
+    for path in out_dir.iterdir():
+        atomic = ATOMIC_TEMP.fullmatch(path.name)
+        if atomic:
+            if not process_is_alive(int(atomic.group(2))):
+                found.append(path)
+        elif path.name.endswith(".tmp") and path.name[:-len(".tmp")] in listed:
+            found.append(path)
+        elif path.name not in listed and (is_shard_name(path.name, name) or path.name == "meta.json.tmp"):
+            found.append(path)
+    return found
+
+
+def read_ledger(meta_path: Path) -> dict:
+    """meta.json as this program writes it; anything else is someone else's file, never replaced."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        meta = error
+    if not (isinstance(meta, dict) and isinstance(meta.get("shards"), dict)
+            and isinstance(meta.get("splits"), dict)):
+        raise ValueError(f"{meta_path}: not a meta.json written by prepare_fineweb.py; move it away or "
+                         "choose another --out_dir")
+    return meta
 
 
 def resume_state(out_dir: Path, settings: dict) -> dict | None:
@@ -652,17 +836,27 @@ def resume_state(out_dir: Path, settings: dict) -> dict | None:
             raise ValueError(f"{out_dir} holds .bin files that no meta.json describes; pass --overwrite to "
                              "replace them or choose another --out_dir")
         return None
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = read_ledger(meta_path)
+    if not (out_dir / "tokenizer.bpe").is_file():
+        if not meta["shards"]:  # stopped between writing meta.json and the tokenizer: start again
+            return None
+        raise ValueError(f"{out_dir / 'tokenizer.bpe'} is missing, and the shards in {out_dir} need it; "
+                         "pass --overwrite to rebuild them")
     for name, shard in meta["shards"].items():
         path = out_dir / name
         if not path.is_file() or path.stat().st_size != shard_file_size(shard["tokens"]):
             raise ValueError(f"{path} is missing or not the {shard['tokens']:,}-token shard meta.json lists; "
                              f"pass --overwrite to rebuild {out_dir}")
     old = meta.get("settings", {})
-    changed = [key for key in settings if old.get(key) != settings[key]]
+    changed = [key for key in settings if old.get(key) != settings[key]
+               and not (key in SETTINGS_ADDED_LATER and key not in old)]
     if changed:
-        what = "a different tokenizer" if any(key.startswith(("tokenizer", "vocab", "pattern")) for key in changed) \
-            else "different settings"
+        if any(key.startswith(("tokenizer", "vocab", "pattern")) for key in changed):
+            what = "a different tokenizer"
+        elif set(changed) <= {"input_bytes", "input_mtime_ns"}:
+            what = "input files that have changed since"
+        else:
+            what = "different settings"
         details = ", ".join(f"{key}: {old.get(key)!r} -> {settings[key]!r}" for key in changed)
         raise ValueError(f"{out_dir} holds shards made with {what} ({details}); pass --overwrite to replace "
                          "them or choose another --out_dir")
@@ -679,11 +873,43 @@ def new_meta(source: Source, tokenizer: Tokenizer, settings: dict, command: str)
             "shards": {}}
 
 
-def remove_unlisted(out_dir: Path, meta: dict) -> None:
-    """Delete what an interrupted shard leaves: its .tmp file (or a shard a killed run renamed but never listed)."""
-    for path in [*out_dir.glob("*.tmp"), *out_dir.glob("*.bin")]:
-        if path.name not in meta["shards"]:
-            path.unlink()
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an --out_dir that cannot be written before any slow work (a file, a read-only disk)."""
+    folder = out_dir
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the nearest folder that exists: mkdir creates the rest there
+    if not folder.is_dir():
+        raise ValueError(f"--out_dir {out_dir}: {folder} is a file, not a folder; choose another --out_dir")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        read_only = hasattr(os, "statvfs") and os.statvfs(folder).f_flag & os.ST_RDONLY
+        raise OSError(errno.EROFS if read_only else errno.EACCES, "", str(folder))
+
+
+def start_fresh(out_dir: Path, name: str, tokenizer: Tokenizer, meta: dict, overwrite: bool) -> None:
+    """Clear what earlier runs of this program left in out_dir, then write meta.json and tokenizer.bpe."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_path, tokenizer_path = out_dir / "meta.json", out_dir / "tokenizer.bpe"
+    old = read_ledger(meta_path) if meta_path.is_file() else None
+    if old is None and tokenizer_path.is_file() \
+            and tokenizer_path.read_text(encoding="utf-8") != tokenizer.dumps():
+        raise ValueError(f"{tokenizer_path} is not from a run of prepare_fineweb.py (no meta.json lists it); "
+                         "move it away or choose another --out_dir")
+    ours = leftovers(out_dir, name, None)
+    if old is not None:
+        ours += [out_dir / shard for shard in old["shards"]]
+    if overwrite:
+        foreign = sorted(path.name for path in out_dir.iterdir()
+                         if path not in ours and path.name not in ("meta.json", "tokenizer.bpe"))
+        if foreign:
+            named = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            print(f"note: --overwrite leaves alone the {len(foreign)} files in {out_dir} that "
+                  f"prepare_fineweb.py did not write: {named}", file=sys.stderr)
+    for path in ours:
+        path.unlink(missing_ok=True)
+    # meta.json first: a tokenizer.bpe that no meta.json lists is then never one of ours.
+    write_json(meta_path, meta)
+    with naming_errors(tokenizer_path):
+        tokenizer.save(tokenizer_path)
 
 
 def prepare(args: argparse.Namespace, command: str) -> int:
@@ -697,6 +923,7 @@ def prepare(args: argparse.Namespace, command: str) -> int:
         print(f"nothing to do: {out_dir} already holds this run's {len(meta['shards'])} shards "
               f"({meta['splits']['train']['tokens']:,} training tokens); --overwrite rebuilds them", file=sys.stderr)
         return 0
+    check_out_dir(out_dir)  # before the slow work: counting documents, training a tokenizer
 
     val_range = validation_range(source, args.val_size, args.val_from)
     if meta is None:
@@ -704,15 +931,14 @@ def prepare(args: argparse.Namespace, command: str) -> int:
         check_tokenizer(tokenizer)
         # Only now, with the source and the tokenizer known to work, clear the folder (--overwrite, or the
         # tokenizer of a run stopped before its first shard).
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for path in our_files(out_dir):
-            path.unlink()
-        tokenizer.save(out_dir / "tokenizer.bpe")
         meta = new_meta(source, tokenizer, settings, command)
-        write_json(out_dir / "meta.json", meta)
+        with interrupts_deferred():
+            start_fresh(out_dir, source.name, tokenizer, meta, args.overwrite)
     else:  # resume: the shards meta.json lists are complete; anything else is from the interrupted shard
         tokenizer = Tokenizer.load(out_dir / "tokenizer.bpe")
-        remove_unlisted(out_dir, meta)
+        with interrupts_deferred():
+            for path in leftovers(out_dir, source.name, meta):
+                path.unlink()
         print(f"resuming: {len(meta['shards'])} complete shards in {out_dir} "
               f"({meta['splits']['train']['tokens']:,} training tokens)", file=sys.stderr)
 
@@ -721,27 +947,31 @@ def prepare(args: argparse.Namespace, command: str) -> int:
     split_order = ["train", "val"] if val_range is not None and val_range.start > 0 else ["val", "train"]
     writer = ShardWriter(out_dir, source.name, args.shard_size, meta)
     progress = Progress()
-    previous_sigterm = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # `kill` stops as cleanly as Ctrl-C
-    pool = multiprocessing.get_context("spawn").Pool(args.workers, start_worker, (tokenizer.to_tiktoken(),))
+    pool, interrupted = None, False
     try:
+        with interrupts_deferred():  # a pool stopped while it starts could leave workers that nothing ends
+            pool = EncodingPool(tokenizer, args.workers)
         for split in split_order:
             budget = args.max_tokens if split == "train" else None
             if budget is not None and meta["splits"][split]["tokens"] >= budget:
                 continue
             # resuming: skip the documents that complete shards already hold
             documents = islice(split_documents(source, split, val_range), meta["splits"][split]["documents"], None)
-            write_split(split, documents, budget, pool, args.workers, writer, progress)
+            write_split(split, documents, budget, pool, writer, progress)
     except KeyboardInterrupt:
-        writer.discard()
-        remove_unlisted(out_dir, meta)  # the interrupted shard's .tmp file
-        progress.end_line()
+        interrupted = True
+    finally:
+        # After a signal, a failed write or the last shard; a second signal (`timeout` sends SIGTERM to every
+        # process of the group, then maybe SIGKILL) must not cut the clean-up short.
+        with interrupts_deferred(then_raise=not interrupted):
+            writer.discard()  # the incomplete shard: no .tmp outlives the run
+            progress.end_line()
+            if pool is not None:
+                pool.close()
+    if interrupted:
         print(f"interrupted: {out_dir} keeps its {len(meta['shards'])} complete shards (listed in meta.json); "
               "rerun the same command to continue from there", file=sys.stderr)
         return 130
-    finally:
-        progress.end_line()
-        pool.terminate()
-        signal.signal(signal.SIGTERM, previous_sigterm)
 
     for split in ("train", "val"):
         if meta["splits"][split]["documents"] == 0:
@@ -756,18 +986,48 @@ def prepare(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
+# The cause and the remedy of a file-system error, by errno.
+FILE_SYSTEM_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free some space or choose another --out_dir"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or choose another --out_dir"),
+    errno.EFBIG: ("file too large for the file system or the process's file-size limit",
+                  "choose another --out_dir or a smaller --shard_size"),
+    errno.EROFS: ("read-only file system", "choose a writable --out_dir"),
+    errno.EACCES: ("permission denied", "check its permissions or choose another --out_dir"),
+    errno.EPERM: ("permission denied", "check its permissions or choose another --out_dir"),
+    errno.ENOTDIR: ("not a folder", "give a folder"),
+}
+
+
+def error_line(error: Exception) -> str:
+    """One line for an error that ends the run; OSErrors name their path and cause."""
+    if not isinstance(error, OSError) or error.errno is None:
+        return str(error)
+    unknown = (error.strerror or type(error).__name__, "check the path")
+    cause, remedy = FILE_SYSTEM_ERRORS.get(error.errno, unknown)
+    return f"{error.filename or 'a file'}: {cause}; {remedy}"
+
+
 def raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 failed (one line on stderr), 2 bad flag, 130 interrupted (Ctrl-C or SIGTERM)."""
     args = parse_flags(argv)
     command = shlex.join(["python", "prepare_fineweb.py", *(sys.argv[1:] if argv is None else argv)])
+    # `kill` (SIGTERM) stops as cleanly as Ctrl-C
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         return prepare(args, command)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:  # before the first shard (training a tokenizer, say): nothing is half-written
+        print("\ninterrupted: rerun the same command to start again", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, WorkerDied) as error:
+        print(f"error: {error_line(error)}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 if __name__ == "__main__":  # required: "spawn" workers import this file, and must not run main() again

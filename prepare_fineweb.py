@@ -1,40 +1,34 @@
-"""Stream a text dataset through a BPE tokenizer into token shards that gpt.py, llm.c and modded-nanogpt read.
+"""Tokenize a text dataset into the token shards that gpt.py, llm.c and modded-nanogpt read.
 
-    python prepare_fineweb.py                                   # FineWeb-edu sample-10BT, 100M tokens
-    python prepare_fineweb.py --max_tokens=all                  # ... the whole sample (about 10B tokens)
-    python prepare_fineweb.py --dataset=tinystories             # TinyStories, with its own validation split
+    python prepare_fineweb.py                                        # FineWeb-edu sample-10BT, 100M tokens
+    python prepare_fineweb.py --dataset=tinystories                  # TinyStories, with its own val split
     python prepare_fineweb.py --input=a.txt,b.jsonl --val_from=end   # your own files, offline
     python prepare_fineweb.py --input=input.txt --vocab_size=257 --val_from=end   # byte-level, last 10% val
-    python prepare_fineweb.py --dataset=tinystories --tokenizer=gpt2 # GPT-2's tokenizer instead of a new one
+    python prepare_fineweb.py --dataset=tinystories --tokenizer=gpt2 # GPT-2's tokenizer, not a new one
+(The README's recipes are the tested end-to-end runs.)
 
 What happens, in order:
-  1. The documents are opened as a stream (`datasets` in streaming mode, for hub datasets and local files
-     alike), so nothing is downloaded ahead: shards appear after seconds, not after the whole download.
+  1. The documents are read as a stream (`datasets` in streaming mode, for hub datasets and local files
+     alike): nothing is downloaded ahead, shards appear while the rest still streams in.
   2. A tokenizer is trained with bpe.py on the first --tokenizer_train_mb MB of training documents
-     (default 100 MB, vocab 8192, GPT-4 split pattern), or loaded (--tokenizer=gpt2, a folder, a file).
-  3. Worker processes encode chunks of documents with the tokenizer's tiktoken twin (same ids, in Rust);
-     results come back in order, so the output is the same for any number of --workers.
-  4. Documents, each preceded by <|endoftext|>, are packed whole into shards of at most --shard_size
-     tokens, until --max_tokens training tokens.
+     (vocab 8192, GPT-4 split pattern by default), or loaded (--tokenizer=gpt2, a folder, a saved file).
+  3. Documents are encoded in order, each preceded by <|endoftext|>, and packed whole into shards of at
+     most --shard_size tokens, until --max_tokens training tokens.
 
 Output, in data/<name>/ (name: fineweb, tinystories, or the first input file's stem):
-  <name>_val_000000.bin, <name>_train_000001.bin, ...  shards, numbered in the order their documents come
-                                                       (the shard format is described beside the writer)
-  tokenizer.bpe                                        the tokenizer, in bpe.py's format (also for gpt2)
-  meta.json                                            vocab size, <|endoftext|> id, and tokens, documents
-                                                       and UTF-8 bytes per shard and per split (gpt.py reads it)
-
+  <name>_val_000000.bin, <name>_train_000001.bin, ...   shards, numbered in the order of their documents
+  tokenizer.bpe                                          the tokenizer, in bpe.py's format (also for gpt2)
+  meta.json                                              vocab size, <|endoftext|> id, and per shard and
+                                                         split: tokens, documents, UTF-8 bytes (for gpt.py)
 Validation never overlaps training: it is the dataset's own validation split where there is one, else the
 first --val_size documents (a count, or a fraction of all documents), or the last ones with --val_from=end.
+A stopped run resumes where it stopped when rerun, byte for byte; --overwrite starts over (and deletes
+only files this program wrote). Exit status: 0 done, 1 failed (one line on stderr), 2 bad flag, 130 stopped
+by Ctrl-C or SIGTERM.
 
-Interruptions: a shard is written under a .tmp name and renamed when complete, and meta.json lists the
-complete shards after each one. Rerunning the same command resumes: it skips the documents already in
-complete shards and writes the next shard; documents come in a fixed order, so the shards are
-byte-identical to those of an uninterrupted run. Rerunning a finished run does nothing; --overwrite
-starts over.
-
-Sections: flags; document sources (hub stream, local files); tokenizer (train or load); encoding workers;
-shard writer (with the format); main.
+Map. Part I, the lesson: the shard format; the pipeline (encode in order, pack whole documents, write
+shards). Part II, the workshop: document sources; the tokenizer; encoding workers; the resume ledger
+(meta.json, settings, clean-up); progress; flags; main.
 """
 from __future__ import annotations
 
@@ -66,108 +60,130 @@ from bpe import GPT2_PATTERN, GPT4_PATTERN, Tokenizer, load_tokenizer, write_ato
 EOT = "<|endoftext|>"  # separates documents in .txt inputs and precedes every document in the shards
 
 # ----------------------------------------------------------------------------------------------------------
-# Flags
+# The shard format: llm.c's (dev/data/data_common.py), so llm.c and modded-nanogpt read these files as is.
+# This is its one definition; gpt.py's reader keeps its own constants, pinned equal to these by a test.
+#
+#   bytes 0..1023   header: 256 little-endian int32 = [20240520 (magic), 1 (version), N (token count), 0, ...]
+#   bytes 1024..    N little-endian uint16 token ids
+#
+# so a complete shard is exactly 1024 + 2 * N bytes. Reading one back:
+#
+#   header = np.fromfile(path, dtype="<i4", count=256);  tokens = np.fromfile(path, dtype="<u2", offset=1024)
 
-# --dataset shortcuts: (hub id, config). Any other hub id with a text column works as is.
-HUB_DATASETS = {
-    "fineweb": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
-    "tinystories": ("roneneldan/TinyStories", None),
-}
-PATTERNS = {"gpt4": GPT4_PATTERN, "gpt2": GPT2_PATTERN}
-HUB_VAL_DOCUMENTS = 10_000  # default validation size for a hub stream without a validation split (~10M tokens)
-LOCAL_VAL_FRACTION = 0.1    # default for local files, as nanoGPT's 90/10 split
-
-
-def parse_count(text: str) -> int:
-    """'100M' -> 100_000_000. Accepts K, M, B suffixes and plain integers ('2_000_000' too)."""
-    scale = {"K": 10**3, "M": 10**6, "B": 10**9}.get(text[-1:].upper(), 1)
-    number = text[:-1] if scale > 1 else text
-    try:
-        value = float(number.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count (examples: 5000, 100M, 2.5B)") from None
-    if value != int(value * scale) / scale or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole, non-negative count")
-    return int(value * scale)
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = 4 * HEADER_INTS
+SHARD_FORMAT = (f"llm.c shards: {HEADER_INTS} int32 header [{SHARD_MAGIC}, {SHARD_VERSION}, token count, "
+                "0...], then uint16 tokens")  # what meta.json says about its shards
 
 
-def parse_max_tokens(text: str) -> int | None:
-    """A token budget, or 'all' (None): stream the whole dataset."""
-    return None if text.lower() == "all" else parse_count(text)
+def shard_header(n_tokens: int) -> bytes:
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, n_tokens
+    return header.tobytes()
 
 
-def parse_val_size(text: str) -> float:
-    """A document count (5000) or a fraction of all documents (0.1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a document count nor a fraction") from None
-    if not (0 < value < 1 or (value >= 1 and value == int(value))):
-        raise argparse.ArgumentTypeError(f"{text!r}: give a fraction between 0 and 1 or a whole count >= 1")
-    return value
+def shard_file_size(n_tokens: int) -> int:
+    """The size of a complete shard: anything else is a shard cut short."""
+    return HEADER_BYTES + 2 * n_tokens
 
 
-class FlagParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of argparse's usage dump
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+# ----------------------------------------------------------------------------------------------------------
+# The pipeline: encode the documents in order, pack them whole into shards, write the shards
+
+def encode_documents(texts: list[str]) -> tuple[np.ndarray, list[int], list[int]]:
+    """[doc, ...] -> (uint16 tokens, <|endoftext|> before each doc; tokens per doc; UTF-8 bytes per doc).
+    It runs in the worker processes, with the tokenizer they were given (Part II, start_worker)."""
+    eot = worker_encoding.eot_token
+    flat, token_counts = [], []
+    for text in texts:
+        ids = worker_encoding.encode_ordinary(text)  # ordinary: "<|endoftext|>" inside a text is just text
+        flat.append(eot)
+        flat.extend(ids)
+        token_counts.append(len(ids) + 1)
+    byte_counts = [len(text.encode("utf-8")) for text in texts]
+    return np.array(flat, dtype="<u2"), token_counts, byte_counts
 
 
-def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = FlagParser(description="Tokenize FineWeb-edu, TinyStories or your own files into llm.c-format shards.")
-    source = parser.add_argument_group("source")
-    source.add_argument("--dataset", help="fineweb, tinystories, or a hub id with a text column "
-                        "(default: fineweb unless --input is given)")
-    source.add_argument("--config", help="hub config (default: sample-10BT for fineweb, none otherwise)")
-    source.add_argument("--input", metavar="FILE[,FILE...]", help="local .txt (documents separated by "
-                        f"{EOT} lines, else by blank lines), .jsonl/.json or .parquet (a text column)")
-    source.add_argument("--text_column", default="text", help="column holding the documents (default: %(default)s)")
-    tokenizer = parser.add_argument_group("tokenizer")
-    tokenizer.add_argument("--tokenizer", default="train", help="train (a new one with bpe.py), gpt2 (tiktoken's "
-                           "download), a folder with vocab.bpe+encoder.json or merges.txt+vocab.json, "
-                           "or a saved bpe.py tokenizer file (default: %(default)s)")
-    tokenizer.add_argument("--vocab_size", type=int, default=8192,
-                           help="for training: 256 bytes + merges + <|endoftext|> (257 = byte-level; default: %(default)s)")
-    tokenizer.add_argument("--pattern", choices=sorted(PATTERNS), default="gpt4", help="split regex for training (default: %(default)s)")
-    tokenizer.add_argument("--tokenizer_train_mb", type=float, default=100,
-                           help="train on about this many MB of the first training documents (default: %(default)s)")
-    output = parser.add_argument_group("output")
-    output.add_argument("--name", help="shard name prefix (default: fineweb, tinystories, the first input's stem)")
-    output.add_argument("--out_dir", help="output folder (default: data/<name>)")
-    output.add_argument("--max_tokens", type=parse_max_tokens, default="100M",
-                        help="stop after this many training tokens (at a document boundary); 'all' for everything "
-                        "(default: 100M)")
-    output.add_argument("--shard_size", type=parse_count, default="100M", help="tokens per shard at most (default: 100M)")
-    output.add_argument("--val_size", type=parse_val_size, help="validation documents where the dataset has no "
-                        f"validation split: a count or a fraction (default: {LOCAL_VAL_FRACTION} for --input, "
-                        f"{HUB_VAL_DOCUMENTS} for a hub stream, which cannot be counted ahead)")
-    output.add_argument("--val_from", choices=["start", "end"], default="start",
-                        help="take the validation documents from the start or the end of the source (default: %(default)s)")
-    output.add_argument("--overwrite", action="store_true", help="replace the output folder's shards")
-    system = parser.add_argument_group("system")
-    system.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                        help="encoding processes (default: %(default)s, the cores but one, which the main process needs "
-                        "to read and write)")
-    args = parser.parse_args(argv)
-    if args.dataset and args.input:
-        parser.error("give either --dataset or --input, not both")
-    if args.workers < 1:
-        parser.error(f"--workers={args.workers}: need at least 1")
-    if args.shard_size < 1 or args.max_tokens == 0:
-        parser.error("--shard_size and --max_tokens must be at least 1 token")
-    if not 256 + 1 <= args.vocab_size <= 65_536:  # uint16 holds ids 0..65535
-        parser.error(f"--vocab_size={args.vocab_size}: must be 257 (bytes + <|endoftext|>) to 65536 "
-                     "(token ids are stored as uint16)")
-    if args.tokenizer_train_mb <= 0:
-        parser.error("--tokenizer_train_mb must be positive")
-    return args
+class Shard:
+    """One shard on its way to disk: written under a .tmp name, so that a file with the shard's own name
+    is always complete. The ledger renames it when it is complete (Part II, Ledger.complete)."""
 
+    def __init__(self, path: Path, split: str):
+        self.path, self.split = path, split
+        self.tmp_path = path.with_name(path.name + ".tmp")
+        self.tokens = self.documents = self.bytes = self.max_token_id = 0
+        self.file = open(self.tmp_path, "wb")
+        self.file.write(shard_header(0))  # the real count goes in when the shard is complete
+
+    def add(self, tokens: np.ndarray, n_bytes: int) -> None:
+        """Append one document's tokens (<|endoftext|> first); n_bytes: its length in UTF-8."""
+        self.file.write(tokens.tobytes())
+        self.tokens += len(tokens)
+        self.documents += 1
+        self.bytes += n_bytes
+        self.max_token_id = max(self.max_token_id, int(tokens.max()))  # meta.json records it
+
+    def close(self) -> None:
+        """Write the header with the token count, then flush to disk: the .tmp file is complete."""
+        self.file.seek(0)
+        self.file.write(shard_header(self.tokens))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
+def write_split(split: str, documents: Iterable[str], budget: int | None, shard_size: int,
+                encoder: EncodingPool, ledger: Ledger, progress: Progress) -> None:
+    """Encode one split's documents and pack them whole into shards of at most shard_size tokens. With a
+    budget, stop at the first document boundary at or past `budget` tokens of this split. The encoder's
+    workers encode chunks of documents in parallel, and the chunks come back in order (Part II,
+    EncodingPool); the ledger is meta.json (Part II, Ledger)."""
+    split_tokens = ledger.meta["splits"][split]["tokens"]  # in complete shards: above 0 when resuming
+    shard = None
+    for tokens, token_counts, byte_counts in encoder.encode_in_order(documents):
+        start = taken = 0  # tokens[start:start + n_tokens] is the next document
+        for n_tokens, n_bytes in zip(token_counts, byte_counts):
+            # Has this split reached its budget?
+            if budget is not None and split_tokens >= budget:
+                break
+            # Does the next document still fit in the current shard? If not, that shard is complete.
+            if shard is not None and shard.tokens + n_tokens > shard_size:
+                ledger.complete(shard)  # rename it and list it in meta.json (Part II, Ledger)
+                shard = None
+            # Is there a shard to write to? Every shard starts at a document boundary, and a document
+            # longer than shard_size gets a shard of its own.
+            if shard is None:
+                shard = ledger.new_shard(split)
+            shard.add(tokens[start:start + n_tokens], n_bytes)
+            start += n_tokens
+            split_tokens += n_tokens
+            taken += 1
+        progress.update(taken, start, len(ledger.meta["shards"]))  # Part II, Progress
+        if budget is not None and split_tokens >= budget:
+            break
+    if shard is not None:
+        ledger.complete(shard)
+    progress.update(0, 0, len(ledger.meta["shards"]), force=True)
+
+
+# ===== Part II: the workshop (sources, tokenizer, encoding workers, resume ledger, flags, main) ==========
 
 # ----------------------------------------------------------------------------------------------------------
 # Document sources
 #
 # Everything is read with `datasets` in streaming mode: hub datasets arrive file by file over HTTP, local
 # files are read in 10 MB chunks, and either way a document is a string. Empty documents are skipped.
+
+# --dataset shortcuts: (hub id, config). Any other hub id with a text column works as is.
+HUB_DATASETS = {
+    "fineweb": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
+    "tinystories": ("roneneldan/TinyStories", None),
+}
+HUB_VAL_DOCUMENTS = 10_000  # validation documents of a hub stream without a validation split (~10M tokens)
+LOCAL_VAL_FRACTION = 0.1    # default for local files, as nanoGPT's 90/10 split
+
 
 @dataclass
 class Source:
@@ -196,7 +212,8 @@ def open_source(args: argparse.Namespace) -> Source:
     files = [Path(part) for part in args.input.split(",") if part]
     for path in files:
         if path.suffix.lower() not in LOCAL_LOADERS:
-            raise ValueError(f"--input {path}: unsupported file type {path.suffix!r} (use .txt, .jsonl, .json, .parquet)")
+            raise ValueError(f"--input {path}: unsupported file type {path.suffix!r} "
+                             "(use .txt, .jsonl, .json, .parquet)")
         if not path.is_file():
             raise FileNotFoundError(f"--input {path}: no such file")
         if path.stat().st_size == 0:
@@ -211,7 +228,7 @@ def open_source(args: argparse.Namespace) -> Source:
 
 
 def check_utf8(path: Path, block_size: int = 1 << 20) -> None:
-    """Fail early, naming the byte, rather than after hours of encoding (about 1 s per GB)."""
+    """Fail early, naming the byte, rather than after hours of encoding (a read is cheap next to encoding)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with open(path, "rb") as f:
@@ -248,9 +265,10 @@ def check_column(dataset, column: str, where: str) -> None:
 
 
 def column_texts(dataset, column: str, where: str) -> Iterator[str]:
-    """The strings of one column of a streaming dataset, fetched as Arrow batches (2x faster than rows).
-    A value that is not a string is an error. (datasets gives a column of mixed JSON values as JSON
-    text: read as is, a number or a list among the texts would put JSON quotes into the shards.)"""
+    """The strings of one column of a streaming dataset, fetched as Arrow batches (not row by row: far
+    fewer Python objects). A value that is not a string is an error. (datasets gives a column of mixed
+    JSON values as JSON text: read as is, a number or a list among the texts would put JSON quotes into
+    the shards.)"""
     import pyarrow as pa
     row = 0
     for table in dataset.select_columns([column]).with_format("arrow").iter(batch_size=1024):
@@ -281,7 +299,7 @@ def check_all_strings(values: list, first_row: int, column: str, where: str) -> 
 def read_text_file(path: Path) -> Iterator[str]:
     """A .txt file's documents: the text between <|endoftext|> lines if it has any, else between blank
     lines. Line breaks around a document are dropped; the text inside is kept exactly."""
-    import datasets  # here, not at the top: it takes 1 s to import, and the workers never need it
+    import datasets  # here, not at the top: it is slow to import, and the workers never need it
     if has_eot_lines(path):
         # One row per line (keeping its "\n"), regrouped here at the marker lines.
         lines = datasets.load_dataset("text", data_files=str(path), split="train", streaming=True,
@@ -295,7 +313,7 @@ def read_text_file(path: Path) -> Iterator[str]:
                 document.append(line)
         yield "".join(document).strip("\n")
     else:
-        # datasets' "paragraph" rows are text.split("\n\n"), so a run of 3 newlines leaves one on the next row.
+        # datasets' "paragraph" rows are text.split("\n\n"): a run of 3 newlines leaves one on the next row.
         paragraphs = datasets.load_dataset("text", data_files=str(path), split="train", streaming=True,
                                            sample_by="paragraph")
         for paragraph in column_texts(paragraphs, "text", f"--input {path}"):
@@ -318,7 +336,8 @@ def read_file(path: Path, column: str) -> Iterator[str]:
         raise
     except (ValueError, OSError) as error:  # also UnicodeDecodeError and pyarrow's errors (subclasses)
         first_line = str(error).strip().split("\n")[0]
-        raise ValueError(f"--input {path}: cannot read it as {loader} ({type(error).__name__}: {first_line})") from None
+        raise ValueError(f"--input {path}: cannot read it as {loader} "
+                         f"({type(error).__name__}: {first_line})") from None
 
 
 def read_hub(source: Source, split: str) -> Iterator[str]:
@@ -364,12 +383,14 @@ def validation_range(source: Source, val_size: float | None, val_from: str) -> r
     if source.hub_id:
         if "validation" in hub_split_names(source):
             if val_size:
-                print(f"note: --val_size is not used: {source.describe()} has its own validation split", file=sys.stderr)
+                print(f"note: --val_size is not used: {source.describe()} has its own validation split",
+                      file=sys.stderr)
             return None
         val_size = val_size or HUB_VAL_DOCUMENTS
         if val_from == "end" or val_size < 1:
-            raise ValueError(f"{source.describe()} has no validation split and a stream cannot be counted ahead: "
-                             "use a document count from the start (--val_size=5000) or local files (--input)")
+            raise ValueError(f"{source.describe()} has no validation split and a stream cannot be counted "
+                             "ahead: use a document count from the start (--val_size=5000) or local files "
+                             "(--input)")
         return range(int(val_size))
     total = count_documents(source)
     val_size = val_size or LOCAL_VAL_FRACTION
@@ -395,7 +416,10 @@ def split_documents(source: Source, split: str, val_range: range | None) -> Iter
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Tokenizer: train one with bpe.py, or load GPT-2's or a saved one
+# Tokenizer: train one with bpe.py, or load GPT-2's or a saved one (bpe.load_tokenizer)
+
+PATTERNS = {"gpt4": GPT4_PATTERN, "gpt2": GPT2_PATTERN}
+
 
 def first_megabytes(texts: Iterable[str], megabytes: float) -> Iterator[str]:
     """The leading documents up to about `megabytes` MB of UTF-8 (the last one may cross the limit)."""
@@ -432,11 +456,11 @@ def check_tokenizer(tokenizer: Tokenizer) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Encoding workers
 #
-# The workers encode with the tokenizer's to_tiktoken() twin: identical ids at a steady 6.7 MB/s per core on
-# english_mix_10mb.txt (vocab 8192). bpe.py's own encoder beats that only on text it has already seen (its
-# chunk cache); on new text, which a stream mostly is, it runs at about 3 MB/s. Each worker gets the
-# Encoding once (pickled by the pool's initializer), then chunks of about 1 MB of documents. The pool uses "spawn" on every OS: it is the only
-# method on Windows and the default on macOS, so what the tests run here is what those users run.
+# The workers encode with the tokenizer's to_tiktoken() twin: the same ids as bpe.py's encoder, computed in
+# Rust. bpe.py's own encoder is faster only on text it has already seen (its chunk cache), and a stream is
+# mostly new text. Each worker gets the Encoding once (pickled by the pool's initializer), then chunks of
+# about 1 MB of documents. The pool uses "spawn" on every OS: it is the only method on Windows and the
+# default on macOS, so what the tests run here is what those users run.
 
 worker_encoding: tiktoken.Encoding | None = None  # set in each worker process by start_worker
 
@@ -458,19 +482,6 @@ def exit_with_parent(main_pid: int) -> None:
     while os.getppid() == main_pid:
         time.sleep(0.2)
     os._exit(0)
-
-
-def encode_documents(texts: list[str]) -> tuple[np.ndarray, list[int], list[int]]:
-    """[doc, ...] -> (uint16 tokens, <|endoftext|> before each doc; tokens per doc; UTF-8 bytes per doc)."""
-    eot = worker_encoding.eot_token
-    flat, token_counts = [], []
-    for text in texts:
-        ids = worker_encoding.encode_ordinary(text)  # ordinary: "<|endoftext|>" inside a text is just text
-        flat.append(eot)
-        flat.extend(ids)
-        token_counts.append(len(ids) + 1)
-    byte_counts = [len(text.encode("utf-8")) for text in texts]
-    return np.array(flat, dtype="<u2"), token_counts, byte_counts
 
 
 def chunks_of(texts: Iterable[str], chunk_chars: int = 1 << 20) -> Iterator[list[str]]:
@@ -543,32 +554,56 @@ class WorkerDied(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Shard writer
+# The resume ledger: meta.json
 #
-# The shard format is llm.c's (dev/data/data_common.py), so llm.c and modded-nanogpt read these files as is:
-#
-#   bytes 0..1023   header: 256 little-endian int32 = [20240520 (magic), 1 (version), N (token count), 0, ...]
-#   bytes 1024..    N little-endian uint16 token ids
-#
-# so a complete shard is exactly 1024 + 2 * N bytes. Every document is preceded by <|endoftext|> and lies
-# whole in one shard (a document longer than --shard_size gets a shard of its own), so every shard starts
-# at a document boundary. Reading one back:
-#
-#   header = np.fromfile(path, dtype="<i4", count=256);  tokens = np.fromfile(path, dtype="<u2", offset=1024)
+# meta.json lists the complete shards (name -> split, tokens, documents, bytes, max_token_id), sums them
+# per split, and turns "complete" true at the end. It is rewritten after every shard, so a killed run
+# leaves exactly the shards it lists, plus at most a .tmp file that the rerun deletes. A rerun with the
+# same settings skips the documents of the listed shards: documents come in a fixed order, so the shards
+# are byte-identical to those of an uninterrupted run.
 
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-HEADER_INTS = 256
+class Ledger:
+    """meta.json of one output folder, and the shards it lists."""
 
+    def __init__(self, out_dir: Path, name: str, meta: dict):
+        self.out_dir, self.name, self.meta = out_dir, name, meta
+        self.open_shard: Shard | None = None  # the shard being written, removed if the run stops
 
-def shard_header(n_tokens: int) -> bytes:
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = SHARD_MAGIC, SHARD_VERSION, n_tokens
-    return header.tobytes()
+    def new_shard(self, split: str) -> Shard:
+        """The next shard, numbered in source order across both splits."""
+        path = self.out_dir / f"{self.name}_{split}_{len(self.meta['shards']):06d}.bin"
+        with naming_errors(path):
+            self.open_shard = Shard(path, split)
+        return self.open_shard
 
+    def complete(self, shard: Shard) -> None:
+        """Flush the shard to disk, give it its name, and list it in meta.json."""
+        with naming_errors(shard.path):
+            shard.close()
+        # The rename and meta.json's new entry belong together: a shard on disk that meta.json does not list
+        # would look complete but be unknown to a resume. So a Ctrl-C here waits until both are done.
+        with interrupts_deferred():
+            os.replace(shard.tmp_path, shard.path)
+            self.open_shard = None
+            self.meta["shards"][shard.path.name] = {"split": shard.split, "tokens": shard.tokens,
+                                                    "documents": shard.documents, "bytes": shard.bytes,
+                                                    "max_token_id": shard.max_token_id}
+            totals = self.meta["splits"][shard.split]
+            totals["shards"].append(shard.path.name)
+            totals["tokens"] += shard.tokens
+            totals["documents"] += shard.documents
+            totals["bytes"] += shard.bytes
+            write_json(self.out_dir / "meta.json", self.meta)
 
-def shard_file_size(n_tokens: int) -> int:
-    return 4 * HEADER_INTS + 2 * n_tokens
+    def discard_open_shard(self) -> None:
+        """Remove the incomplete shard of a stopped or failed run: no .tmp file outlives the run."""
+        shard, self.open_shard = self.open_shard, None
+        if shard is not None:
+            try:
+                shard.file.close()
+            except OSError:  # the buffered tail cannot be written either (a full disk): it is dropped anyway
+                pass
+            shard.tmp_path.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -588,90 +623,6 @@ def naming_errors(path: Path):
         raise OSError(error.errno, error.strerror, str(path)) from None
 
 
-class ShardWriter:
-    """Packs documents into shards and records each complete shard in meta.json.
-
-    meta.json is the run's ledger: "shards" lists the complete shards (name -> split, tokens, documents,
-    bytes), "splits" sums them per split, and "complete" turns true at the end. It is rewritten after every
-    shard, so a killed run leaves exactly the shards it lists, plus at most a .tmp file that resuming deletes.
-    """
-
-    def __init__(self, out_dir: Path, name: str, shard_size: int, meta: dict):
-        self.out_dir, self.name, self.shard_size, self.meta = out_dir, name, shard_size, meta
-        self.file = None  # the open .tmp file of the shard being written
-        self.split = self.path = None
-        self.tokens = self.documents = self.bytes = self.max_token_id = 0
-
-    def add(self, split: str, tokens: np.ndarray, token_counts: list[int], byte_counts: list[int]) -> None:
-        """Append documents: `tokens` is their concatenation, the counts have one entry per document."""
-        begin = end = 0  # tokens[begin:end]: documents taken into the current shard but not yet written
-        for n_tokens, n_bytes in zip(token_counts, byte_counts):
-            if self.file is not None and self.tokens + n_tokens > self.shard_size:
-                self.write(tokens[begin:end])
-                begin = end
-                self.finish()
-            if self.file is None:
-                self.start(split)
-            self.tokens += n_tokens
-            self.documents += 1
-            self.bytes += n_bytes
-            end += n_tokens
-        self.write(tokens[begin:end])
-
-    def start(self, split: str) -> None:
-        self.split = split
-        self.path = self.out_dir / f"{self.name}_{split}_{len(self.meta['shards']):06d}.bin"
-        self.tokens = self.documents = self.bytes = self.max_token_id = 0
-        with self.failing_write():
-            self.file = open(self.path.with_name(self.path.name + ".tmp"), "wb")
-            self.file.write(shard_header(0))  # the real count goes in when the shard is complete
-
-    def write(self, tokens: np.ndarray) -> None:
-        if len(tokens):
-            self.max_token_id = max(self.max_token_id, int(tokens.max()))
-        with self.failing_write():
-            self.file.write(tokens.tobytes())
-
-    def finish(self) -> None:
-        """Complete the current shard: header, flush to disk, rename, record in meta.json."""
-        if self.file is None:
-            return
-        with self.failing_write():
-            self.file.seek(0)
-            self.file.write(shard_header(self.tokens))
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-        self.file = None
-        # The rename and meta.json's new entry belong together: a shard on disk that meta.json does not list
-        # would look complete but be unknown to a resume. So a Ctrl-C here waits until both are done.
-        with interrupts_deferred():
-            os.replace(self.path.with_name(self.path.name + ".tmp"), self.path)
-            record_shard(self.meta, self.path.name, self.split, self.tokens, self.documents, self.bytes,
-                         self.max_token_id)
-            write_json(self.out_dir / "meta.json", self.meta)
-
-    def discard(self) -> None:
-        """Drop the incomplete shard (on an interruption or a failed write)."""
-        if self.file is not None:
-            try:
-                self.file.close()
-            except OSError:  # the buffered tail cannot be written either (a full disk): it is dropped anyway
-                pass
-            self.file = None
-            self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)
-
-    @contextmanager
-    def failing_write(self):
-        """A failed write (full disk, ...) removes the partial shard and names it in the error."""
-        try:
-            with naming_errors(self.path):
-                yield
-        except OSError:
-            self.discard()
-            raise
-
-
 @contextmanager
 def interrupts_deferred(then_raise: bool = True):
     """Hold back Ctrl-C and SIGTERM inside the block; one that arrived is raised when the block ends
@@ -686,74 +637,6 @@ def interrupts_deferred(then_raise: bool = True):
             signal.signal(sig, handler)
     if received and then_raise:
         raise KeyboardInterrupt
-
-
-def record_shard(meta: dict, name: str, split: str, tokens: int, documents: int, n_bytes: int,
-                 max_token_id: int) -> None:
-    """max_token_id lets a reader check the ids against its vocabulary without reading the shard."""
-    meta["shards"][name] = {"split": split, "tokens": tokens, "documents": documents, "bytes": n_bytes,
-                            "max_token_id": max_token_id}
-    totals = meta["splits"][split]
-    totals["shards"].append(name)
-    totals["tokens"] += tokens
-    totals["documents"] += documents
-    totals["bytes"] += n_bytes
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Main
-
-class Progress:
-    """A \\r-updated line on stderr per split: documents, tokens, tokens/s, shards written."""
-
-    def __init__(self):
-        self.started = time.perf_counter()
-        self.total_tokens = 0  # over all splits, for the summary
-        self.printed = False
-
-    def start(self, split: str) -> None:
-        self.end_line()
-        self.split, self.documents, self.tokens = split, 0, 0
-        self.split_started = self.last_print = time.perf_counter()
-
-    def update(self, documents: int, tokens: int, shards: int, force: bool = False) -> None:
-        self.documents += documents
-        self.tokens += tokens
-        self.total_tokens += tokens
-        now = time.perf_counter()
-        if force or now - self.last_print >= 0.5:
-            self.last_print, self.printed = now, True
-            rate = self.tokens / max(now - self.split_started, 1e-9)
-            print(f"\r{self.split:>5}: {self.documents:,} documents, {self.tokens:,} tokens, {rate:,.0f} tokens/s, "
-                  f"{shards} shards written ", end="", file=sys.stderr, flush=True)
-
-    def end_line(self) -> None:
-        if self.printed:
-            print(file=sys.stderr)
-            self.printed = False
-
-    def tokens_per_second(self) -> float:
-        return self.total_tokens / (time.perf_counter() - self.started)
-
-
-def write_split(split: str, documents: Iterable[str], budget: int | None, pool: EncodingPool,
-                writer: ShardWriter, progress: Progress) -> None:
-    """Encode one split's documents and write them into shards. With a budget, stop at the first document
-    boundary at or past `budget` tokens of this split (counting shards from before a resume)."""
-    split_tokens = writer.meta["splits"][split]["tokens"]
-    progress.start(split)
-    for tokens, token_counts, byte_counts in pool.encode_in_order(documents):
-        if budget is not None and split_tokens + len(tokens) >= budget:
-            keep = int(np.searchsorted(np.cumsum(token_counts), budget - split_tokens)) + 1  # documents to keep
-            token_counts, byte_counts = token_counts[:keep], byte_counts[:keep]
-            tokens = tokens[:sum(token_counts)]
-        writer.add(split, tokens, token_counts, byte_counts)
-        split_tokens += len(tokens)
-        progress.update(len(token_counts), len(tokens), len(writer.meta["shards"]))
-        if budget is not None and split_tokens >= budget:
-            break
-    writer.finish()
-    progress.update(0, 0, len(writer.meta["shards"]), force=True)
 
 
 # Settings added after shards were first written: an older meta.json without them is not a change.
@@ -772,7 +655,8 @@ def run_settings(args: argparse.Namespace, source: Source, tokenizer: Tokenizer 
         settings["input_bytes"] = [path.stat().st_size for path in source.files]
         settings["input_mtime_ns"] = [path.stat().st_mtime_ns for path in source.files]
     if tokenizer is None:  # trained here: its recipe
-        settings.update(vocab_size=args.vocab_size, pattern=args.pattern, tokenizer_train_mb=args.tokenizer_train_mb)
+        settings.update(vocab_size=args.vocab_size, pattern=args.pattern,
+                        tokenizer_train_mb=args.tokenizer_train_mb)
     else:
         settings["tokenizer_sha256"] = hashlib.sha256(tokenizer.dumps().encode("utf-8")).hexdigest()
     return settings
@@ -867,9 +751,10 @@ def new_meta(source: Source, tokenizer: Tokenizer, settings: dict, command: str)
     """meta.json before the first shard; ShardWriter adds each shard, and "complete" turns true at the end."""
     return {"dataset": source.describe(), "tokenizer": "tokenizer.bpe", "vocab_size": tokenizer.vocab_size,
             "eot_id": tokenizer.eot_token, "pattern": tokenizer.pattern,
-            "format": "llm.c shards: 256 int32 header [20240520, 1, token count, 0...], then uint16 tokens",
+            "format": SHARD_FORMAT,
             "command": command, "settings": settings, "complete": False,
-            "splits": {split: {"shards": [], "tokens": 0, "documents": 0, "bytes": 0} for split in ("train", "val")},
+            "splits": {split: {"shards": [], "tokens": 0, "documents": 0, "bytes": 0}
+                       for split in ("train", "val")},
             "shards": {}}
 
 
@@ -912,7 +797,144 @@ def start_fresh(out_dir: Path, name: str, tokenizer: Tokenizer, meta: dict, over
         tokenizer.save(tokenizer_path)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Progress
+
+class Progress:
+    """A \\r-updated line on stderr per split: documents, tokens, tokens/s, shards written."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.total_tokens = 0  # over all splits, for the summary
+        self.printed = False
+
+    def start(self, split: str) -> None:
+        self.end_line()
+        self.split, self.documents, self.tokens = split, 0, 0
+        self.split_started = self.last_print = time.perf_counter()
+
+    def update(self, documents: int, tokens: int, shards: int, force: bool = False) -> None:
+        self.documents += documents
+        self.tokens += tokens
+        self.total_tokens += tokens
+        now = time.perf_counter()
+        if force or now - self.last_print >= 0.5:
+            self.last_print, self.printed = now, True
+            rate = self.tokens / max(now - self.split_started, 1e-9)
+            print(f"\r{self.split:>5}: {self.documents:,} documents, {self.tokens:,} tokens, "
+                  f"{rate:,.0f} tokens/s, {shards} shards written ", end="", file=sys.stderr, flush=True)
+
+    def end_line(self) -> None:
+        if self.printed:
+            print(file=sys.stderr)
+            self.printed = False
+
+    def tokens_per_second(self) -> float:
+        return self.total_tokens / (time.perf_counter() - self.started)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flags
+
+def parse_count(text: str) -> int:
+    """'100M' -> 100_000_000. Accepts K, M, B suffixes and plain integers ('2_000_000' too)."""
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9}.get(text[-1:].upper(), 1)
+    number = text[:-1] if scale > 1 else text
+    try:
+        value = float(number.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (examples: 5000, 100M, 2.5B)") from None
+    if value != int(value * scale) / scale or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole, non-negative count")
+    return int(value * scale)
+
+
+def parse_max_tokens(text: str) -> int | None:
+    """A token budget, or 'all' (None): stream the whole dataset."""
+    return None if text.lower() == "all" else parse_count(text)
+
+
+def parse_val_size(text: str) -> float:
+    """A document count (5000) or a fraction of all documents (0.1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a document count nor a fraction") from None
+    if not (0 < value < 1 or (value >= 1 and value == int(value))):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a fraction between 0 and 1 or a whole count >= 1")
+    return value
+
+
+class FlagParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage dump
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = FlagParser(description="Tokenize FineWeb-edu, TinyStories or your own files into llm.c-format "
+                        "shards.")
+    source = parser.add_argument_group("source")
+    source.add_argument("--dataset", help="fineweb, tinystories, or a hub id with a text column "
+                        "(default: fineweb unless --input is given)")
+    source.add_argument("--config", help="hub config (default: sample-10BT for fineweb, none otherwise)")
+    source.add_argument("--input", metavar="FILE[,FILE...]", help="local .txt (documents separated by "
+                        f"{EOT} lines, else by blank lines), .jsonl/.json or .parquet (a text column)")
+    source.add_argument("--text_column", default="text",
+                        help="column holding the documents (default: %(default)s)")
+    tokenizer = parser.add_argument_group("tokenizer")
+    tokenizer.add_argument("--tokenizer", default="train", help="train (a new one with bpe.py), gpt2 "
+                           "(tiktoken's download), a folder with vocab.bpe+encoder.json or "
+                           "merges.txt+vocab.json, or a saved bpe.py tokenizer file (default: %(default)s)")
+    tokenizer.add_argument("--vocab_size", type=int, default=8192,
+                           help="for training: 256 bytes + merges + <|endoftext|> (257 = byte-level; "
+                           "default: %(default)s)")
+    tokenizer.add_argument("--pattern", choices=sorted(PATTERNS), default="gpt4",
+                           help="split regex for training (default: %(default)s)")
+    tokenizer.add_argument("--tokenizer_train_mb", type=float, default=100,
+                           help="train on about this many MB of the first training documents "
+                           "(default: %(default)s)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--name",
+                        help="shard name prefix (default: fineweb, tinystories, the first input's stem)")
+    output.add_argument("--out_dir", help="output folder (default: data/<name>)")
+    output.add_argument("--max_tokens", type=parse_max_tokens, default="100M",
+                        help="stop after this many training tokens (at a document boundary); 'all' for "
+                        "everything (default: 100M)")
+    output.add_argument("--shard_size", type=parse_count, default="100M",
+                        help="tokens per shard at most (default: 100M)")
+    output.add_argument("--val_size", type=parse_val_size, help="validation documents where the dataset has "
+                        "no validation split: a count or a fraction (default: "
+                        f"{LOCAL_VAL_FRACTION} for --input, {HUB_VAL_DOCUMENTS} for a hub stream, which "
+                        "cannot be counted ahead)")
+    output.add_argument("--val_from", choices=["start", "end"], default="start",
+                        help="take the validation documents from the start or the end of the source "
+                        "(default: %(default)s)")
+    output.add_argument("--overwrite", action="store_true", help="replace the output folder's shards")
+    system = parser.add_argument_group("system")
+    system.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                        help="encoding processes (default: %(default)s, the cores but one, which the main "
+                        "process needs to read and write)")
+    args = parser.parse_args(argv)
+    if args.dataset and args.input:
+        parser.error("give either --dataset or --input, not both")
+    if args.workers < 1:
+        parser.error(f"--workers={args.workers}: need at least 1")
+    if args.shard_size < 1 or args.max_tokens == 0:
+        parser.error("--shard_size and --max_tokens must be at least 1 token")
+    if not 256 + 1 <= args.vocab_size <= 65_536:  # uint16 holds ids 0..65535
+        parser.error(f"--vocab_size={args.vocab_size}: must be 257 (bytes + <|endoftext|>) to 65536 "
+                     "(token ids are stored as uint16)")
+    if args.tokenizer_train_mb <= 0:
+        parser.error("--tokenizer_train_mb must be positive")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+
 def prepare(args: argparse.Namespace, command: str) -> int:
+    """The whole run: source, output folder (fresh or resumed), tokenizer, then the shards of both splits."""
     source = open_source(args)
     out_dir = Path(args.out_dir or Path("data") / source.name)
     loaded = None if args.tokenizer == "train" else load_tokenizer(args.tokenizer)
@@ -921,11 +943,37 @@ def prepare(args: argparse.Namespace, command: str) -> int:
     meta = None if args.overwrite else resume_state(out_dir, settings)
     if meta is not None and meta["complete"]:
         print(f"nothing to do: {out_dir} already holds this run's {len(meta['shards'])} shards "
-              f"({meta['splits']['train']['tokens']:,} training tokens); --overwrite rebuilds them", file=sys.stderr)
+              f"({meta['splits']['train']['tokens']:,} training tokens); --overwrite rebuilds them",
+              file=sys.stderr)
         return 0
     check_out_dir(out_dir)  # before the slow work: counting documents, training a tokenizer
 
     val_range = validation_range(source, args.val_size, args.val_from)
+    ledger, tokenizer = open_output(args, source, out_dir, loaded, settings, val_range, meta, command)
+    progress = Progress()
+    if write_splits(args, source, val_range, tokenizer, ledger, progress) == "interrupted":
+        print(f"interrupted: {out_dir} keeps its {len(ledger.meta['shards'])} complete shards (listed in "
+              "meta.json); rerun the same command to continue from there", file=sys.stderr)
+        return 130
+
+    meta = ledger.meta
+    for split in ("train", "val"):
+        if meta["splits"][split]["documents"] == 0:
+            raise ValueError(f"the {split} split of {source.describe()} has no documents")
+    meta["complete"] = True
+    write_json(out_dir / "meta.json", meta)
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    print(f"wrote {len(meta['shards'])} shards to {out_dir}: train {train['tokens']:,} tokens "
+          f"({train['documents']:,} documents, {train['bytes'] / max(train['tokens'], 1):.2f} bytes/token), "
+          f"val {val['tokens']:,} tokens ({val['documents']:,} documents); "
+          f"encoded {progress.tokens_per_second():,.0f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def open_output(args: argparse.Namespace, source: Source, out_dir: Path, loaded: Tokenizer | None,
+                settings: dict, val_range: range | None, meta: dict | None,
+                command: str) -> tuple[Ledger, Tokenizer]:
+    """The ledger and the tokenizer: a fresh start (meta is None) or the resumed run's."""
     if meta is None:
         tokenizer = loaded or train_tokenizer(split_documents(source, "train", val_range), args)
         check_tokenizer(tokenizer)
@@ -941,12 +989,16 @@ def prepare(args: argparse.Namespace, command: str) -> int:
                 path.unlink()
         print(f"resuming: {len(meta['shards'])} complete shards in {out_dir} "
               f"({meta['splits']['train']['tokens']:,} training tokens)", file=sys.stderr)
+    return Ledger(out_dir, source.name, meta), tokenizer
 
+
+def write_splits(args: argparse.Namespace, source: Source, val_range: range | None, tokenizer: Tokenizer,
+                 ledger: Ledger, progress: Progress) -> str:
+    """Both splits through write_split with a pool of workers: "done" or "interrupted" (Ctrl-C, SIGTERM)."""
+    meta = ledger.meta
     # Validation first when it is the start of the source (or its own split), so shard numbers follow
     # source order and val is shard 0 as in llm.c; last when it is the end of the source.
     split_order = ["train", "val"] if val_range is not None and val_range.start > 0 else ["val", "train"]
-    writer = ShardWriter(out_dir, source.name, args.shard_size, meta)
-    progress = Progress()
     pool, interrupted = None, False
     try:
         with interrupts_deferred():  # a pool stopped while it starts could leave workers that nothing ends
@@ -956,34 +1008,25 @@ def prepare(args: argparse.Namespace, command: str) -> int:
             if budget is not None and meta["splits"][split]["tokens"] >= budget:
                 continue
             # resuming: skip the documents that complete shards already hold
-            documents = islice(split_documents(source, split, val_range), meta["splits"][split]["documents"], None)
-            write_split(split, documents, budget, pool, writer, progress)
+            done = meta["splits"][split]["documents"]
+            documents = islice(split_documents(source, split, val_range), done, None)
+            progress.start(split)
+            write_split(split, documents, budget, args.shard_size, pool, ledger, progress)
     except KeyboardInterrupt:
         interrupted = True
+    except OSError as error:  # a write into the open shard (a full disk) names no file: name it
+        if error.errno is None or error.filename is not None or ledger.open_shard is None:
+            raise
+        raise OSError(error.errno, error.strerror, str(ledger.open_shard.path)) from None
     finally:
         # After a signal, a failed write or the last shard; a second signal (`timeout` sends SIGTERM to every
         # process of the group, then maybe SIGKILL) must not cut the clean-up short.
         with interrupts_deferred(then_raise=not interrupted):
-            writer.discard()  # the incomplete shard: no .tmp outlives the run
+            ledger.discard_open_shard()
             progress.end_line()
             if pool is not None:
                 pool.close()
-    if interrupted:
-        print(f"interrupted: {out_dir} keeps its {len(meta['shards'])} complete shards (listed in meta.json); "
-              "rerun the same command to continue from there", file=sys.stderr)
-        return 130
-
-    for split in ("train", "val"):
-        if meta["splits"][split]["documents"] == 0:
-            raise ValueError(f"the {split} split of {source.describe()} has no documents")
-    meta["complete"] = True
-    write_json(out_dir / "meta.json", meta)
-    train, val = meta["splits"]["train"], meta["splits"]["val"]
-    print(f"wrote {len(meta['shards'])} shards to {out_dir}: train {train['tokens']:,} tokens "
-          f"({train['documents']:,} documents, {train['bytes'] / max(train['tokens'], 1):.2f} bytes/token), "
-          f"val {val['tokens']:,} tokens ({val['documents']:,} documents); "
-          f"encoded {progress.tokens_per_second():,.0f} tokens/s", file=sys.stderr)
-    return 0
+    return "interrupted" if interrupted else "done"
 
 
 # The cause and the remedy of a file-system error, by errno.
@@ -1031,5 +1074,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # required: "spawn" workers import this file, and must not run main() again
-    os.environ.setdefault("USE_TORCH", "0")  # else datasets imports torch (2-3 s) for a feature we do not use
+    os.environ.setdefault("USE_TORCH", "0")  # else datasets imports torch (slow) for a feature not used here
     sys.exit(main())

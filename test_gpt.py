@@ -1009,6 +1009,13 @@ def test_prepare_meta_json_records_each_shards_largest_token_id(tmp_path, prepar
         assert type(meta["shards"][name]["max_token_id"]) is int
 
 
+def test_prepare_shard_format_is_the_one_gpt_reads():
+    # prepare_fineweb.py defines the format; gpt.py's reader keeps its own copy of the constants
+    assert (gpt.SHARD_MAGIC, gpt.SHARD_VERSION, gpt.HEADER_BYTES) == \
+        (prepare_fineweb.SHARD_MAGIC, prepare_fineweb.SHARD_VERSION, prepare_fineweb.HEADER_BYTES)
+    assert prepare_fineweb.shard_file_size(7) == len(prepare_fineweb.shard_header(7)) + 2 * 7
+
+
 def test_prepare_help_lists_every_flag():
     result = prepare_cli("--help")
     assert result.returncode == 0

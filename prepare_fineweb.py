@@ -572,7 +572,8 @@ class Ledger:
     def new_shard(self, split: str) -> Shard:
         """The next shard, numbered in source order across both splits."""
         path = self.out_dir / f"{self.name}_{split}_{len(self.meta['shards']):06d}.bin"
-        with naming_errors(path):
+        # A Ctrl-C between creating the .tmp file and noting it here would leave the file behind.
+        with interrupts_deferred(), naming_errors(path):
             self.open_shard = Shard(path, split)
         return self.open_shard
 
@@ -961,7 +962,8 @@ def prepare(args: argparse.Namespace, command: str) -> int:
         if meta["splits"][split]["documents"] == 0:
             raise ValueError(f"the {split} split of {source.describe()} has no documents")
     meta["complete"] = True
-    write_json(out_dir / "meta.json", meta)
+    with interrupts_deferred():
+        write_json(out_dir / "meta.json", meta)
     train, val = meta["splits"]["train"], meta["splits"]["val"]
     print(f"wrote {len(meta['shards'])} shards to {out_dir}: train {train['tokens']:,} tokens "
           f"({train['documents']:,} documents, {train['bytes'] / max(train['tokens'], 1):.2f} bytes/token), "

@@ -853,6 +853,246 @@ def test_prepare_refuses_an_output_folder_from_another_tokenizer(tmp_path, prepa
     prepare_assert_one_line_error(code, stderr, "no meta.json", "--overwrite")
 
 
+# --- faults: nothing lost, nothing hung ----------------------------------------------------------------
+
+def prepare_group_members(pgid: int) -> list[int]:
+    """Live processes (not zombies) of a process group, read from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(group) == pgid and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def prepare_wait_for_group_to_end(pgid: int, seconds: float = 10) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while (members := prepare_group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return members
+
+
+def prepare_dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_prepare_interrupted_overwrite_keeps_files_it_did_not_write(tmp_path, prepare_tokenizer_file):
+    out = tmp_path / "out"
+    out.mkdir()
+    foreign = {"model.bin": b"weights", "other_train_000001.bin": b"\0" * 1024, "download.tmp": b"half",
+               "notes.txt": b"mine"}
+    for name, data in foreign.items():
+        (out / name).write_bytes(data)
+    stale = out / f".meta.json.{prepare_dead_pid()}.0badcafe.tmp"  # what a killed atomic write leaves
+    stale.write_text("{")
+    flags = [f"--input={DATA / 'english_mix_10mb.txt'}", f"--tokenizer={prepare_tokenizer_file}",
+             *PREPARE_RESUME_FLAGS, f"--out_dir={out}"]
+    code, stderr = prepare_start_and_stop([*flags, "--overwrite"], out, signal.SIGINT, after_shards=3)
+    assert code == 130, stderr
+    assert "--overwrite leaves alone the 4 files" in stderr and "download.tmp, model.bin, notes.txt" in stderr
+    assert {name: (out / name).read_bytes() for name in foreign} == foreign
+    assert not stale.exists()
+    meta = json.loads((out / "meta.json").read_text())
+    assert sorted(path.name for path in out.glob("mix_*")) == sorted(meta["shards"])  # no .tmp of ours either
+    finished = prepare_cli(*flags)  # resume, then done: the foreign files are still there
+    assert finished.returncode == 0 and "resuming" in finished.stderr, finished.stderr
+    assert {name: (out / name).read_bytes() for name in foreign} == foreign
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_prepare_sigterm_to_the_process_group_stops_at_once_without_orphans_and_resumes_identically(
+        tmp_path, prepare_tokenizer_file):
+    flags = [f"--input={DATA / 'english_mix_10mb.txt'}", f"--tokenizer={prepare_tokenizer_file}",
+             "--max_tokens=1.2M", "--shard_size=4K", "--workers=2", "--name=mix"]
+    assert prepare_main(*flags, f"--out_dir={tmp_path / 'reference'}")[0] == 0
+    expected = prepare_shard_bytes(tmp_path / "reference")
+    out = tmp_path / "out"
+    for how in ("SIGTERM to the group", "kill -9 of the main process"):
+        # start_new_session: a process group of its own, as `timeout` makes
+        process = subprocess.Popen([sys.executable, str(REPO / "prepare_fineweb.py"), *flags,
+                                    f"--out_dir={out}"], env=PREPARE_ENV, cwd=REPO, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while len(list(out.glob("*.bin"))) < 20 + len(expected) // 4 * (how != "SIGTERM to the group") \
+                and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.005)
+        assert process.poll() is None, "finished before the signal"
+        if how == "SIGTERM to the group":
+            os.killpg(process.pid, signal.SIGTERM)
+            _, stderr = process.communicate(timeout=10)  # exits within seconds, not never
+            assert process.returncode == 130 and "rerun the same command" in stderr, stderr
+            assert "Traceback" not in stderr
+        else:
+            process.kill()
+            process.communicate(timeout=10)
+        assert prepare_wait_for_group_to_end(process.pid) == [], f"{how}: workers outlive the main process"
+        meta = json.loads((out / "meta.json").read_text())
+        assert all((out / name).read_bytes() == expected[name] for name in meta["shards"])
+    finished = prepare_cli(*flags, f"--out_dir={out}")
+    assert finished.returncode == 0 and "resuming" in finished.stderr, finished.stderr
+    assert prepare_shard_bytes(out) == expected
+
+
+def prepare_in_a_small_file_system(flags: list[str], folder: Path, options: str
+                                   ) -> subprocess.CompletedProcess:
+    """Run prepare_fineweb.py with `folder` a tmpfs of its own (mount options such as size=200k or ro),
+    mounted in a private mount namespace; prints the folder's files after the run."""
+    script = (f"mount -t tmpfs -o {options} tmpfs {shlex.quote(str(folder))} || exit 99; "
+              f"{shlex.join([sys.executable, str(REPO / 'prepare_fineweb.py'), *flags])}; echo \"rc=$?\"; "
+              f"ls -A {shlex.quote(str(folder))}")
+    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                          capture_output=True, text=True, env=PREPARE_ENV, cwd=REPO, timeout=120)
+
+
+def prepare_can_mount_tmpfs(tmp_path: Path) -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    (tmp_path / "probe").mkdir()
+    return prepare_in_a_small_file_system(["--help"], tmp_path / "probe", "size=64k").returncode == 0
+
+
+def test_prepare_file_system_refusals_are_one_line_and_leave_no_temp_files(tmp_path, prepare_tokenizer_file):
+    import resource
+    tok = f"--tokenizer={prepare_tokenizer_file}"
+    text = "\n\n".join(prepare_speeches()[:3000])
+    (tmp_path / "shk.txt").write_text(text, encoding="utf-8")
+    shk = f"--input={tmp_path / 'shk.txt'}"
+    # an --out_dir that is a file
+    (tmp_path / "afile").write_text("x")
+    code, stderr = prepare_main(shk, tok, f"--out_dir={tmp_path / 'afile'}")
+    prepare_assert_one_line_error(code, stderr, "afile", "not a folder")
+    assert code == 1 and (tmp_path / "afile").read_text() == "x"
+
+    # a file-size limit (a disk that is full for this process): the first shard cannot be written
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+    out = tmp_path / "limited"
+    result = subprocess.run([sys.executable, str(REPO / "prepare_fineweb.py"), shk, tok, "--shard_size=50K",
+                             "--workers=1", f"--out_dir={out}"], capture_output=True, text=True,
+                            env=PREPARE_ENV, cwd=REPO, timeout=120, preexec_fn=limit_file_size)
+    prepare_assert_one_line_error(result.returncode, result.stderr, "shk_val_000000.bin", "file too large")
+    assert result.returncode == 1
+    assert not [path for path in out.iterdir() if path.name.endswith(".tmp")]
+    assert json.loads((out / "meta.json").read_text())["shards"] == {}
+
+    if not prepare_can_mount_tmpfs(tmp_path):
+        pytest.skip("cannot mount a tmpfs here (unshare): no full-disk or read-only file system test")
+    # a full disk: the shards do not fit in 200 KB
+    out = tmp_path / "full"
+    out.mkdir()
+    result = prepare_in_a_small_file_system([shk, tok, "--shard_size=8K", "--workers=1", f"--out_dir={out}"],
+                                            out, "size=200k")
+    stderr, listing = result.stderr, result.stdout.split("rc=")[1].split()
+    prepare_assert_one_line_error(int(listing[0]), stderr, str(out), "no space left on the device",
+                                  "--out_dir")
+    assert listing[0] == "1" and "meta.json" in listing, listing
+    assert not [name for name in listing if name.endswith(".tmp")], listing
+    # a read-only file system
+    out = tmp_path / "readonly"
+    out.mkdir()
+    result = prepare_in_a_small_file_system([shk, tok, "--workers=1", f"--out_dir={out}"], out, "ro")
+    listing = result.stdout.split("rc=")[1].split()
+    prepare_assert_one_line_error(int(listing[0]), result.stderr, str(out), "read-only file system")
+    assert listing == ["1"]
+
+
+def test_prepare_non_string_texts_and_a_repeated_input_are_refused(tmp_path, prepare_tokenizer_file):
+    tok = f"--tokenizer={prepare_tokenizer_file}"
+    stories = prepare_stories()[:20]
+    cases = {"number.jsonl": (5, "row 3", "a number"), "list.jsonl": (["a", "b"], "row 3", "a list"),
+             "object.jsonl": ({"en": "hi"}, "row 3", "an object")}
+    for name, (value, *needles) in cases.items():
+        rows = [{"text": story} for story in stories]
+        rows[2]["text"] = value  # not a string, among strings (datasets then gives them all as JSON text)
+        (tmp_path / name).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        out = tmp_path / f"out_{name}"
+        code, stderr = prepare_main(f"--input={tmp_path / name}", tok, "--workers=1", f"--out_dir={out}")
+        prepare_assert_one_line_error(code, stderr, name, *needles, "'text'")
+        assert not list(out.glob("*.bin"))
+    (tmp_path / "all_numbers.jsonl").write_text('{"text": 1}\n{"text": 2}\n')
+    code, stderr = prepare_main(f"--input={tmp_path / 'all_numbers.jsonl'}", tok,
+                                f"--out_dir={tmp_path / 'n'}")
+    prepare_assert_one_line_error(code, stderr, "all_numbers.jsonl", "row 1", "a number")
+    (tmp_path / "docs.txt").write_text("one\n\ntwo\n\nthree\n")
+    twice = f"{tmp_path / 'docs.txt'},{tmp_path / '.' / 'docs.txt'}"
+    code, stderr = prepare_main(f"--input={twice}", tok, f"--out_dir={tmp_path / 'twice'}")
+    prepare_assert_one_line_error(code, stderr, "docs.txt", "given twice")
+    assert code == 1 and not (tmp_path / "twice").exists()
+
+
+def test_prepare_ctrl_c_while_training_the_tokenizer_exits_130_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, str(REPO / "prepare_fineweb.py"),
+                                f"--input={DATA / 'english_mix_10mb.txt'}", "--vocab_size=8192",
+                                "--workers=1", f"--out_dir={out}"], env=PREPARE_ENV, cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stderr.readline()
+    assert line.startswith("training a"), line
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, stderr
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_prepare_edited_input_is_not_resumed_onto_stale_shards(tmp_path, prepare_tokenizer_file):
+    source = tmp_path / "stories.txt"
+    source.write_text("".join(f"{story}\n{PREPARE_EOT}\n" for story in prepare_stories()[:100]),
+                      encoding="utf-8")
+    flags = [f"--input={source}", f"--tokenizer={prepare_tokenizer_file}", "--workers=1",
+             f"--out_dir={tmp_path / 'o'}"]
+    assert prepare_main(*flags)[0] == 0
+    data = bytearray(source.read_bytes())
+    data[10] = ord("X") if data[10] != ord("X") else ord("Y")  # the same size, other text
+    stat = source.stat()
+    source.write_bytes(bytes(data))
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    code, stderr = prepare_main(*flags)
+    prepare_assert_one_line_error(code, stderr, "input files that have changed since", "--overwrite")
+    # a meta.json from before modification times were recorded still resumes ("nothing to do")
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    del meta["settings"]["input_mtime_ns"]
+    (tmp_path / "o" / "meta.json").write_text(json.dumps(meta))
+    code, stderr = prepare_main(*flags)
+    assert code == 0 and "nothing to do" in stderr, stderr
+
+
+def test_prepare_vocab_size_beyond_what_the_text_allows_is_noted(tmp_path):
+    (tmp_path / "tiny.txt").write_text("ab ab ab\n\nabc abc\n\nab\n")
+    code, stderr = prepare_main(f"--input={tmp_path / 'tiny.txt'}", "--vocab_size=1000", "--val_size=1",
+                                "--workers=1", f"--out_dir={tmp_path / 'o'}")
+    assert code == 0, stderr
+    vocab_size = json.loads((tmp_path / "o" / "meta.json").read_text())["vocab_size"]
+    assert vocab_size < 1000
+    assert f"the vocabulary has {vocab_size:,} tokens, not --vocab_size=1000" in stderr
+
+
+def test_prepare_meta_json_records_each_shards_largest_token_id(tmp_path, prepare_tokenizer_file):
+    code, stderr = prepare_main(f"--input={DATA / 'tinyshakespeare.txt'}",
+                                f"--tokenizer={prepare_tokenizer_file}", "--shard_size=40K", "--workers=1",
+                                f"--out_dir={tmp_path / 'o'}")
+    assert code == 0, stderr
+    meta, shards = prepare_outputs(tmp_path / "o")
+    assert len(shards) >= 3
+    for name, tokens in shards.items():
+        assert meta["shards"][name]["max_token_id"] == int(tokens.max())
+        assert type(meta["shards"][name]["max_token_id"]) is int
+
+
+def test_prepare_shard_format_is_the_one_gpt_reads():
+    # prepare_fineweb.py defines the format; gpt.py's reader keeps its own copy of the constants
+    assert (gpt.SHARD_MAGIC, gpt.SHARD_VERSION, gpt.HEADER_BYTES) == \
+        (prepare_fineweb.SHARD_MAGIC, prepare_fineweb.SHARD_VERSION, prepare_fineweb.HEADER_BYTES)
+    assert prepare_fineweb.shard_file_size(7) == len(prepare_fineweb.shard_header(7)) + 2 * 7
+
+
 def test_prepare_help_lists_every_flag():
     result = prepare_cli("--help")
     assert result.returncode == 0

@@ -45,7 +45,7 @@ import signal
 import sys
 import time
 from bisect import bisect_right
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -921,19 +921,22 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
     """Build the model, data and optimiser, or restore them from the checkpoint: everything but the loop."""
     device, data_dir = runtime.device, Path(cfg.data_dir)
     meta = load_meta(data_dir)  # meta.json, checked: Part II, load_meta
+    # The data before the model: a --block_size the shards cannot fill is refused before it is allocated.
+    windows = {split: TokenWindows(data_dir, meta["splits"][split]["shards"], cfg.block_size, split)
+               for split in ("train", "val")}
     # torch.manual_seed first, so every process builds the same initial weights (DDP also copies process
     # 0's to the others).
     torch.manual_seed(cfg.seed)
-    model, tokenizer_text = build_model(cfg, overrides, meta, checkpoint)
+    with out_of_memory_as_one_line(cfg):  # a model too large for the memory: Part II
+        model, tokenizer_text = build_model(cfg, overrides, meta, checkpoint)
     if int(meta["vocab_size"]) > model.config.vocab_size:
         raise ValueError(f"{data_dir}/meta.json has vocab_size {meta['vocab_size']} but the model only "
                          f"{model.config.vocab_size} token ids: prepare the data with the model's tokenizer")
     if cfg.block_size > model.config.block_size:
         raise ValueError(f"--block_size={cfg.block_size} is longer than the model's context "
                          f"({model.config.block_size})")
+    check_token_ids(meta, data_dir, model.config.vocab_size)  # no id past the vocabulary: Part II
     model.to(device)
-    windows = {split: TokenWindows(data_dir, meta["splits"][split]["shards"], cfg.block_size, split)
-               for split in ("train", "val")}
     accumulation_steps, tokens_per_step = micro_steps(cfg, world_size)
     optimizer = make_optimizer(model, cfg, runtime)
     data_generator = torch.Generator().manual_seed(cfg.seed)
@@ -1403,7 +1406,83 @@ def load_meta(data_dir: Path) -> dict:
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"{tokenizer_path}: the tokenizer meta.json names is missing; "
                                 f"run prepare_fineweb.py again")
+    check_splits(meta, meta_path)
     return meta
+
+
+def check_splits(meta: dict, meta_path: Path) -> None:
+    """meta.json's shard lists are lists of file names, its counts are numbers, and no shard is in both
+    splits: what would otherwise fail in the middle of a run, or quietly measure the wrong thing."""
+    for split in ("train", "val"):
+        entry = meta["splits"][split]
+        shards = entry["shards"]
+        if not isinstance(shards, list) or not all(isinstance(name, str) for name in shards):
+            raise ValueError(f"{meta_path}: splits.{split}.shards must list file names, got "
+                             f"{str(shards)[:60]}; re-run prepare_fineweb.py")
+        for key in ("tokens", "bytes"):
+            value = entry.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{meta_path}: splits.{split}.{key} is {value!r}, not a count; "
+                                 f"re-run prepare_fineweb.py")
+    data_dir = meta_path.parent
+    train_paths = {(data_dir / name).resolve() for name in meta["splits"]["train"]["shards"]}
+    leaked = [name for name in meta["splits"]["val"]["shards"] if (data_dir / name).resolve() in train_paths]
+    if leaked:
+        raise ValueError(f"{meta_path} lists {leaked[0]} as a train and a val shard: the val loss would "
+                         f"measure memory, not generalisation; re-run prepare_fineweb.py")
+
+
+MAX_ID_BLOCK_TOKENS = 1 << 23  # 16 MB of uint16 ids read at a time while looking for a shard's largest id
+
+
+def shard_max_token_id(path: Path, listed: dict | None) -> int:
+    """The largest token id in a shard (-1 if empty): from meta.json's "shards" entry when prepare_fineweb.py
+    recorded it for a file of the size it still has, else read in blocks from fresh memmaps, so that memory
+    stays flat however large the shard (older folders do not record it)."""
+    count = shard_token_count(path)  # also checks that the file has the size its header gives
+    if isinstance(listed, dict) and listed.get("tokens") == count and type(listed.get("max_token_id")) is int:
+        return listed["max_token_id"]
+    largest = -1
+    for start in range(0, count, MAX_ID_BLOCK_TOKENS):
+        length = min(MAX_ID_BLOCK_TOKENS, count - start)
+        block = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES + 2 * start, shape=(length,))
+        largest = max(largest, int(block.max()))
+        del block  # unmap it before the next one
+    return largest
+
+
+def check_token_ids(meta: dict, data_dir: Path, model_vocab_size: int) -> None:
+    """Every token id in the shards must be below meta.json's vocab_size and the model's, and meta.json's
+    vocab_size must be its tokenizer's: an id past the embedding table would stop the run at the first batch
+    that holds it, with an IndexError (on CUDA a device-side assert) that names nothing."""
+    meta_path, vocab_size = data_dir / "meta.json", int(meta["vocab_size"])
+    tokenizer_path = data_dir / meta["tokenizer"]
+    tokenizer_size = tokenizer_from_text(tokenizer_path.read_text(encoding="utf-8")).vocab_size
+    if tokenizer_size != vocab_size:
+        raise ValueError(f"{meta_path} has vocab_size {vocab_size} but {tokenizer_path} has {tokenizer_size} "
+                         f"tokens (another tokenizer): re-run prepare_fineweb.py with the tokenizer you want")
+    listed = meta.get("shards") if isinstance(meta.get("shards"), dict) else {}
+    for name in meta["splits"]["train"]["shards"] + meta["splits"]["val"]["shards"]:
+        largest = shard_max_token_id(data_dir / name, listed.get(name))
+        if largest >= min(vocab_size, model_vocab_size):
+            limit = (f"{meta_path} has vocab_size {vocab_size}" if vocab_size <= model_vocab_size
+                     else f"the model has {model_vocab_size} token ids")
+            raise ValueError(f"{data_dir / name} holds token id {largest} but {limit}: the shard was written "
+                             f"with another tokenizer; re-run prepare_fineweb.py")
+
+
+@contextmanager
+def out_of_memory_as_one_line(cfg: SimpleNamespace) -> Iterator[None]:
+    """Around building the model: a model too large for the memory (MemoryError, or the allocator's
+    RuntimeError) becomes one line naming the knobs that size it."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "alloc" not in str(e):
+            raise
+        sizes = ", ".join(f"--{k}={getattr(cfg, k)}" for k in ("n_layer", "n_embd", "block_size"))
+        reason = str(e).splitlines()[0][-90:]
+        raise ValueError(f"the model does not fit in memory ({sizes}; {reason}): make it smaller") from None
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -1421,6 +1421,72 @@ def test_train_data_errors(capsys, tmp_path):
     assert "--total_batch_tokens=200 is not a multiple of batch_size * block_size * processes = 128" in err
 
 
+def test_train_meta_errors_and_a_shard_in_both_splits_are_one_line(capsys, tmp_path):
+    def broken(name: str, change) -> Path:
+        data = train_make_dataset(tmp_path / name)
+        meta = json.loads((data / "meta.json").read_text())
+        change(meta)
+        (data / "meta.json").write_text(json.dumps(meta))
+        return data
+
+    for name, change, message in [
+        ("tokens", lambda m: m["splits"]["val"].update(tokens="many"),
+         "splits.val.tokens is 'many', not a count"),
+        ("names", lambda m: m["splits"]["train"].update(shards=[1]),
+         "splits.train.shards must list file names"),
+        ("noshards", lambda m: m["splits"]["val"].pop("shards"),
+         "not a meta.json written by prepare_fineweb.py"),
+        ("leak", lambda m: m["splits"]["val"].update(shards=m["splits"]["train"]["shards"]),
+         "lists tiny_train_000001.bin as a train and a val shard"),
+    ]:
+        data = broken(name, change)
+        err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={tmp_path / 'o'}"])
+        assert f"{tmp_path / name / 'meta.json'}" in err and message in err, err
+    assert not (tmp_path / "o" / "log.jsonl").exists()  # refused before the first step
+
+
+def test_train_out_of_vocabulary_ids_are_caught_before_step_1(capsys, tmp_path):
+    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    tokens = train_tokenizer().encode_ordinary(text[:20_000])
+    tokens[-5] = 400  # one id past the tokenizer's 320, where few batches would reach it
+    data = train_make_dataset(tmp_path / "data", train_tokens=tokens)
+    out = tmp_path / "out"
+    err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={out}"])
+    assert f"{data / 'tiny_train_000001.bin'} holds token id 400 but {data / 'meta.json'} has vocab_size " \
+           f"320" in err
+    assert not (out / "log.jsonl").exists()
+    # prepare_fineweb.py records each shard's largest id, trusted only while the shard has the listed size.
+    data = train_make_dataset(tmp_path / "recorded")
+    meta = json.loads((data / "meta.json").read_text())
+    listed = {"split": "val", "tokens": meta["splits"]["val"]["tokens"], "max_token_id": 500}
+    meta["shards"] = {"tiny_val_000000.bin": listed}
+    (data / "meta.json").write_text(json.dumps(meta))
+    err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}"])
+    assert "tiny_val_000000.bin holds token id 500" in err
+    listed["tokens"] += 1  # a record for another file of that name: read the shard itself, which is fine
+    (data / "meta.json").write_text(json.dumps(meta))
+    assert gpt.shard_max_token_id(data / "tiny_val_000000.bin", listed) < 320
+    # meta.json's vocab_size must be its tokenizer's (a tokenizer.bpe swapped for another).
+    data = train_make_dataset(tmp_path / "swapped", vocab_size=300)
+    err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}"])
+    assert f"{data / 'meta.json'} has vocab_size 300 but {data / 'tokenizer.bpe'} has 320 tokens" in err
+
+
+def test_train_block_size_larger_than_the_data_is_refused_before_the_model(capsys, tmp_path, monkeypatch):
+    data = train_make_dataset(tmp_path / "data")
+    # A learned position table of 10^9 x 32 floats would need 128 GB: the data check comes first.
+    err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}", "--block_size=1000000000"])
+    assert "block_size=1000000000 needs windows of 1000000001 tokens but every train shard" in err
+
+    def no_memory(*args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 128000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(gpt, "build_model", no_memory)
+    err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={tmp_path / 'o'}"])
+    assert "the model does not fit in memory (--n_layer=2, --n_embd=32, --block_size=32; " in err
+
+
 # -- training ----------------------------------------------------------------------------------------------
 
 def test_train_overfits_one_batch(tmp_path):

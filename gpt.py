@@ -963,7 +963,8 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
         print(f"device {device}, autocast {str(runtime.autocast_dtype).removeprefix('torch.')}, "
               f"{world_size} process(es); {tokens_per_step:,} tokens per step = {cfg.batch_size} x "
               f"{cfg.block_size} x {world_size} x {accumulation_steps} micro-step(s); data: "
-              f"{windows['train'].num_windows:,} train windows; peak {peak_flops / 1e12:.2f} TFLOP/s for MFU")
+              f"{windows['train'].num_windows:,} train windows; peak {peak_flops / 1e12:.2f} TFLOP/s for MFU "
+              f"({peak_flops_source(runtime, cfg.peak_flops)})")
     return run
 
 
@@ -1092,6 +1093,7 @@ def train(overrides: dict) -> None:
     # torchrun starts one process per GPU (or per CPU slot) and tells each its place in these variables.
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    check_schedule(cfg, print_warnings=rank == 0)  # --min_lr above --learning_rate, and such: Part II
     runtime = setup_device(cfg.device, cfg.dtype, local_rank, cfg.compile)  # Part II, setup_device
     ddp = world_size > 1
     if ddp:  # NCCL moves CUDA tensors between GPUs; gloo is the CPU backend
@@ -1347,7 +1349,9 @@ def peak_flops_per_second(runtime: Runtime, configured: float) -> float:
     # Unknown device: time a large matmul in the training precision; the best of a few runs after a warm-up.
     # (On a machine shared with other work this reads low and MFU high: pass --peak_flops for a fixed figure.)
     n = 8192 if runtime.device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=runtime.device, dtype=runtime.autocast_dtype)
+    # On a CPU, bfloat16 without bf16 units is emulated: timing it would take minutes. Time float32 instead.
+    dtype = torch.float32 if runtime.device.type == "cpu" else runtime.autocast_dtype
+    a = torch.randn(n, n, device=runtime.device, dtype=dtype)
     a @ a
     best = math.inf
     for _ in range(5):
@@ -1357,6 +1361,18 @@ def peak_flops_per_second(runtime: Runtime, configured: float) -> float:
         synchronize(runtime.device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+def peak_flops_source(runtime: Runtime, configured: float) -> str:
+    """Where peak_flops_per_second's figure comes from, for the start-up line: MFU is only as good as it."""
+    if configured > 0:
+        return "from --peak_flops"
+    if runtime.device.type == "cuda" and any(gpu in torch.cuda.get_device_name(runtime.device)
+                                             for gpu in GPU_PEAK_FLOPS):
+        return "from the data sheet"
+    dtype = torch.float32 if runtime.device.type == "cpu" else runtime.autocast_dtype  # as timed there
+    measured = str(dtype).removeprefix("torch.")
+    return f"an estimate: a {measured} matmul timed here; --peak_flops sets it"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1983,6 +1999,29 @@ def check_config(cfg: SimpleNamespace) -> SimpleNamespace:
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name}={getattr(cfg, name)} must not be negative")
     return cfg
+
+
+def check_schedule(cfg: SimpleNamespace, print_warnings: bool = True) -> None:
+    """Refuse a learning-rate schedule that cannot be what was meant; warn about one that can, but surprises.
+
+    --min_lr above --learning_rate would make the cosine "decay" upwards (a fine-tuning command that lowers
+    --learning_rate must lower --min_lr too), so it is an error. A zero learning rate is a way to measure a
+    model's losses on other data without changing it, and a run shorter than its warm-up is a quick trial
+    run, so those two go on, with a warning that says what will happen."""
+    for name in ("learning_rate", "min_lr"):
+        if not 0 <= getattr(cfg, name) < math.inf:
+            raise ValueError(f"--{name}={getattr(cfg, name)} must be a finite number >= 0")
+    if cfg.min_lr > cfg.learning_rate:
+        raise ValueError(f"--min_lr={cfg.min_lr} is above --learning_rate={cfg.learning_rate}: the cosine "
+                         f"would raise the rate as it decays; set --min_lr to about --learning_rate / 10")
+    warnings = []
+    if cfg.learning_rate == 0:
+        warnings.append("--learning_rate=0: the weights will not change (the losses are still measured)")
+    if cfg.max_steps < cfg.warmup_steps:
+        warnings.append(f"--max_steps={cfg.max_steps} ends inside the warm-up (--warmup_steps="
+                        f"{cfg.warmup_steps}): the rate never reaches --learning_rate={cfg.learning_rate}")
+    for warning in warnings if print_warnings else []:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def encode_prompt(prompt_flag: str, tokenizer: Tokenizer) -> list[int]:

@@ -1331,6 +1331,22 @@ def test_train_learning_rate_schedule():
     assert gpt.learning_rate_at(110, cfg) == gpt.learning_rate_at(500, cfg) == pytest.approx(0.1)
 
 
+def test_train_schedule_errors_and_warnings(capsys, tmp_path):
+    data = train_make_dataset(tmp_path / "data")
+    base = TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", "--eval_interval=1000"]
+    err = train_error(capsys, base + ["--min_lr=0.1"])  # above TRAIN_TINY's --learning_rate=1e-2
+    assert "--min_lr=0.1 is above --learning_rate=0.01: the cosine would raise the rate" in err
+    err = train_error(capsys, base + ["--learning_rate=nan"])
+    assert "--learning_rate=nan must be a finite number" in err
+    # A zero rate (measure losses without training) and a run shorter than its warm-up go on, with a warning.
+    train_run(base + ["--learning_rate=0", "--min_lr=0", "--max_steps=2", "--warmup_steps=5"])
+    err = capsys.readouterr().err
+    assert "warning: --learning_rate=0: the weights will not change" in err
+    assert "warning: --max_steps=2 ends inside the warm-up (--warmup_steps=5)" in err
+    losses = [r["loss"] for r in train_log(tmp_path / "out")]
+    assert len(losses) == 2 and losses[0] == pytest.approx(losses[1], abs=0.5)
+
+
 def test_train_weight_decay_only_on_matrices():
     model = gpt.GPT(gpt.GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
     optimizer = gpt.make_optimizer(model, gpt.make_config({}), gpt.setup_device("cpu"))
@@ -1355,6 +1371,18 @@ def test_train_cpu_runs_in_float32_without_scaler():
     assert not runtime.fused_adamw
     with pytest.raises(ValueError, match="float16"):
         gpt.setup_device("cpu", "float16")
+
+
+def test_train_peak_flops_are_measured_in_float32_on_a_cpu(monkeypatch):
+    # bfloat16 on a CPU without bf16 units is emulated: timing a bf16 matmul there would take minutes.
+    runtime = gpt.Runtime(torch.device("cpu"), torch.bfloat16, torch.amp.GradScaler("cuda", enabled=False),
+                          compile=False, fused_adamw=False)
+    dtypes, randn = [], torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **kw: dtypes.append(kw["dtype"]) or randn(*a, **kw))
+    assert gpt.peak_flops_per_second(runtime, 0.0) > 0 and dtypes == [torch.float32]
+    assert gpt.peak_flops_source(runtime, 0.0) == \
+        "an estimate: a float32 matmul timed here; --peak_flops sets it"
+    assert gpt.peak_flops_source(runtime, 1e12) == "from --peak_flops"
 
 
 # -- data --------------------------------------------------------------------------------------------------

@@ -29,19 +29,23 @@ Part I, the lesson: stop at its end and you have read the whole program.
 Part II, the workshop: what makes the lesson fast, safe, interoperable and visible.
     6. Devices and speed routes: choosing the device and precision, Linear's CPU route for generation,
        the chunked loss, MFU and the device's peak FLOPs
-    7. Safety and resume plumbing: shards, meta.json and checkpoints checked before use, random-generator
-       states, stopping on a signal, the run log and the console
+    7. Safety and resume plumbing: shards, meta.json, token ids and checkpoints checked before use,
+       random-generator states, stopping on a signal, one run per out_dir, the run log, the console, and
+       file-system errors as one line
     8. GPT-2 / Hugging Face: import, export, GPT-2's tokenizer
     9. Plots (one function per figure)
    10. Command-line conveniences: --help, the flag checks, --prompt
 """
 import codecs
 import difflib
+import errno
 import inspect
 import json
 import math
 import os
+import re
 import signal
+import socket
 import sys
 import time
 from bisect import bisect_right
@@ -399,6 +403,8 @@ class Block(nn.Module):
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
+    if not math.isfinite(temperature):  # nan would pass the test above; inf would sample uniformly
+        raise ValueError(f"temperature={temperature} must be a finite number (0 is greedy)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k={top_k} must be at least 1")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -852,7 +858,7 @@ def training_state(model: GPT, optimizer: torch.optim.Optimizer, runtime: Runtim
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
     """Write atomically: a crash or Ctrl-C during the write leaves the previous checkpoint whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
+    write_file(path, lambda tmp: torch_save(checkpoint, tmp))  # atomic; a full disk in one line: Part II
 
 
 # -- The training loop, in steps ----------------------------------------------------------------------------
@@ -1006,11 +1012,7 @@ def optimizer_step(run: Run, stop: "StopOnSignal") -> dict:
     if run.world_size > 1:
         dist.all_reduce(stats)
     train_loss, stop.agreed = stats[0].item() / run.world_size, stats[1].item() > 0
-    if not math.isfinite(train_loss):  # never step on a NaN: it would poison every weight
-        path = Path(cfg.out_dir) / "ckpt.pt"
-        kept = f"{path} keeps step {run.saved_step}" if run.saved_step >= 0 else "nothing saved"
-        raise FloatingPointError(f"the loss became {train_loss} at step {run.step + 1}; stopped ({kept}): "
-                                 f"try a lower --learning_rate or a longer --warmup_steps")
+    check_loss_is_finite(run, train_loss, run.step + 1)  # never step on a NaN: Part II
     runtime.scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf).item()
     runtime.scaler.step(optimizer)  # skips the step if float16 gradients overflowed
@@ -1040,6 +1042,7 @@ def evaluate_and_checkpoint(run: Run, log: "RunLog") -> None:
     """Evaluate both splits, report, and checkpoint when the val loss improved (or always, if asked)."""
     cfg, device = run.cfg, run.runtime.device
     losses = evaluate(run.fast_model, run.windows, cfg, run.runtime, run.rank, run.world_size)
+    check_loss_is_finite(run, sum(losses.values()), run.step, " (evaluation)")  # before sampling from it
     record = {"kind": "eval", "step": run.step, "train_loss": losses["train"], "val_loss": losses["val"],
               "val_perplexity": math.exp(min(losses["val"], 50.0))}
     val = run.meta["splits"]["val"]
@@ -1079,6 +1082,8 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
         # ---- TRAINING SECTION END
         if run.saved_step != run.step:  # the end of the run, or Ctrl-C: save, so that it can be continued
             save_run(run)
+        if stop.agreed and run.step < cfg.max_steps:
+            raise TrainingStopped(f"stopped at step {run.step}")  # saved: main exits 130 (Part II)
 
 
 def train(overrides: dict) -> None:
@@ -1088,6 +1093,7 @@ def train(overrides: dict) -> None:
     if cfg.init_from == "resume":
         # The run continues with its own saved settings; flags given now still win (e.g. a larger max_steps).
         checkpoint = load_checkpoint(checkpoint_path(cfg))  # torch.load, checked: Part II, load_checkpoint
+        check_resumable(checkpoint, checkpoint_path(cfg))  # optimizer and RNG states there: Part II
         cfg = make_config(overrides, base=checkpoint["config"])
 
     # torchrun starts one process per GPU (or per CPU slot) and tells each its place in these variables.
@@ -1101,7 +1107,8 @@ def train(overrides: dict) -> None:
             raise ValueError("torchrun with MPS is not supported: run one process on a Mac")
         dist.init_process_group("nccl" if runtime.device.type == "cuda" else "gloo")
     try:
-        train_loop(cfg, overrides, checkpoint, runtime, rank, world_size)
+        with OutDirLock(Path(cfg.out_dir), enabled=rank == 0):  # one run per out_dir: Part II, OutDirLock
+            train_loop(cfg, overrides, checkpoint, runtime, rank, world_size)
     finally:
         if ddp:
             dist.destroy_process_group()
@@ -1136,6 +1143,7 @@ def run_sampling(cfg: SimpleNamespace, overrides: dict) -> None:
         raise ValueError("--beam finds one best continuation: drop --num_samples")
     runtime = setup_device(cfg.device, cfg.dtype)  # Part II, setup_device
     model, tokenizer = load_for_sampling(cfg, runtime.device)
+    check_model_for_sampling(model, cfg)  # NaN weights, more beams than tokens: Part II
     # --prompt as ids (text, or FILE:path): Part II, encode_prompt
     prompt = torch.tensor([encode_prompt(cfg.prompt, tokenizer)], device=runtime.device)  # (1, T)
     stop_token = None if cfg.ignore_eot else tokenizer.eot_token
@@ -1181,7 +1189,12 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:  # Ctrl-C while sampling, or a second Ctrl-C while training
+    except BrokenPipeError:  # the reader of stdout went away (| head): Part II
+        exit_quietly_on_broken_pipe()
+    except OSError as e:  # a full disk, a read-only folder, a file where a folder should be: Part II
+        print(f"error: {file_system_error(e)}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C while sampling; a training run stopped (and saved) by a signal
         raise SystemExit(130) from None
 
 
@@ -1377,7 +1390,7 @@ def peak_flops_source(runtime: Runtime, configured: float) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 # 7. Safety and resume plumbing: inputs checked before a run, a stopped run continued exactly, a signal
-#    that stops it cleanly, the log and the console
+#    that stops it cleanly, one run per out_dir, the log, the console, and file-system errors as one line
 
 def shard_token_count(path: Path) -> int:
     """Check a shard's header and size; return its token count."""
@@ -1517,6 +1530,23 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
+def check_resumable(checkpoint: dict, path: Path) -> None:
+    """A checkpoint to resume needs more than one to sample: the optimizer, scaler and RNG states, and its
+    settings as a dict. One trimmed for sampling (or edited) cannot continue exactly, so it is refused."""
+    needed = ("optimizer", "scaler", "best_val_loss", "rng")
+    problems = [f"no {key}" for key in needed if key not in checkpoint]
+    rng = checkpoint.get("rng", {})
+    complete = (isinstance(rng, dict) and "data" in rng and isinstance(rng.get("processes"), list)
+                and rng["processes"] and isinstance(checkpoint.get("optimizer"), dict))
+    if not problems and not complete:
+        problems.append("an incomplete optimizer or rng state")
+    if not isinstance(checkpoint["config"], dict):
+        problems.append(f"a config that is a {type(checkpoint['config']).__name__}, not a dict")
+    if problems:
+        raise ValueError(f"{path} cannot be resumed (it has {', '.join(problems)}): sample from it with "
+                         f"--sample, or train a new run with --init_from=scratch")
+
+
 def model_from_checkpoint(checkpoint: dict, path: Path, dropout: float | None = None) -> GPT:
     """The GPT a checkpoint describes, with its weights; dropout may be changed (it has no weights)."""
     try:
@@ -1534,6 +1564,17 @@ def model_from_checkpoint(checkpoint: dict, path: Path, dropout: float | None = 
     return model
 
 
+def check_model_for_sampling(model: GPT, cfg: SimpleNamespace) -> None:
+    """Refuse weights that are NaN or infinite (an edited or damaged checkpoint: every draw would fail) and
+    more beams than the vocabulary has tokens (the first step cannot fill them)."""
+    source = cfg.init_from if cfg.init_from.startswith("gpt2") else checkpoint_path(cfg)
+    broken = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if broken is not None:
+        raise ValueError(f"{source} holds non-finite weights (NaN or inf in {broken}): it cannot be sampled; "
+                         f"use an earlier checkpoint")
+    if cfg.beam > model.config.vocab_size:
+        raise ValueError(f"--beam={cfg.beam} is more than the model's {model.config.vocab_size} tokens: "
+                         f"use at most {model.config.vocab_size} beams")
 
 
 def check_architecture(model_config: GPTConfig, overrides: dict, source: str) -> None:
@@ -1604,6 +1645,133 @@ class StopOnSignal:
             print("\nstopping after this step (Ctrl-C again to abort without saving)", flush=True)
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """Raised once a run that Ctrl-C or SIGTERM stopped has saved its checkpoint. An interruption, so main
+    exits with 130, as shells expect of an interrupted command: a script can tell it from a finished run."""
+
+
+def pid_is_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (signal 0 checks without sending anything)."""
+    if sys.platform == "win32":
+        return True  # os.kill would terminate it: assume alive, and let the user remove the lock
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, and belongs to another user
+    return True
+
+
+class OutDirLock:
+    """out_dir/.lock while a run trains there: a second run into the same out_dir would interleave its
+    log lines and overwrite the first one's checkpoint, so it is refused with one line.
+
+    The lock file holds the owner's PID and host. One left by a run that was killed (kill -9, a power cut)
+    names a PID that is no longer alive: the next run on that host takes it over, with a note. The lock is
+    removed when the run ends, also on an error. enabled=False (the other DDP processes) does nothing."""
+
+    def __init__(self, out_dir: Path, enabled: bool = True):
+        self.out_dir, self.path, self.enabled = out_dir, out_dir / ".lock", enabled
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname()}
+
+    def __enter__(self) -> "OutDirLock":
+        if not self.enabled:
+            return self
+        self.out_dir.mkdir(parents=True, exist_ok=True)  # a file in the way, read-only: one line in main
+        for attempt in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                if attempt == 0 and self.take_over_if_stale():
+                    continue
+                holder = self.read_owner() or {}
+                pid, host = holder.get("pid", "?"), holder.get("host", "?")
+                raise ValueError(f"{self.out_dir} is in use by another training run (pid {pid} on {host}): "
+                                 f"wait for it, choose another --out_dir, or delete {self.path} if that run "
+                                 f"is gone") from None
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(self.out_dir)) from None
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(self.owner) + "\n")
+            break
+        remove_stale_temp_files(self.out_dir)
+        return self
+
+    def read_owner(self) -> dict | None:
+        """The lock's {"pid", "host"}, or None if it cannot be read (a moment after its creation it may be
+        empty: read it again once)."""
+        for attempt in range(2):
+            try:
+                owner = json.loads(self.path.read_text(encoding="utf-8"))
+                if isinstance(owner, dict) and type(owner.get("pid")) is int and owner["pid"] > 0:
+                    return owner
+            except (OSError, ValueError):
+                pass
+            if attempt == 0:
+                time.sleep(0.2)
+        return None
+
+    def take_over_if_stale(self) -> bool:
+        """Remove a lock whose owner on this host has died (or that is unreadable); True if removed."""
+        owner = self.read_owner()
+        if owner is not None and (owner.get("host") != self.owner["host"] or pid_is_alive(owner["pid"])):
+            return False
+        who = f"pid {owner['pid']}, no longer running" if owner else "unreadable"
+        print(f"note: took over the stale lock {self.path} ({who})")
+        self.path.unlink(missing_ok=True)
+        return True
+
+    def __exit__(self, *exc_info) -> None:
+        if self.enabled and self.read_owner() == self.owner:
+            self.path.unlink(missing_ok=True)
+
+
+# The names of write_atomically's temp files for a checkpoint and the log: .ckpt.pt.<pid>.<8 hex>.tmp
+STALE_TEMP_FILE = re.compile(r"\.(ckpt\.pt|log\.jsonl)\.\d+\.[0-9a-f]{8}\.tmp")
+
+
+def remove_stale_temp_files(out_dir: Path) -> None:
+    """Remove the hidden temp files of checkpoint and log writes that a killed run left (kill -9 during
+    write_atomically). Only a run that holds out_dir's lock calls this, so none of them is being written."""
+    stale = [p for p in out_dir.iterdir() if STALE_TEMP_FILE.fullmatch(p.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        print(f"note: removed {len(stale)} unfinished write(s) that a killed run left in {out_dir} "
+              f"({stale[0].name})")
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a log.jsonl. A last line cut short (a crash mid-write) is dropped with a note; any other
+    line that is not a record is an error naming the file and line."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not (isinstance(record, dict) and isinstance(record.get("step"), int) and "kind" in record):
+                raise ValueError("not a record of gpt.py")
+        except ValueError as e:
+            if number == len(lines) and not line.endswith("\n"):
+                print(f"note: dropped the unfinished last line of {path} (line {number}, cut off by a crash)")
+                break
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            raise ValueError(f"{path}, line {number}: {reason}; fix or delete that line (the checkpoint does "
+                             f"not need it)") from None
+        records.append(record)
+    return records
+
+
+def trim_log(path: Path, last_step: int) -> None:
+    """Keep the log up to the checkpoint's step: steps logged after it (before a crash, or a non-finite
+    loss) are about to be run again. Records are written back as RunLog.write writes them."""
+    kept = "".join(json.dumps(r) + "\n" for r in read_log(path) if r["step"] <= last_step)
+    write_file(path, lambda tmp: Path(tmp).write_text(kept, encoding="utf-8"))
+
+
 class RunLog:
     """log.jsonl: one JSON object per training step and per evaluation, written by process 0 only.
 
@@ -1615,9 +1783,7 @@ class RunLog:
         if not enabled:
             return
         if resumed_at is not None and path.is_file():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-                    if json.loads(line)["step"] <= resumed_at]
-            write_atomically(path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
+            trim_log(path, resumed_at)
         self.file = open(path, "a" if resumed_at is not None else "w", encoding="utf-8")
 
     def write(self, record: dict) -> None:
@@ -1631,6 +1797,16 @@ class RunLog:
     def __exit__(self, *exc) -> None:
         if self.file:
             self.file.close()
+
+
+def check_loss_is_finite(run: Run, loss: float, step: int, when: str = "") -> None:
+    """Stop on a NaN or infinite loss, before it is stepped on (it would poison every weight) or sampled
+    from; the checkpoint on disk (run.saved_step, -1 for none) stays as it is."""
+    if not math.isfinite(loss):
+        path = Path(run.cfg.out_dir) / "ckpt.pt"
+        kept = f"{path} keeps step {run.saved_step}" if run.saved_step >= 0 else "nothing saved"
+        raise FloatingPointError(f"the loss became {loss} at step {step}{when}; stopped ({kept}): "
+                                 f"try a lower --learning_rate or a longer --warmup_steps")
 
 
 def print_eval(run: Run, record: dict) -> None:
@@ -1666,6 +1842,60 @@ def print_step(run: Run, record: dict) -> None:
         print(f"step {run.step}/{run.cfg.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
               f"grad norm {record['grad_norm']:.2f} | {record['ms']:.0f} ms | "
               f"{record['tokens_per_s']:,.0f} tok/s | MFU {record['mfu']:.1%}", flush=True)
+
+
+# -- Files: a write that fails says why, on the path the user named; a closed stdout is no error ------------
+
+FILE_SYSTEM_CAUSES = {  # errno -> (the cause in words, what to do)
+    errno.ENOSPC: ("no space left on device", "free some space or write elsewhere"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or write elsewhere"),
+    errno.EFBIG: ("file too large (over the file-size limit, ulimit -f)", "raise it or write elsewhere"),
+    errno.EROFS: ("read-only file system", "choose a folder you can write to"),
+    errno.EACCES: ("permission denied", "choose a folder you can write to"),
+    errno.EPERM: ("operation not permitted", "choose a folder you can write to"),
+}
+
+
+def file_system_error(error: OSError) -> str:
+    """One line for a failed file operation: what failed, on which path, and what to do."""
+    path = error.filename
+    if error.errno in (errno.EEXIST, errno.ENOTDIR):  # mkdir of a folder where a file has the name
+        return f"cannot create the folder {path}: a file is in the way; remove it or choose another folder"
+    unknown = (error.strerror or type(error).__name__, "check the path")
+    cause, remedy = FILE_SYSTEM_CAUSES.get(error.errno, unknown)
+    if error.errno == errno.ENOSPC:
+        return f"no space left on device writing {path}: {remedy}"
+    return f"cannot write {path}: {cause}; {remedy}"
+
+
+def write_file(path: Path, write) -> None:
+    """bpe.write_atomically(path, write), with a failure reported on path (not on its hidden temp file) as
+    an OSError that main turns into one line. The file that was there before is left whole."""
+    try:
+        write_atomically(path, write)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def torch_save(obj: object, path: Path) -> None:
+    """torch.save through a Python file: when a write fails (a full disk), torch.save to a path reports only
+    "[enforce fail at inline_container.cc] unexpected pos"; through a file, the OSError that says why is
+    raised from the file's write, and torch's RuntimeError keeps it as its context, to be raised here."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+
+
+def exit_quietly_on_broken_pipe() -> None:
+    """`python gpt.py --sample ... | head` closes the pipe early: stop without a traceback. stdout is pointed
+    at /dev/null so that Python's flush at exit does not fail again; the status is 128 + SIGPIPE, as for a
+    shell tool that the pipe stopped."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(141)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1769,10 +1999,8 @@ def export_to_hf(model: GPT, out_dir: str | os.PathLike) -> None:
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(out_dir / "model.safetensors",
-                     lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    write_atomically(out_dir / "config.json",
-                     lambda tmp: Path(tmp).write_text(json.dumps(hf_config, indent=2)))
+    write_file(out_dir / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_file(out_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf_config, indent=2)))
 
 
 def gpt2_tokenizer(gpt2_dir: str) -> Tokenizer:
@@ -1805,8 +2033,7 @@ def run_plot(cfg: SimpleNamespace) -> None:
     model = model_from_checkpoint(checkpoint, path).eval()
     tokenizer = tokenizer_from_text(checkpoint["tokenizer"])
     log_path = path.parent / "log.jsonl"
-    records = ([json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line]
-               if log_path.is_file() else [])
+    records = read_log(log_path) if log_path.is_file() else []  # a garbled line: one error naming it
     if not records:
         print(f"no training log at {log_path}: plotting the weights and attention only")
     prompt = PLOT_PROMPT if cfg.prompt == "<|endoftext|>" else cfg.prompt
@@ -1836,7 +2063,7 @@ def plot_run(model: GPT, tokenizer: Tokenizer, records: list[dict], out_dir: Pat
     written = []
     for name, fig in figures.items():
         path = out_dir / name
-        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
         written.append(path)
     return written

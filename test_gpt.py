@@ -1624,6 +1624,20 @@ def test_train_checkpoint_errors(capsys, tmp_path, train_checkpoint):
     assert "vocab_size 1000 but the model only 320" in err
 
 
+def test_train_resume_refuses_checkpoints_that_cannot_continue(capsys, tmp_path, train_checkpoint):
+    data = train_make_dataset(tmp_path / "data")
+    for name, change, message in [("no_optimizer", lambda c: c.pop("optimizer"), "(it has no optimizer)"),
+                                  ("no_rng", lambda c: c.pop("rng"), "(it has no rng)"),
+                                  ("list_config", lambda c: c.update(config=[1]),
+                                   "(it has a config that is a list, not a dict)")]:
+        checkpoint = torch.load(train_checkpoint, weights_only=True)
+        change(checkpoint)
+        torch.save(checkpoint, tmp_path / f"{name}.pt")
+        err = train_error(capsys, ["--init_from=resume", f"--ckpt={tmp_path / name}.pt", f"--data_dir={data}",
+                                   f"--out_dir={tmp_path / 'o'}"])
+        assert err.startswith(f"error: {tmp_path / name}.pt cannot be resumed {message}: sample from it"), err
+
+
 def test_train_nonfinite_loss_stops_and_keeps_checkpoint(capsys, tmp_path):
     data = train_make_dataset(tmp_path / "data")
     out = tmp_path / "out"
@@ -1641,7 +1655,20 @@ def test_train_nonfinite_loss_stops_and_keeps_checkpoint(capsys, tmp_path):
     assert [r["step"] for r in train_log(out)] == [1, 2, 3, 4]
 
 
-def test_train_ctrl_c_saves_and_exits(tmp_path):
+def test_train_nonfinite_loss_before_an_evaluation_stops_cleanly(capsys, tmp_path):
+    # Step 1's loss is finite, but its update leaves NaN weights: the evaluation right after sees them first
+    # (it used to go on to draw the evaluation sample from them and fail inside torch.multinomial).
+    data = train_make_dataset(tmp_path / "data")
+    err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}",
+                                            "--max_steps=5", "--learning_rate=1e30", "--grad_clip=0",
+                                            "--warmup_steps=0", "--eval_interval=1"])
+    assert re.search(r"the loss became (nan|inf) at step 1 \(evaluation\); stopped \(nothing saved\)",
+                     err), err
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_train_ctrl_c_saves_and_exits(tmp_path, stop_signal):
     data = train_make_dataset(tmp_path / "data")
     out = tmp_path / "out"
     process = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *TRAIN_TINY, f"--data_dir={data}",
@@ -1650,12 +1677,155 @@ def test_train_ctrl_c_saves_and_exits(tmp_path):
     for line in process.stdout:
         if line.startswith("step 3/"):
             break
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop_signal)
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0, stderr
+    assert process.returncode == 130, stderr  # saved, but not finished: a script can tell (a finished run: 0)
     assert "stopping after this step" in stdout
     checkpoint = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert checkpoint["step"] >= 3 and checkpoint["step"] == train_log(out)[-1]["step"]
+
+
+def test_train_two_runs_into_one_out_dir(capsys, tmp_path):
+    data = train_make_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *TRAIN_TINY, f"--data_dir={data}",
+                              f"--out_dir={out}", "--max_steps=100000", "--eval_interval=100000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith("step 1/"):
+                break
+        err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={out}", "--max_steps=2"])
+        assert f"{out} is in use by another training run (pid {first.pid} on " in err
+        assert f"delete {out / '.lock'} if that run is gone" in err
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+    assert first.returncode == 130 and not (out / ".lock").exists()  # released at the end
+    # A run killed with kill -9 leaves its lock and the temp file of a checkpoint it was writing.
+    (out / ".lock").write_text(json.dumps({"pid": first.pid, "host": gpt.socket.gethostname()}))
+    (out / f".ckpt.pt.{first.pid}.0123abcd.tmp").write_bytes(b"half a checkpoint")
+    (out / ".notes.tmp").write_text("not ours")
+    train_run([f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--max_steps=10"])
+    stdout = capsys.readouterr().out
+    assert f"note: took over the stale lock {out / '.lock'} (pid {first.pid}, no longer running)" in stdout
+    assert "note: removed 1 unfinished write(s)" in stdout
+    assert sorted(p.name for p in out.iterdir()) == [".notes.tmp", "ckpt.pt", "log.jsonl"]
+    # The lock is released when the run fails too.
+    train_error(capsys, TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={out}", "--max_steps=1000000000",
+                                      "--block_size=100000"])
+    assert not (out / ".lock").exists()
+
+
+def test_train_resume_after_a_truncated_or_garbled_log_line(capsys, tmp_path):
+    data = train_make_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    train_run([f"--data_dir={data}", f"--out_dir={out}", "--max_steps=3", "--eval_interval=1000"])
+    log = (out / "log.jsonl").read_text()
+    (out / "log.jsonl").write_text(log + '{"kind": "train", "step": 4, "lo')  # a crash in mid-write
+    train_run([f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--max_steps=5"])
+    assert f"note: dropped the unfinished last line of {out / 'log.jsonl'} (line 6, cut off by a crash)" \
+        in capsys.readouterr().out  # line 6: after the evaluations at steps 0 and 3 and steps 1 to 3
+    assert [r["step"] for r in train_log(out)] == [1, 2, 3, 4, 5]
+    lines = (out / "log.jsonl").read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:40] + "\n"  # garbled in the middle (two runs that wrote to one log)
+    (out / "log.jsonl").write_text("".join(lines))
+    for argv in (["--init_from=resume", f"--out_dir={out}", "--max_steps=6"],
+                 ["--plot", f"--ckpt={out / 'ckpt.pt'}"]):
+        err = train_error(capsys, argv)
+        assert err.startswith(f"error: {out / 'log.jsonl'}, line 2: "), err
+        assert "fix or delete that line" in err
+
+
+@contextlib.contextmanager
+def train_mount_tmpfs(folder: Path, size_bytes: int):
+    """A tmpfs of size_bytes at folder (root on Linux only; skipped elsewhere), unmounted afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if sys.platform != "linux" or os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(folder)],
+            capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def train_limit_file_size() -> None:
+    """In a child process: no file may grow past 100 kB; SIGXFSZ ignored, a write past it fails (EFBIG)."""
+    import resource
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+
+@pytest.mark.parametrize("limit", ["file_size", "tmpfs"])
+def test_train_full_disk_during_a_checkpoint_keeps_the_old_one(capsys, tmp_path, limit):
+    data = train_make_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    train_run([f"--data_dir={data}", f"--out_dir={out}", "--max_steps=2", "--eval_interval=1000"])
+    size = (out / "ckpt.pt").stat().st_size
+    resume = [f"--data_dir={data}", "--init_from=resume", "--max_steps=4"]
+    if limit == "file_size":
+        result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *TRAIN_TINY, *resume, f"--out_dir={out}"],
+                                capture_output=True, text=True, timeout=120, preexec_fn=train_limit_file_size)
+        assert result.returncode == 1
+        assert result.stderr == f"error: cannot write {out / 'ckpt.pt'}: file too large (over the " \
+                                f"file-size limit, ulimit -f); raise it or write elsewhere\n"
+    else:  # room for one checkpoint and a half: the second one cannot be written beside the first
+        with train_mount_tmpfs(tmp_path / "small", size * 3 // 2) as small:
+            shutil.copy(out / "ckpt.pt", small)
+            shutil.copy(out / "log.jsonl", small)
+            err = train_error(capsys, TRAIN_TINY + resume + [f"--out_dir={small}"])
+            assert err == f"error: no space left on device writing {small / 'ckpt.pt'}: free some space or " \
+                          f"write elsewhere\n"
+            out = tmp_path / "kept"
+            shutil.copytree(small, out)
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]  # no temp file left behind
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2  # the old checkpoint, whole
+
+
+@contextlib.contextmanager
+def train_read_only(folder: Path):
+    """folder made read-only (chmod, or as root a read-only bind mount), made writable again after."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield folder
+        finally:
+            folder.chmod(0o755)
+        return
+    if sys.platform != "linux" or subprocess.run(["mount", "--bind", str(folder), str(folder)]).returncode:
+        pytest.skip("cannot make a read-only folder here")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_train_read_only_out_dir_and_a_file_in_its_place(capsys, tmp_path, train_checkpoint):
+    data = train_make_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    shutil.copytree(train_checkpoint.parent, out)
+    with train_read_only(out):
+        cause = "(read-only file system|permission denied); choose a folder you can write to"
+        resume = [f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--max_steps=8"]
+        for argv, path in [(resume, out),
+                           (["--plot", f"--ckpt={out / 'ckpt.pt'}"], out / "loss.png"),
+                           (["--export_hf", str(out / "hf"), f"--ckpt={out / 'ckpt.pt'}"], out / "hf"),
+                           (TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={out / 'new'}"], out / "new")]:
+            err = train_error(capsys, argv)
+            assert re.fullmatch(f"error: cannot write {re.escape(str(path))}: {cause}\n", err), err
+    (tmp_path / "a_file").write_text("")
+    err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={tmp_path / 'a_file'}"])
+    assert err == f"error: cannot create the folder {tmp_path / 'a_file'}: a file is in the way; remove it " \
+                  f"or choose another folder\n"
+
+
+def test_train_checkpoint_has_the_users_usual_permissions(train_checkpoint):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert train_checkpoint.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 # -- sampling, export, plot --------------------------------------------------------------------------------
@@ -1695,6 +1865,32 @@ def test_train_sample_options(capsys, tmp_path, train_checkpoint):
     assert "--beam is deterministic: drop --top_k" in train_error(capsys, ["--sample", ckpt, "--beam=2", "--top_k=5"])
     assert "--prompt encodes to no tokens" in train_error(capsys, ["--sample", ckpt, "--prompt="])
     assert "top_p=1.5 must be in (0, 1]" in train_error(capsys, ["--sample", ckpt, "--top_p=1.5"])
+
+
+def test_sample_refuses_nonfinite_weights_and_options_that_cannot_work(capsys, tmp_path, train_checkpoint):
+    ckpt = f"--ckpt={train_checkpoint}"
+    for temperature in ("nan", "inf"):
+        err = train_error(capsys, ["--sample", ckpt, f"--temperature={temperature}"])
+        assert f"temperature={temperature} must be a finite number" in err
+    err = train_error(capsys, ["--sample", ckpt, "--beam=1000"])
+    assert "--beam=1000 is more than the model's 320 tokens: use at most 320 beams" in err
+    checkpoint = torch.load(train_checkpoint, weights_only=True)
+    checkpoint["model"]["transformer.h.1.mlp.c_fc.weight"][3, 4] = float("nan")
+    torch.save(checkpoint, tmp_path / "nan.pt")
+    err = train_error(capsys, ["--sample", f"--ckpt={tmp_path / 'nan.pt'}"])
+    assert f"{tmp_path / 'nan.pt'} holds non-finite weights (NaN or inf in transformer.h.1.mlp.c_fc.weight)" \
+        in err
+
+
+def test_sample_into_a_closed_pipe_exits_quietly(train_checkpoint):
+    # `python gpt.py --sample ... | head -c 20`: head exits, and the next write meets a closed pipe.
+    process = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), "--sample", f"--ckpt={train_checkpoint}",
+                                "--max_new_tokens=5000", "--ignore_eot", "--temperature=2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(process.stdout.read(20)) == 20
+    process.stdout.close()
+    assert process.wait(timeout=120) == 141  # 128 + SIGPIPE, as for a shell tool that the pipe stopped
+    assert process.stderr.read() == b""
 
 
 def test_train_export_and_plot(capsys, tmp_path, train_checkpoint):

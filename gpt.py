@@ -151,11 +151,16 @@ def config_knobs() -> list[tuple[str, str, str]]:
     return knobs
 
 
+class FlagError(ValueError):
+    """A bad flag (unknown, mistyped, out of range, or at odds with another flag): main exits with 2 for it,
+    as argparse does, and with 1 for a run that failed."""
+
+
 def parse_value(name: str, text: str, default: bool | int | float | str) -> bool | int | float | str:
-    """text converted to the type of the knob's default, or a ValueError that names the flag."""
+    """text converted to the type of the knob's default, or a FlagError that names the flag."""
     if isinstance(default, bool):
         if text.lower() not in BOOL_WORDS:
-            raise ValueError(f"--{name} takes true/false/1/0, got {text!r}")
+            raise FlagError(f"--{name} takes true/false/1/0, got {text!r}")
         return BOOL_WORDS[text.lower()]
     if isinstance(default, (int, float)):
         kind = type(default)
@@ -163,7 +168,7 @@ def parse_value(name: str, text: str, default: bool | int | float | str) -> bool
             return kind(text)
         except ValueError:
             expected = "an int" if kind is int else "a number"
-            raise ValueError(f"--{name} takes {expected}, got {text!r}") from None
+            raise FlagError(f"--{name} takes {expected}, got {text!r}") from None
     return text
 
 
@@ -178,12 +183,12 @@ def parse_flags(argv: list[str]) -> dict:
             print(help_text())  # the knobs, grouped, with defaults and comments: Part II, help_text
             raise SystemExit(0)
         if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}: flags look like --key=value (see --help)")
+            raise FlagError(f"unexpected argument {arg!r}: flags look like --key=value (see --help)")
         name, has_value, text = arg[2:].partition("=")
         if name not in defaults:
             close = ["--" + c for c in difflib.get_close_matches(name, defaults, n=3)]
             hint = f"did you mean {' or '.join(close)}?" if close else "see --help for the list"
-            raise ValueError(f"unknown flag --{name}: {hint}")
+            raise FlagError(f"unknown flag --{name}: {hint}")
         default = defaults[name]
         if not has_value:
             if isinstance(default, bool) and (i == len(argv) or argv[i].lower() not in BOOL_WORDS):
@@ -191,7 +196,7 @@ def parse_flags(argv: list[str]) -> dict:
             elif i < len(argv):
                 text, i = argv[i], i + 1  # --key value
             else:
-                raise ValueError(f"--{name} needs a value, e.g. --{name}={default}")
+                raise FlagError(f"--{name} needs a value, e.g. --{name}={default}")
         overrides[name] = parse_value(name, text, default)
     return overrides
 
@@ -1138,9 +1143,9 @@ def run_sampling(cfg: SimpleNamespace, overrides: dict) -> None:
     """Print num_samples continuations of the prompt; a single sample streams token by token."""
     sampling_flags = [k for k in ("temperature", "top_k", "top_p", "greedy") if k in overrides]
     if cfg.beam and sampling_flags:
-        raise ValueError(f"--beam is deterministic: drop --{sampling_flags[0]}")
+        raise FlagError(f"--beam is deterministic: drop --{sampling_flags[0]}")
     if cfg.beam and cfg.num_samples > 1:
-        raise ValueError("--beam finds one best continuation: drop --num_samples")
+        raise FlagError("--beam finds one best continuation: drop --num_samples")
     runtime = setup_device(cfg.device, cfg.dtype)  # Part II, setup_device
     model, tokenizer = load_for_sampling(cfg, runtime.device)
     check_model_for_sampling(model, cfg)  # NaN weights, more beams than tokens: Part II
@@ -1188,7 +1193,7 @@ def main(argv: list[str] | None = None) -> None:
             train(overrides)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(2 if isinstance(e, FlagError) else 1) from None  # 2: a bad flag, as in argparse
     except BrokenPipeError:  # the reader of stdout went away (| head): Part II
         exit_quietly_on_broken_pipe()
     except OSError as e:  # a full disk, a read-only folder, a file where a folder should be: Part II
@@ -1227,7 +1232,7 @@ def setup_device(device_name: str, dtype_name: str = "auto", local_rank: int = 0
         device_name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     kind = device_name.split(":")[0]
     if kind not in ("cuda", "mps", "cpu"):
-        raise ValueError(f"--device={device_name!r} is not one of auto, cuda, cuda:N, mps, cpu")
+        raise FlagError(f"--device={device_name!r} is not one of auto, cuda, cuda:N, mps, cpu")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device={device_name} but CUDA is not available (no GPU, or a CPU-only torch): "
                          f"use --device=cpu")
@@ -2212,19 +2217,23 @@ def help_text() -> str:
 
 
 def check_config(cfg: SimpleNamespace) -> SimpleNamespace:
-    """cfg, once every knob with a fixed set of choices or a range is within it; else a ValueError."""
+    """cfg, once every knob with a fixed set of choices or a range is within it; else a FlagError."""
     if cfg.init_from not in INIT_CHOICES:
-        raise ValueError(f"--init_from={cfg.init_from!r} is not one of {', '.join(INIT_CHOICES)}")
+        raise FlagError(f"--init_from={cfg.init_from!r} is not one of {', '.join(INIT_CHOICES)}")
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
-        raise ValueError(f"--dtype={cfg.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        raise FlagError(f"--dtype={cfg.dtype!r} is not one of auto, {', '.join(DTYPES)}")
     for name in ("batch_size", "eval_interval", "eval_iters", "log_interval", "num_samples",
                  "max_new_tokens"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name}={getattr(cfg, name)} must be at least 1")
+            raise FlagError(f"--{name}={getattr(cfg, name)} must be at least 1")
     for name in ("max_steps", "warmup_steps", "lr_decay_steps", "total_batch_tokens", "beam", "top_k",
                  "grad_clip"):
         if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name}={getattr(cfg, name)} must not be negative")
+            raise FlagError(f"--{name}={getattr(cfg, name)} must not be negative")
+    if not 0 <= cfg.temperature < math.inf:  # nan fails this too
+        raise FlagError(f"--temperature={cfg.temperature} must be a finite number >= 0 (0 is greedy)")
+    if not 0 < cfg.top_p <= 1:
+        raise FlagError(f"--top_p={cfg.top_p} must be in (0, 1]")
     return cfg
 
 
@@ -2237,9 +2246,9 @@ def check_schedule(cfg: SimpleNamespace, print_warnings: bool = True) -> None:
     run, so those two go on, with a warning that says what will happen."""
     for name in ("learning_rate", "min_lr"):
         if not 0 <= getattr(cfg, name) < math.inf:
-            raise ValueError(f"--{name}={getattr(cfg, name)} must be a finite number >= 0")
+            raise FlagError(f"--{name}={getattr(cfg, name)} must be a finite number >= 0")
     if cfg.min_lr > cfg.learning_rate:
-        raise ValueError(f"--min_lr={cfg.min_lr} is above --learning_rate={cfg.learning_rate}: the cosine "
+        raise FlagError(f"--min_lr={cfg.min_lr} is above --learning_rate={cfg.learning_rate}: the cosine "
                          f"would raise the rate as it decays; set --min_lr to about --learning_rate / 10")
     warnings = []
     if cfg.learning_rate == 0:

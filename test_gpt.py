@@ -1249,11 +1249,11 @@ def train_log(out_dir: Path, kind: str = "train") -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def train_error(capsys, argv: list[str]) -> str:
-    """Run main, expect exit 1 and return the one-line error."""
+def train_error(capsys, argv: list[str], code: int = 1) -> str:
+    """Run main, expect exit `code` (1: a failed run, 2: a bad flag) and return the one-line error."""
     with pytest.raises(SystemExit) as exit_info:
         gpt.main(argv)
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == code
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     return err
@@ -1289,6 +1289,22 @@ def test_train_flag_errors(argv, message):
     with pytest.raises(ValueError) as error:
         gpt.parse_flags(argv)
     assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_layer=2.5"], "--n_layer takes an int, got '2.5'"),
+    (["--init_from=gpt3"], "--init_from='gpt3' is not one of scratch, resume"),
+    (["--device=tpu"], "--device='tpu' is not one of auto, cuda"),
+    (["--batch_size=0"], "--batch_size=0 must be at least 1"),
+    (["--top_p=0"], "--top_p=0.0 must be in (0, 1]"),
+    (["--temperature=-1"], "--temperature=-1.0 must be a finite number >= 0"),
+    (["--learning_rate=1e-4", "--min_lr=1e-3"], "--min_lr=0.001 is above --learning_rate=0.0001"),
+])
+def test_train_bad_flags_exit_2(capsys, tmp_path, argv, message):
+    # One convention for the three commands: 2 for a bad flag (as argparse), 1 for a run that failed (the
+    # other train_error calls), 130 for Ctrl-C.
+    assert message in train_error(capsys, argv + [f"--out_dir={tmp_path / 'out'}"], code=2)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_train_help_lists_every_knob(capsys):
@@ -1334,9 +1350,9 @@ def test_train_learning_rate_schedule():
 def test_train_schedule_errors_and_warnings(capsys, tmp_path):
     data = train_make_dataset(tmp_path / "data")
     base = TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", "--eval_interval=1000"]
-    err = train_error(capsys, base + ["--min_lr=0.1"])  # above TRAIN_TINY's --learning_rate=1e-2
+    err = train_error(capsys, base + ["--min_lr=0.1"], code=2)  # above TRAIN_TINY's --learning_rate=1e-2
     assert "--min_lr=0.1 is above --learning_rate=0.01: the cosine would raise the rate" in err
-    err = train_error(capsys, base + ["--learning_rate=nan"])
+    err = train_error(capsys, base + ["--learning_rate=nan"], code=2)
     assert "--learning_rate=nan must be a finite number" in err
     # A zero rate (measure losses without training) and a run shorter than its warm-up go on, with a warning.
     train_run(base + ["--learning_rate=0", "--min_lr=0", "--max_steps=2", "--warmup_steps=5"])
@@ -1862,15 +1878,16 @@ def test_train_sample_options(capsys, tmp_path, train_checkpoint):
     prompt_file.write_text("the", encoding="utf-8")
     gpt.main(["--sample", ckpt, "--greedy", "--max_new_tokens=15", "--ignore_eot", f"--prompt=FILE:{prompt_file}"])
     assert capsys.readouterr().out == greedy
-    assert "--beam is deterministic: drop --top_k" in train_error(capsys, ["--sample", ckpt, "--beam=2", "--top_k=5"])
+    err = train_error(capsys, ["--sample", ckpt, "--beam=2", "--top_k=5"], code=2)
+    assert "--beam is deterministic: drop --top_k" in err
     assert "--prompt encodes to no tokens" in train_error(capsys, ["--sample", ckpt, "--prompt="])
-    assert "top_p=1.5 must be in (0, 1]" in train_error(capsys, ["--sample", ckpt, "--top_p=1.5"])
+    assert "top_p=1.5 must be in (0, 1]" in train_error(capsys, ["--sample", ckpt, "--top_p=1.5"], code=2)
 
 
 def test_sample_refuses_nonfinite_weights_and_options_that_cannot_work(capsys, tmp_path, train_checkpoint):
     ckpt = f"--ckpt={train_checkpoint}"
     for temperature in ("nan", "inf"):
-        err = train_error(capsys, ["--sample", ckpt, f"--temperature={temperature}"])
+        err = train_error(capsys, ["--sample", ckpt, f"--temperature={temperature}"], code=2)
         assert f"temperature={temperature} must be a finite number" in err
     err = train_error(capsys, ["--sample", ckpt, "--beam=1000"])
     assert "--beam=1000 is more than the model's 320 tokens: use at most 320 beams" in err
@@ -1961,7 +1978,7 @@ def test_train_fine_tune_gpt2(capsys, tmp_path, train_tiny_gpt2_dir):
 def test_train_cli_errors_are_one_line(tmp_path):
     result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--n_layers=4"], capture_output=True, text=True,
                             timeout=120)
-    assert result.returncode == 1 and result.stdout == ""
+    assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == "error: unknown flag --n_layers: did you mean --n_layer?\n"
 
 

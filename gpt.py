@@ -952,6 +952,9 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
     optimizer = make_optimizer(model, cfg, runtime)
     data_generator = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
+    # MFU's numerator and denominator: Part II, flops_per_token and peak_flops_per_second. Trap: a timed
+    # peak draws its matrix from dropout's generator, so it must come before a resume restores that generator.
+    flops, peak_flops = flops_per_token(model, cfg.block_size), peak_flops_per_second(runtime, cfg.peak_flops)
     step, best_val_loss, saved_step = 0, math.inf, -1
     if checkpoint is not None:
         # the optimizer, the scaler and every random generator as they were: Part II, restore_training_state
@@ -963,8 +966,6 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
     # tables, the same in every process, so there is nothing to copy before each forward.
     train_model = DDP(fast_model, device_ids=[device.index] if device.type == "cuda" else None,
                       broadcast_buffers=False) if world_size > 1 else fast_model
-    # MFU's numerator and denominator: Part II, flops_per_token and peak_flops_per_second
-    flops, peak_flops = flops_per_token(model, cfg.block_size), peak_flops_per_second(runtime, cfg.peak_flops)
     run = Run(cfg, runtime, rank, world_size, meta, model, fast_model, train_model, optimizer,
               tokenizer_from_text(tokenizer_text), tokenizer_text, windows, data_generator,
               accumulation_steps, tokens_per_step, flops, peak_flops, step, best_val_loss, saved_step)

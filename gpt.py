@@ -29,23 +29,27 @@ Part I, the lesson: stop at its end and you have read the whole program.
 Part II, the workshop: what makes the lesson fast, safe, interoperable and visible.
     6. Devices and speed routes: choosing the device and precision, Linear's CPU route for generation,
        the chunked loss, MFU and the device's peak FLOPs
-    7. Safety and resume plumbing: shards, meta.json and checkpoints checked before use, random-generator
-       states, stopping on a signal, the run log and the console
+    7. Safety and resume plumbing: shards, meta.json, token ids and checkpoints checked before use,
+       random-generator states, stopping on a signal, one run per out_dir, the run log, the console, and
+       file-system errors as one line
     8. GPT-2 / Hugging Face: import, export, GPT-2's tokenizer
     9. Plots (one function per figure)
    10. Command-line conveniences: --help, the flag checks, --prompt
 """
 import codecs
 import difflib
+import errno
 import inspect
 import json
 import math
 import os
+import re
 import signal
+import socket
 import sys
 import time
 from bisect import bisect_right
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -147,11 +151,16 @@ def config_knobs() -> list[tuple[str, str, str]]:
     return knobs
 
 
+class FlagError(ValueError):
+    """A bad flag (unknown, mistyped, out of range, or at odds with another flag): main exits with 2 for it,
+    as argparse does, and with 1 for a run that failed."""
+
+
 def parse_value(name: str, text: str, default: bool | int | float | str) -> bool | int | float | str:
-    """text converted to the type of the knob's default, or a ValueError that names the flag."""
+    """text converted to the type of the knob's default, or a FlagError that names the flag."""
     if isinstance(default, bool):
         if text.lower() not in BOOL_WORDS:
-            raise ValueError(f"--{name} takes true/false/1/0, got {text!r}")
+            raise FlagError(f"--{name} takes true/false/1/0, got {text!r}")
         return BOOL_WORDS[text.lower()]
     if isinstance(default, (int, float)):
         kind = type(default)
@@ -159,7 +168,7 @@ def parse_value(name: str, text: str, default: bool | int | float | str) -> bool
             return kind(text)
         except ValueError:
             expected = "an int" if kind is int else "a number"
-            raise ValueError(f"--{name} takes {expected}, got {text!r}") from None
+            raise FlagError(f"--{name} takes {expected}, got {text!r}") from None
     return text
 
 
@@ -174,12 +183,12 @@ def parse_flags(argv: list[str]) -> dict:
             print(help_text())  # the knobs, grouped, with defaults and comments: Part II, help_text
             raise SystemExit(0)
         if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}: flags look like --key=value (see --help)")
+            raise FlagError(f"unexpected argument {arg!r}: flags look like --key=value (see --help)")
         name, has_value, text = arg[2:].partition("=")
         if name not in defaults:
             close = ["--" + c for c in difflib.get_close_matches(name, defaults, n=3)]
             hint = f"did you mean {' or '.join(close)}?" if close else "see --help for the list"
-            raise ValueError(f"unknown flag --{name}: {hint}")
+            raise FlagError(f"unknown flag --{name}: {hint}")
         default = defaults[name]
         if not has_value:
             if isinstance(default, bool) and (i == len(argv) or argv[i].lower() not in BOOL_WORDS):
@@ -187,7 +196,7 @@ def parse_flags(argv: list[str]) -> dict:
             elif i < len(argv):
                 text, i = argv[i], i + 1  # --key value
             else:
-                raise ValueError(f"--{name} needs a value, e.g. --{name}={default}")
+                raise FlagError(f"--{name} needs a value, e.g. --{name}={default}")
         overrides[name] = parse_value(name, text, default)
     return overrides
 
@@ -399,6 +408,8 @@ class Block(nn.Module):
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
+    if not math.isfinite(temperature):  # nan would pass the test above; inf would sample uniformly
+        raise ValueError(f"temperature={temperature} must be a finite number (0 is greedy)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k={top_k} must be at least 1")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -852,7 +863,7 @@ def training_state(model: GPT, optimizer: torch.optim.Optimizer, runtime: Runtim
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
     """Write atomically: a crash or Ctrl-C during the write leaves the previous checkpoint whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
+    write_file(path, lambda tmp: torch_save(checkpoint, tmp))  # atomic; a full disk in one line: Part II
 
 
 # -- The training loop, in steps ----------------------------------------------------------------------------
@@ -921,23 +932,29 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
     """Build the model, data and optimiser, or restore them from the checkpoint: everything but the loop."""
     device, data_dir = runtime.device, Path(cfg.data_dir)
     meta = load_meta(data_dir)  # meta.json, checked: Part II, load_meta
+    # The data before the model: a --block_size the shards cannot fill is refused before it is allocated.
+    windows = {split: TokenWindows(data_dir, meta["splits"][split]["shards"], cfg.block_size, split)
+               for split in ("train", "val")}
     # torch.manual_seed first, so every process builds the same initial weights (DDP also copies process
     # 0's to the others).
     torch.manual_seed(cfg.seed)
-    model, tokenizer_text = build_model(cfg, overrides, meta, checkpoint)
+    with out_of_memory_as_one_line(cfg):  # a model too large for the memory: Part II
+        model, tokenizer_text = build_model(cfg, overrides, meta, checkpoint)
     if int(meta["vocab_size"]) > model.config.vocab_size:
         raise ValueError(f"{data_dir}/meta.json has vocab_size {meta['vocab_size']} but the model only "
                          f"{model.config.vocab_size} token ids: prepare the data with the model's tokenizer")
     if cfg.block_size > model.config.block_size:
         raise ValueError(f"--block_size={cfg.block_size} is longer than the model's context "
                          f"({model.config.block_size})")
+    check_token_ids(meta, data_dir, model.config.vocab_size)  # no id past the vocabulary: Part II
     model.to(device)
-    windows = {split: TokenWindows(data_dir, meta["splits"][split]["shards"], cfg.block_size, split)
-               for split in ("train", "val")}
     accumulation_steps, tokens_per_step = micro_steps(cfg, world_size)
     optimizer = make_optimizer(model, cfg, runtime)
     data_generator = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
+    # MFU's numerator and denominator: Part II, flops_per_token and peak_flops_per_second. Trap: a timed
+    # peak draws its matrix from dropout's generator, so it must come before a resume restores that generator.
+    flops, peak_flops = flops_per_token(model, cfg.block_size), peak_flops_per_second(runtime, cfg.peak_flops)
     step, best_val_loss, saved_step = 0, math.inf, -1
     if checkpoint is not None:
         # the optimizer, the scaler and every random generator as they were: Part II, restore_training_state
@@ -949,8 +966,6 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
     # tables, the same in every process, so there is nothing to copy before each forward.
     train_model = DDP(fast_model, device_ids=[device.index] if device.type == "cuda" else None,
                       broadcast_buffers=False) if world_size > 1 else fast_model
-    # MFU's numerator and denominator: Part II, flops_per_token and peak_flops_per_second
-    flops, peak_flops = flops_per_token(model, cfg.block_size), peak_flops_per_second(runtime, cfg.peak_flops)
     run = Run(cfg, runtime, rank, world_size, meta, model, fast_model, train_model, optimizer,
               tokenizer_from_text(tokenizer_text), tokenizer_text, windows, data_generator,
               accumulation_steps, tokens_per_step, flops, peak_flops, step, best_val_loss, saved_step)
@@ -960,7 +975,8 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
         print(f"device {device}, autocast {str(runtime.autocast_dtype).removeprefix('torch.')}, "
               f"{world_size} process(es); {tokens_per_step:,} tokens per step = {cfg.batch_size} x "
               f"{cfg.block_size} x {world_size} x {accumulation_steps} micro-step(s); data: "
-              f"{windows['train'].num_windows:,} train windows; peak {peak_flops / 1e12:.2f} TFLOP/s for MFU")
+              f"{windows['train'].num_windows:,} train windows; peak {peak_flops / 1e12:.2f} TFLOP/s for MFU "
+              f"({peak_flops_source(runtime, cfg.peak_flops)})")
     return run
 
 
@@ -1002,11 +1018,7 @@ def optimizer_step(run: Run, stop: "StopOnSignal") -> dict:
     if run.world_size > 1:
         dist.all_reduce(stats)
     train_loss, stop.agreed = stats[0].item() / run.world_size, stats[1].item() > 0
-    if not math.isfinite(train_loss):  # never step on a NaN: it would poison every weight
-        path = Path(cfg.out_dir) / "ckpt.pt"
-        kept = f"{path} keeps step {run.saved_step}" if run.saved_step >= 0 else "nothing saved"
-        raise FloatingPointError(f"the loss became {train_loss} at step {run.step + 1}; stopped ({kept}): "
-                                 f"try a lower --learning_rate or a longer --warmup_steps")
+    check_loss_is_finite(run, train_loss, run.step + 1)  # never step on a NaN: Part II
     runtime.scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf).item()
     runtime.scaler.step(optimizer)  # skips the step if float16 gradients overflowed
@@ -1036,6 +1048,7 @@ def evaluate_and_checkpoint(run: Run, log: "RunLog") -> None:
     """Evaluate both splits, report, and checkpoint when the val loss improved (or always, if asked)."""
     cfg, device = run.cfg, run.runtime.device
     losses = evaluate(run.fast_model, run.windows, cfg, run.runtime, run.rank, run.world_size)
+    check_loss_is_finite(run, sum(losses.values()), run.step, " (evaluation)")  # before sampling from it
     record = {"kind": "eval", "step": run.step, "train_loss": losses["train"], "val_loss": losses["val"],
               "val_perplexity": math.exp(min(losses["val"], 50.0))}
     val = run.meta["splits"]["val"]
@@ -1075,6 +1088,8 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
         # ---- TRAINING SECTION END
         if run.saved_step != run.step:  # the end of the run, or Ctrl-C: save, so that it can be continued
             save_run(run)
+        if stop.agreed and run.step < cfg.max_steps:
+            raise TrainingStopped(f"stopped at step {run.step}")  # saved: main exits 130 (Part II)
 
 
 def train(overrides: dict) -> None:
@@ -1084,11 +1099,13 @@ def train(overrides: dict) -> None:
     if cfg.init_from == "resume":
         # The run continues with its own saved settings; flags given now still win (e.g. a larger max_steps).
         checkpoint = load_checkpoint(checkpoint_path(cfg))  # torch.load, checked: Part II, load_checkpoint
+        check_resumable(checkpoint, checkpoint_path(cfg))  # optimizer and RNG states there: Part II
         cfg = make_config(overrides, base=checkpoint["config"])
 
     # torchrun starts one process per GPU (or per CPU slot) and tells each its place in these variables.
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    check_schedule(cfg, print_warnings=rank == 0)  # --min_lr above --learning_rate, and such: Part II
     runtime = setup_device(cfg.device, cfg.dtype, local_rank, cfg.compile)  # Part II, setup_device
     ddp = world_size > 1
     if ddp:  # NCCL moves CUDA tensors between GPUs; gloo is the CPU backend
@@ -1096,7 +1113,8 @@ def train(overrides: dict) -> None:
             raise ValueError("torchrun with MPS is not supported: run one process on a Mac")
         dist.init_process_group("nccl" if runtime.device.type == "cuda" else "gloo")
     try:
-        train_loop(cfg, overrides, checkpoint, runtime, rank, world_size)
+        with OutDirLock(Path(cfg.out_dir), enabled=rank == 0):  # one run per out_dir: Part II, OutDirLock
+            train_loop(cfg, overrides, checkpoint, runtime, rank, world_size)
     finally:
         if ddp:
             dist.destroy_process_group()
@@ -1126,11 +1144,12 @@ def run_sampling(cfg: SimpleNamespace, overrides: dict) -> None:
     """Print num_samples continuations of the prompt; a single sample streams token by token."""
     sampling_flags = [k for k in ("temperature", "top_k", "top_p", "greedy") if k in overrides]
     if cfg.beam and sampling_flags:
-        raise ValueError(f"--beam is deterministic: drop --{sampling_flags[0]}")
+        raise FlagError(f"--beam is deterministic: drop --{sampling_flags[0]}")
     if cfg.beam and cfg.num_samples > 1:
-        raise ValueError("--beam finds one best continuation: drop --num_samples")
+        raise FlagError("--beam finds one best continuation: drop --num_samples")
     runtime = setup_device(cfg.device, cfg.dtype)  # Part II, setup_device
     model, tokenizer = load_for_sampling(cfg, runtime.device)
+    check_model_for_sampling(model, cfg)  # NaN weights, more beams than tokens: Part II
     # --prompt as ids (text, or FILE:path): Part II, encode_prompt
     prompt = torch.tensor([encode_prompt(cfg.prompt, tokenizer)], device=runtime.device)  # (1, T)
     stop_token = None if cfg.ignore_eot else tokenizer.eot_token
@@ -1175,8 +1194,13 @@ def main(argv: list[str] | None = None) -> None:
             train(overrides)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(e, FlagError) else 1) from None  # 2: a bad flag, as in argparse
+    except BrokenPipeError:  # the reader of stdout went away (| head): Part II
+        exit_quietly_on_broken_pipe()
+    except OSError as e:  # a full disk, a read-only folder, a file where a folder should be: Part II
+        print(f"error: {file_system_error(e)}", file=sys.stderr)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:  # Ctrl-C while sampling, or a second Ctrl-C while training
+    except KeyboardInterrupt:  # Ctrl-C while sampling; a training run stopped (and saved) by a signal
         raise SystemExit(130) from None
 
 
@@ -1209,7 +1233,7 @@ def setup_device(device_name: str, dtype_name: str = "auto", local_rank: int = 0
         device_name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     kind = device_name.split(":")[0]
     if kind not in ("cuda", "mps", "cpu"):
-        raise ValueError(f"--device={device_name!r} is not one of auto, cuda, cuda:N, mps, cpu")
+        raise FlagError(f"--device={device_name!r} is not one of auto, cuda, cuda:N, mps, cpu")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device={device_name} but CUDA is not available (no GPU, or a CPU-only torch): "
                          f"use --device=cpu")
@@ -1344,7 +1368,9 @@ def peak_flops_per_second(runtime: Runtime, configured: float) -> float:
     # Unknown device: time a large matmul in the training precision; the best of a few runs after a warm-up.
     # (On a machine shared with other work this reads low and MFU high: pass --peak_flops for a fixed figure.)
     n = 8192 if runtime.device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=runtime.device, dtype=runtime.autocast_dtype)
+    # On a CPU, bfloat16 without bf16 units is emulated: timing it would take minutes. Time float32 instead.
+    dtype = torch.float32 if runtime.device.type == "cpu" else runtime.autocast_dtype
+    a = torch.randn(n, n, device=runtime.device, dtype=dtype)
     a @ a
     best = math.inf
     for _ in range(5):
@@ -1356,9 +1382,21 @@ def peak_flops_per_second(runtime: Runtime, configured: float) -> float:
     return 2 * n**3 / best
 
 
+def peak_flops_source(runtime: Runtime, configured: float) -> str:
+    """Where peak_flops_per_second's figure comes from, for the start-up line: MFU is only as good as it."""
+    if configured > 0:
+        return "from --peak_flops"
+    if runtime.device.type == "cuda" and any(gpu in torch.cuda.get_device_name(runtime.device)
+                                             for gpu in GPU_PEAK_FLOPS):
+        return "from the data sheet"
+    dtype = torch.float32 if runtime.device.type == "cpu" else runtime.autocast_dtype  # as timed there
+    measured = str(dtype).removeprefix("torch.")
+    return f"an estimate: a {measured} matmul timed here; --peak_flops sets it"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 7. Safety and resume plumbing: inputs checked before a run, a stopped run continued exactly, a signal
-#    that stops it cleanly, the log and the console
+#    that stops it cleanly, one run per out_dir, the log, the console, and file-system errors as one line
 
 def shard_token_count(path: Path) -> int:
     """Check a shard's header and size; return its token count."""
@@ -1403,7 +1441,83 @@ def load_meta(data_dir: Path) -> dict:
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"{tokenizer_path}: the tokenizer meta.json names is missing; "
                                 f"run prepare_fineweb.py again")
+    check_splits(meta, meta_path)
     return meta
+
+
+def check_splits(meta: dict, meta_path: Path) -> None:
+    """meta.json's shard lists are lists of file names, its counts are numbers, and no shard is in both
+    splits: what would otherwise fail in the middle of a run, or quietly measure the wrong thing."""
+    for split in ("train", "val"):
+        entry = meta["splits"][split]
+        shards = entry["shards"]
+        if not isinstance(shards, list) or not all(isinstance(name, str) for name in shards):
+            raise ValueError(f"{meta_path}: splits.{split}.shards must list file names, got "
+                             f"{str(shards)[:60]}; re-run prepare_fineweb.py")
+        for key in ("tokens", "bytes"):
+            value = entry.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{meta_path}: splits.{split}.{key} is {value!r}, not a count; "
+                                 f"re-run prepare_fineweb.py")
+    data_dir = meta_path.parent
+    train_paths = {(data_dir / name).resolve() for name in meta["splits"]["train"]["shards"]}
+    leaked = [name for name in meta["splits"]["val"]["shards"] if (data_dir / name).resolve() in train_paths]
+    if leaked:
+        raise ValueError(f"{meta_path} lists {leaked[0]} as a train and a val shard: the val loss would "
+                         f"measure memory, not generalisation; re-run prepare_fineweb.py")
+
+
+MAX_ID_BLOCK_TOKENS = 1 << 23  # 16 MB of uint16 ids read at a time while looking for a shard's largest id
+
+
+def shard_max_token_id(path: Path, listed: dict | None) -> int:
+    """The largest token id in a shard (-1 if empty): from meta.json's "shards" entry when prepare_fineweb.py
+    recorded it for a file of the size it still has, else read in blocks from fresh memmaps, so that memory
+    stays flat however large the shard (older folders do not record it)."""
+    count = shard_token_count(path)  # also checks that the file has the size its header gives
+    if isinstance(listed, dict) and listed.get("tokens") == count and type(listed.get("max_token_id")) is int:
+        return listed["max_token_id"]
+    largest = -1
+    for start in range(0, count, MAX_ID_BLOCK_TOKENS):
+        length = min(MAX_ID_BLOCK_TOKENS, count - start)
+        block = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES + 2 * start, shape=(length,))
+        largest = max(largest, int(block.max()))
+        del block  # unmap it before the next one
+    return largest
+
+
+def check_token_ids(meta: dict, data_dir: Path, model_vocab_size: int) -> None:
+    """Every token id in the shards must be below meta.json's vocab_size and the model's, and meta.json's
+    vocab_size must be its tokenizer's: an id past the embedding table would stop the run at the first batch
+    that holds it, with an IndexError (on CUDA a device-side assert) that names nothing."""
+    meta_path, vocab_size = data_dir / "meta.json", int(meta["vocab_size"])
+    tokenizer_path = data_dir / meta["tokenizer"]
+    tokenizer_size = tokenizer_from_text(tokenizer_path.read_text(encoding="utf-8")).vocab_size
+    if tokenizer_size != vocab_size:
+        raise ValueError(f"{meta_path} has vocab_size {vocab_size} but {tokenizer_path} has {tokenizer_size} "
+                         f"tokens (another tokenizer): re-run prepare_fineweb.py with the tokenizer you want")
+    listed = meta.get("shards") if isinstance(meta.get("shards"), dict) else {}
+    for name in meta["splits"]["train"]["shards"] + meta["splits"]["val"]["shards"]:
+        largest = shard_max_token_id(data_dir / name, listed.get(name))
+        if largest >= min(vocab_size, model_vocab_size):
+            limit = (f"{meta_path} has vocab_size {vocab_size}" if vocab_size <= model_vocab_size
+                     else f"the model has {model_vocab_size} token ids")
+            raise ValueError(f"{data_dir / name} holds token id {largest} but {limit}: the shard was written "
+                             f"with another tokenizer; re-run prepare_fineweb.py")
+
+
+@contextmanager
+def out_of_memory_as_one_line(cfg: SimpleNamespace) -> Iterator[None]:
+    """Around building the model: a model too large for the memory (MemoryError, or the allocator's
+    RuntimeError) becomes one line naming the knobs that size it."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "alloc" not in str(e):
+            raise
+        sizes = ", ".join(f"--{k}={getattr(cfg, k)}" for k in ("n_layer", "n_embd", "block_size"))
+        reason = str(e).splitlines()[0][-90:]
+        raise ValueError(f"the model does not fit in memory ({sizes}; {reason}): make it smaller") from None
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -1420,6 +1534,23 @@ def load_checkpoint(path: Path) -> dict:
     if missing:
         raise ValueError(f"{path} is not a checkpoint of gpt.py (missing {', '.join(missing)})")
     return checkpoint
+
+
+def check_resumable(checkpoint: dict, path: Path) -> None:
+    """A checkpoint to resume needs more than one to sample: the optimizer, scaler and RNG states, and its
+    settings as a dict. One trimmed for sampling (or edited) cannot continue exactly, so it is refused."""
+    needed = ("optimizer", "scaler", "best_val_loss", "rng")
+    problems = [f"no {key}" for key in needed if key not in checkpoint]
+    rng = checkpoint.get("rng", {})
+    complete = (isinstance(rng, dict) and "data" in rng and isinstance(rng.get("processes"), list)
+                and rng["processes"] and isinstance(checkpoint.get("optimizer"), dict))
+    if not problems and not complete:
+        problems.append("an incomplete optimizer or rng state")
+    if not isinstance(checkpoint["config"], dict):
+        problems.append(f"a config that is a {type(checkpoint['config']).__name__}, not a dict")
+    if problems:
+        raise ValueError(f"{path} cannot be resumed (it has {', '.join(problems)}): sample from it with "
+                         f"--sample, or train a new run with --init_from=scratch")
 
 
 def model_from_checkpoint(checkpoint: dict, path: Path, dropout: float | None = None) -> GPT:
@@ -1439,6 +1570,17 @@ def model_from_checkpoint(checkpoint: dict, path: Path, dropout: float | None = 
     return model
 
 
+def check_model_for_sampling(model: GPT, cfg: SimpleNamespace) -> None:
+    """Refuse weights that are NaN or infinite (an edited or damaged checkpoint: every draw would fail) and
+    more beams than the vocabulary has tokens (the first step cannot fill them)."""
+    source = cfg.init_from if cfg.init_from.startswith("gpt2") else checkpoint_path(cfg)
+    broken = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if broken is not None:
+        raise ValueError(f"{source} holds non-finite weights (NaN or inf in {broken}): it cannot be sampled; "
+                         f"use an earlier checkpoint")
+    if cfg.beam > model.config.vocab_size:
+        raise ValueError(f"--beam={cfg.beam} is more than the model's {model.config.vocab_size} tokens: "
+                         f"use at most {model.config.vocab_size} beams")
 
 
 def check_architecture(model_config: GPTConfig, overrides: dict, source: str) -> None:
@@ -1509,6 +1651,133 @@ class StopOnSignal:
             print("\nstopping after this step (Ctrl-C again to abort without saving)", flush=True)
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """Raised once a run that Ctrl-C or SIGTERM stopped has saved its checkpoint. An interruption, so main
+    exits with 130, as shells expect of an interrupted command: a script can tell it from a finished run."""
+
+
+def pid_is_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (signal 0 checks without sending anything)."""
+    if sys.platform == "win32":
+        return True  # os.kill would terminate it: assume alive, and let the user remove the lock
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, and belongs to another user
+    return True
+
+
+class OutDirLock:
+    """out_dir/.lock while a run trains there: a second run into the same out_dir would interleave its
+    log lines and overwrite the first one's checkpoint, so it is refused with one line.
+
+    The lock file holds the owner's PID and host. One left by a run that was killed (kill -9, a power cut)
+    names a PID that is no longer alive: the next run on that host takes it over, with a note. The lock is
+    removed when the run ends, also on an error. enabled=False (the other DDP processes) does nothing."""
+
+    def __init__(self, out_dir: Path, enabled: bool = True):
+        self.out_dir, self.path, self.enabled = out_dir, out_dir / ".lock", enabled
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname()}
+
+    def __enter__(self) -> "OutDirLock":
+        if not self.enabled:
+            return self
+        self.out_dir.mkdir(parents=True, exist_ok=True)  # a file in the way, read-only: one line in main
+        for attempt in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                if attempt == 0 and self.take_over_if_stale():
+                    continue
+                holder = self.read_owner() or {}
+                pid, host = holder.get("pid", "?"), holder.get("host", "?")
+                raise ValueError(f"{self.out_dir} is in use by another training run (pid {pid} on {host}): "
+                                 f"wait for it, choose another --out_dir, or delete {self.path} if that run "
+                                 f"is gone") from None
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(self.out_dir)) from None
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(self.owner) + "\n")
+            break
+        remove_stale_temp_files(self.out_dir)
+        return self
+
+    def read_owner(self) -> dict | None:
+        """The lock's {"pid", "host"}, or None if it cannot be read (a moment after its creation it may be
+        empty: read it again once)."""
+        for attempt in range(2):
+            try:
+                owner = json.loads(self.path.read_text(encoding="utf-8"))
+                if isinstance(owner, dict) and type(owner.get("pid")) is int and owner["pid"] > 0:
+                    return owner
+            except (OSError, ValueError):
+                pass
+            if attempt == 0:
+                time.sleep(0.2)
+        return None
+
+    def take_over_if_stale(self) -> bool:
+        """Remove a lock whose owner on this host has died (or that is unreadable); True if removed."""
+        owner = self.read_owner()
+        if owner is not None and (owner.get("host") != self.owner["host"] or pid_is_alive(owner["pid"])):
+            return False
+        who = f"pid {owner['pid']}, no longer running" if owner else "unreadable"
+        print(f"note: took over the stale lock {self.path} ({who})")
+        self.path.unlink(missing_ok=True)
+        return True
+
+    def __exit__(self, *exc_info) -> None:
+        if self.enabled and self.read_owner() == self.owner:
+            self.path.unlink(missing_ok=True)
+
+
+# The names of write_atomically's temp files for a checkpoint and the log: .ckpt.pt.<pid>.<8 hex>.tmp
+STALE_TEMP_FILE = re.compile(r"\.(ckpt\.pt|log\.jsonl)\.\d+\.[0-9a-f]{8}\.tmp")
+
+
+def remove_stale_temp_files(out_dir: Path) -> None:
+    """Remove the hidden temp files of checkpoint and log writes that a killed run left (kill -9 during
+    write_atomically). Only a run that holds out_dir's lock calls this, so none of them is being written."""
+    stale = [p for p in out_dir.iterdir() if STALE_TEMP_FILE.fullmatch(p.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        print(f"note: removed {len(stale)} unfinished write(s) that a killed run left in {out_dir} "
+              f"({stale[0].name})")
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a log.jsonl. A last line cut short (a crash mid-write) is dropped with a note; any other
+    line that is not a record is an error naming the file and line."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not (isinstance(record, dict) and isinstance(record.get("step"), int) and "kind" in record):
+                raise ValueError("not a record of gpt.py")
+        except ValueError as e:
+            if number == len(lines) and not line.endswith("\n"):
+                print(f"note: dropped the unfinished last line of {path} (line {number}, cut off by a crash)")
+                break
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            raise ValueError(f"{path}, line {number}: {reason}; fix or delete that line (the checkpoint does "
+                             f"not need it)") from None
+        records.append(record)
+    return records
+
+
+def trim_log(path: Path, last_step: int) -> None:
+    """Keep the log up to the checkpoint's step: steps logged after it (before a crash, or a non-finite
+    loss) are about to be run again. Records are written back as RunLog.write writes them."""
+    kept = "".join(json.dumps(r) + "\n" for r in read_log(path) if r["step"] <= last_step)
+    write_file(path, lambda tmp: Path(tmp).write_text(kept, encoding="utf-8"))
+
+
 class RunLog:
     """log.jsonl: one JSON object per training step and per evaluation, written by process 0 only.
 
@@ -1520,9 +1789,7 @@ class RunLog:
         if not enabled:
             return
         if resumed_at is not None and path.is_file():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-                    if json.loads(line)["step"] <= resumed_at]
-            write_atomically(path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
+            trim_log(path, resumed_at)
         self.file = open(path, "a" if resumed_at is not None else "w", encoding="utf-8")
 
     def write(self, record: dict) -> None:
@@ -1536,6 +1803,16 @@ class RunLog:
     def __exit__(self, *exc) -> None:
         if self.file:
             self.file.close()
+
+
+def check_loss_is_finite(run: Run, loss: float, step: int, when: str = "") -> None:
+    """Stop on a NaN or infinite loss, before it is stepped on (it would poison every weight) or sampled
+    from; the checkpoint on disk (run.saved_step, -1 for none) stays as it is."""
+    if not math.isfinite(loss):
+        path = Path(run.cfg.out_dir) / "ckpt.pt"
+        kept = f"{path} keeps step {run.saved_step}" if run.saved_step >= 0 else "nothing saved"
+        raise FloatingPointError(f"the loss became {loss} at step {step}{when}; stopped ({kept}): "
+                                 f"try a lower --learning_rate or a longer --warmup_steps")
 
 
 def print_eval(run: Run, record: dict) -> None:
@@ -1571,6 +1848,60 @@ def print_step(run: Run, record: dict) -> None:
         print(f"step {run.step}/{run.cfg.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
               f"grad norm {record['grad_norm']:.2f} | {record['ms']:.0f} ms | "
               f"{record['tokens_per_s']:,.0f} tok/s | MFU {record['mfu']:.1%}", flush=True)
+
+
+# -- Files: a write that fails says why, on the path the user named; a closed stdout is no error ------------
+
+FILE_SYSTEM_CAUSES = {  # errno -> (the cause in words, what to do)
+    errno.ENOSPC: ("no space left on device", "free some space or write elsewhere"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or write elsewhere"),
+    errno.EFBIG: ("file too large (over the file-size limit, ulimit -f)", "raise it or write elsewhere"),
+    errno.EROFS: ("read-only file system", "choose a folder you can write to"),
+    errno.EACCES: ("permission denied", "choose a folder you can write to"),
+    errno.EPERM: ("operation not permitted", "choose a folder you can write to"),
+}
+
+
+def file_system_error(error: OSError) -> str:
+    """One line for a failed file operation: what failed, on which path, and what to do."""
+    path = error.filename
+    if error.errno in (errno.EEXIST, errno.ENOTDIR):  # mkdir of a folder where a file has the name
+        return f"cannot create the folder {path}: a file is in the way; remove it or choose another folder"
+    unknown = (error.strerror or type(error).__name__, "check the path")
+    cause, remedy = FILE_SYSTEM_CAUSES.get(error.errno, unknown)
+    if error.errno == errno.ENOSPC:
+        return f"no space left on device writing {path}: {remedy}"
+    return f"cannot write {path}: {cause}; {remedy}"
+
+
+def write_file(path: Path, write) -> None:
+    """bpe.write_atomically(path, write), with a failure reported on path (not on its hidden temp file) as
+    an OSError that main turns into one line. The file that was there before is left whole."""
+    try:
+        write_atomically(path, write)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def torch_save(obj: object, path: Path) -> None:
+    """torch.save through a Python file: when a write fails (a full disk), torch.save to a path reports only
+    "[enforce fail at inline_container.cc] unexpected pos"; through a file, the OSError that says why is
+    raised from the file's write, and torch's RuntimeError keeps it as its context, to be raised here."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+
+
+def exit_quietly_on_broken_pipe() -> None:
+    """`python gpt.py --sample ... | head` closes the pipe early: stop without a traceback. stdout is pointed
+    at /dev/null so that Python's flush at exit does not fail again; the status is 128 + SIGPIPE, as for a
+    shell tool that the pipe stopped."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(141)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1674,10 +2005,8 @@ def export_to_hf(model: GPT, out_dir: str | os.PathLike) -> None:
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(out_dir / "model.safetensors",
-                     lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    write_atomically(out_dir / "config.json",
-                     lambda tmp: Path(tmp).write_text(json.dumps(hf_config, indent=2)))
+    write_file(out_dir / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_file(out_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf_config, indent=2)))
 
 
 def gpt2_tokenizer(gpt2_dir: str) -> Tokenizer:
@@ -1710,8 +2039,7 @@ def run_plot(cfg: SimpleNamespace) -> None:
     model = model_from_checkpoint(checkpoint, path).eval()
     tokenizer = tokenizer_from_text(checkpoint["tokenizer"])
     log_path = path.parent / "log.jsonl"
-    records = ([json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line]
-               if log_path.is_file() else [])
+    records = read_log(log_path) if log_path.is_file() else []  # a garbled line: one error naming it
     if not records:
         print(f"no training log at {log_path}: plotting the weights and attention only")
     prompt = PLOT_PROMPT if cfg.prompt == "<|endoftext|>" else cfg.prompt
@@ -1741,7 +2069,7 @@ def plot_run(model: GPT, tokenizer: Tokenizer, records: list[dict], out_dir: Pat
     written = []
     for name, fig in figures.items():
         path = out_dir / name
-        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
         written.append(path)
     return written
@@ -1890,20 +2218,47 @@ def help_text() -> str:
 
 
 def check_config(cfg: SimpleNamespace) -> SimpleNamespace:
-    """cfg, once every knob with a fixed set of choices or a range is within it; else a ValueError."""
+    """cfg, once every knob with a fixed set of choices or a range is within it; else a FlagError."""
     if cfg.init_from not in INIT_CHOICES:
-        raise ValueError(f"--init_from={cfg.init_from!r} is not one of {', '.join(INIT_CHOICES)}")
+        raise FlagError(f"--init_from={cfg.init_from!r} is not one of {', '.join(INIT_CHOICES)}")
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
-        raise ValueError(f"--dtype={cfg.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        raise FlagError(f"--dtype={cfg.dtype!r} is not one of auto, {', '.join(DTYPES)}")
     for name in ("batch_size", "eval_interval", "eval_iters", "log_interval", "num_samples",
                  "max_new_tokens"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name}={getattr(cfg, name)} must be at least 1")
+            raise FlagError(f"--{name}={getattr(cfg, name)} must be at least 1")
     for name in ("max_steps", "warmup_steps", "lr_decay_steps", "total_batch_tokens", "beam", "top_k",
                  "grad_clip"):
         if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name}={getattr(cfg, name)} must not be negative")
+            raise FlagError(f"--{name}={getattr(cfg, name)} must not be negative")
+    if not 0 <= cfg.temperature < math.inf:  # nan fails this too
+        raise FlagError(f"--temperature={cfg.temperature} must be a finite number >= 0 (0 is greedy)")
+    if not 0 < cfg.top_p <= 1:
+        raise FlagError(f"--top_p={cfg.top_p} must be in (0, 1]")
     return cfg
+
+
+def check_schedule(cfg: SimpleNamespace, print_warnings: bool = True) -> None:
+    """Refuse a learning-rate schedule that cannot be what was meant; warn about one that can, but surprises.
+
+    --min_lr above --learning_rate would make the cosine "decay" upwards (a fine-tuning command that lowers
+    --learning_rate must lower --min_lr too), so it is an error. A zero learning rate is a way to measure a
+    model's losses on other data without changing it, and a run shorter than its warm-up is a quick trial
+    run, so those two go on, with a warning that says what will happen."""
+    for name in ("learning_rate", "min_lr"):
+        if not 0 <= getattr(cfg, name) < math.inf:
+            raise FlagError(f"--{name}={getattr(cfg, name)} must be a finite number >= 0")
+    if cfg.min_lr > cfg.learning_rate:
+        raise FlagError(f"--min_lr={cfg.min_lr} is above --learning_rate={cfg.learning_rate}: the cosine "
+                         f"would raise the rate as it decays; set --min_lr to about --learning_rate / 10")
+    warnings = []
+    if cfg.learning_rate == 0:
+        warnings.append("--learning_rate=0: the weights will not change (the losses are still measured)")
+    if cfg.max_steps < cfg.warmup_steps:
+        warnings.append(f"--max_steps={cfg.max_steps} ends inside the warm-up (--warmup_steps="
+                        f"{cfg.warmup_steps}): the rate never reaches --learning_rate={cfg.learning_rate}")
+    for warning in warnings if print_warnings else []:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def encode_prompt(prompt_flag: str, tokenizer: Tokenizer) -> list[int]:

@@ -1489,11 +1489,11 @@ def train_log(out_dir: Path, kind: str = "train") -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def train_error(capsys, argv: list[str]) -> str:
-    """Run main, expect exit 1 and return the one-line error."""
+def train_error(capsys, argv: list[str], code: int = 1) -> str:
+    """Run main, expect exit `code` (1: a failed run, 2: a bad flag) and return the one-line error."""
     with pytest.raises(SystemExit) as exit_info:
         gpt.main(argv)
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == code
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     return err
@@ -1529,6 +1529,22 @@ def test_train_flag_errors(argv, message):
     with pytest.raises(ValueError) as error:
         gpt.parse_flags(argv)
     assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_layer=2.5"], "--n_layer takes an int, got '2.5'"),
+    (["--init_from=gpt3"], "--init_from='gpt3' is not one of scratch, resume"),
+    (["--device=tpu"], "--device='tpu' is not one of auto, cuda"),
+    (["--batch_size=0"], "--batch_size=0 must be at least 1"),
+    (["--top_p=0"], "--top_p=0.0 must be in (0, 1]"),
+    (["--temperature=-1"], "--temperature=-1.0 must be a finite number >= 0"),
+    (["--learning_rate=1e-4", "--min_lr=1e-3"], "--min_lr=0.001 is above --learning_rate=0.0001"),
+])
+def test_train_bad_flags_exit_2(capsys, tmp_path, argv, message):
+    # One convention for the three commands: 2 for a bad flag (as argparse), 1 for a run that failed (the
+    # other train_error calls), 130 for Ctrl-C.
+    assert message in train_error(capsys, argv + [f"--out_dir={tmp_path / 'out'}"], code=2)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_train_help_lists_every_knob(capsys):
@@ -1571,6 +1587,22 @@ def test_train_learning_rate_schedule():
     assert gpt.learning_rate_at(110, cfg) == gpt.learning_rate_at(500, cfg) == pytest.approx(0.1)
 
 
+def test_train_schedule_errors_and_warnings(capsys, tmp_path):
+    data = train_make_dataset(tmp_path / "data")
+    base = TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", "--eval_interval=1000"]
+    err = train_error(capsys, base + ["--min_lr=0.1"], code=2)  # above TRAIN_TINY's --learning_rate=1e-2
+    assert "--min_lr=0.1 is above --learning_rate=0.01: the cosine would raise the rate" in err
+    err = train_error(capsys, base + ["--learning_rate=nan"], code=2)
+    assert "--learning_rate=nan must be a finite number" in err
+    # A zero rate (measure losses without training) and a run shorter than its warm-up go on, with a warning.
+    train_run(base + ["--learning_rate=0", "--min_lr=0", "--max_steps=2", "--warmup_steps=5"])
+    err = capsys.readouterr().err
+    assert "warning: --learning_rate=0: the weights will not change" in err
+    assert "warning: --max_steps=2 ends inside the warm-up (--warmup_steps=5)" in err
+    losses = [r["loss"] for r in train_log(tmp_path / "out")]
+    assert len(losses) == 2 and losses[0] == pytest.approx(losses[1], abs=0.5)
+
+
 def test_train_weight_decay_only_on_matrices():
     model = gpt.GPT(gpt.GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
     optimizer = gpt.make_optimizer(model, gpt.make_config({}), gpt.setup_device("cpu"))
@@ -1595,6 +1627,18 @@ def test_train_cpu_runs_in_float32_without_scaler():
     assert not runtime.fused_adamw
     with pytest.raises(ValueError, match="float16"):
         gpt.setup_device("cpu", "float16")
+
+
+def test_train_peak_flops_are_measured_in_float32_on_a_cpu(monkeypatch):
+    # bfloat16 on a CPU without bf16 units is emulated: timing a bf16 matmul there would take minutes.
+    runtime = gpt.Runtime(torch.device("cpu"), torch.bfloat16, torch.amp.GradScaler("cuda", enabled=False),
+                          compile=False, fused_adamw=False)
+    dtypes, randn = [], torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **kw: dtypes.append(kw["dtype"]) or randn(*a, **kw))
+    assert gpt.peak_flops_per_second(runtime, 0.0) > 0 and dtypes == [torch.float32]
+    assert gpt.peak_flops_source(runtime, 0.0) == \
+        "an estimate: a float32 matmul timed here; --peak_flops sets it"
+    assert gpt.peak_flops_source(runtime, 1e12) == "from --peak_flops"
 
 
 # -- data --------------------------------------------------------------------------------------------------
@@ -1661,6 +1705,72 @@ def test_train_data_errors(capsys, tmp_path):
     assert "--total_batch_tokens=200 is not a multiple of batch_size * block_size * processes = 128" in err
 
 
+def test_train_meta_errors_and_a_shard_in_both_splits_are_one_line(capsys, tmp_path):
+    def broken(name: str, change) -> Path:
+        data = train_make_dataset(tmp_path / name)
+        meta = json.loads((data / "meta.json").read_text())
+        change(meta)
+        (data / "meta.json").write_text(json.dumps(meta))
+        return data
+
+    for name, change, message in [
+        ("tokens", lambda m: m["splits"]["val"].update(tokens="many"),
+         "splits.val.tokens is 'many', not a count"),
+        ("names", lambda m: m["splits"]["train"].update(shards=[1]),
+         "splits.train.shards must list file names"),
+        ("noshards", lambda m: m["splits"]["val"].pop("shards"),
+         "not a meta.json written by prepare_fineweb.py"),
+        ("leak", lambda m: m["splits"]["val"].update(shards=m["splits"]["train"]["shards"]),
+         "lists tiny_train_000001.bin as a train and a val shard"),
+    ]:
+        data = broken(name, change)
+        err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={tmp_path / 'o'}"])
+        assert f"{tmp_path / name / 'meta.json'}" in err and message in err, err
+    assert not (tmp_path / "o" / "log.jsonl").exists()  # refused before the first step
+
+
+def test_train_out_of_vocabulary_ids_are_caught_before_step_1(capsys, tmp_path):
+    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    tokens = train_tokenizer().encode_ordinary(text[:20_000])
+    tokens[-5] = 400  # one id past the tokenizer's 320, where few batches would reach it
+    data = train_make_dataset(tmp_path / "data", train_tokens=tokens)
+    out = tmp_path / "out"
+    err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={out}"])
+    assert f"{data / 'tiny_train_000001.bin'} holds token id 400 but {data / 'meta.json'} has vocab_size " \
+           f"320" in err
+    assert not (out / "log.jsonl").exists()
+    # prepare_fineweb.py records each shard's largest id, trusted only while the shard has the listed size.
+    data = train_make_dataset(tmp_path / "recorded")
+    meta = json.loads((data / "meta.json").read_text())
+    listed = {"split": "val", "tokens": meta["splits"]["val"]["tokens"], "max_token_id": 500}
+    meta["shards"] = {"tiny_val_000000.bin": listed}
+    (data / "meta.json").write_text(json.dumps(meta))
+    err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}"])
+    assert "tiny_val_000000.bin holds token id 500" in err
+    listed["tokens"] += 1  # a record for another file of that name: read the shard itself, which is fine
+    (data / "meta.json").write_text(json.dumps(meta))
+    assert gpt.shard_max_token_id(data / "tiny_val_000000.bin", listed) < 320
+    # meta.json's vocab_size must be its tokenizer's (a tokenizer.bpe swapped for another).
+    data = train_make_dataset(tmp_path / "swapped", vocab_size=300)
+    err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}"])
+    assert f"{data / 'meta.json'} has vocab_size 300 but {data / 'tokenizer.bpe'} has 320 tokens" in err
+
+
+def test_train_block_size_larger_than_the_data_is_refused_before_the_model(capsys, tmp_path, monkeypatch):
+    data = train_make_dataset(tmp_path / "data")
+    # A learned position table of 10^9 x 32 floats would need 128 GB: the data check comes first.
+    err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}", "--block_size=1000000000"])
+    assert "block_size=1000000000 needs windows of 1000000001 tokens but every train shard" in err
+
+    def no_memory(*args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 128000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(gpt, "build_model", no_memory)
+    err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={tmp_path / 'o'}"])
+    assert "the model does not fit in memory (--n_layer=2, --n_embd=32, --block_size=32; " in err
+
+
 # -- training ----------------------------------------------------------------------------------------------
 
 def test_train_overfits_one_batch(tmp_path):
@@ -1685,6 +1795,20 @@ def test_train_resume_is_exact(tmp_path):
     assert [r["loss"] for r in straight] == [r["loss"] for r in halves]
     assert [r["val_loss"] for r in train_log(tmp_path / "straight", "eval")] == \
            [r["val_loss"] for r in train_log(tmp_path / "halves", "eval")]
+
+
+def test_train_resume_is_exact_when_the_peak_flops_are_measured(tmp_path):
+    # Without --peak_flops the peak is timed on a random matrix, drawn from the generator that dropout uses:
+    # a resumed run measures before it restores the saved generator states, so its masks are the straight run's.
+    data = train_make_dataset(tmp_path / "data")
+    tiny = [flag for flag in TRAIN_TINY if not flag.startswith("--peak_flops")]
+    common = tiny + [f"--data_dir={data}", "--dropout=0.1", "--eval_interval=4", "--lr_decay_steps=8"]
+    gpt.main(common + [f"--out_dir={tmp_path / 'straight'}", "--max_steps=8"])
+    gpt.main(common + [f"--out_dir={tmp_path / 'halves'}", "--max_steps=4"])
+    gpt.main([f"--out_dir={tmp_path / 'halves'}", "--init_from=resume", "--max_steps=8"])  # settings from ckpt
+    straight, halves = train_log(tmp_path / "straight"), train_log(tmp_path / "halves")
+    assert [r["step"] for r in halves] == list(range(1, 9))
+    assert [r["loss"] for r in straight] == [r["loss"] for r in halves]
 
 
 def test_train_gradient_accumulation_equals_a_bigger_batch(tmp_path):
@@ -1770,6 +1894,20 @@ def test_train_checkpoint_errors(capsys, tmp_path, train_checkpoint):
     assert "vocab_size 1000 but the model only 320" in err
 
 
+def test_train_resume_refuses_checkpoints_that_cannot_continue(capsys, tmp_path, train_checkpoint):
+    data = train_make_dataset(tmp_path / "data")
+    for name, change, message in [("no_optimizer", lambda c: c.pop("optimizer"), "(it has no optimizer)"),
+                                  ("no_rng", lambda c: c.pop("rng"), "(it has no rng)"),
+                                  ("list_config", lambda c: c.update(config=[1]),
+                                   "(it has a config that is a list, not a dict)")]:
+        checkpoint = torch.load(train_checkpoint, weights_only=True)
+        change(checkpoint)
+        torch.save(checkpoint, tmp_path / f"{name}.pt")
+        err = train_error(capsys, ["--init_from=resume", f"--ckpt={tmp_path / name}.pt", f"--data_dir={data}",
+                                   f"--out_dir={tmp_path / 'o'}"])
+        assert err.startswith(f"error: {tmp_path / name}.pt cannot be resumed {message}: sample from it"), err
+
+
 def test_train_nonfinite_loss_stops_and_keeps_checkpoint(capsys, tmp_path):
     data = train_make_dataset(tmp_path / "data")
     out = tmp_path / "out"
@@ -1787,7 +1925,20 @@ def test_train_nonfinite_loss_stops_and_keeps_checkpoint(capsys, tmp_path):
     assert [r["step"] for r in train_log(out)] == [1, 2, 3, 4]
 
 
-def test_train_ctrl_c_saves_and_exits(tmp_path):
+def test_train_nonfinite_loss_before_an_evaluation_stops_cleanly(capsys, tmp_path):
+    # Step 1's loss is finite, but its update leaves NaN weights: the evaluation right after sees them first
+    # (it used to go on to draw the evaluation sample from them and fail inside torch.multinomial).
+    data = train_make_dataset(tmp_path / "data")
+    err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}",
+                                            "--max_steps=5", "--learning_rate=1e30", "--grad_clip=0",
+                                            "--warmup_steps=0", "--eval_interval=1"])
+    assert re.search(r"the loss became (nan|inf) at step 1 \(evaluation\); stopped \(nothing saved\)",
+                     err), err
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_train_ctrl_c_saves_and_exits(tmp_path, stop_signal):
     data = train_make_dataset(tmp_path / "data")
     out = tmp_path / "out"
     process = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *TRAIN_TINY, f"--data_dir={data}",
@@ -1796,12 +1947,155 @@ def test_train_ctrl_c_saves_and_exits(tmp_path):
     for line in process.stdout:
         if line.startswith("step 3/"):
             break
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop_signal)
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0, stderr
+    assert process.returncode == 130, stderr  # saved, but not finished: a script can tell (a finished run: 0)
     assert "stopping after this step" in stdout
     checkpoint = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert checkpoint["step"] >= 3 and checkpoint["step"] == train_log(out)[-1]["step"]
+
+
+def test_train_two_runs_into_one_out_dir(capsys, tmp_path):
+    data = train_make_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *TRAIN_TINY, f"--data_dir={data}",
+                              f"--out_dir={out}", "--max_steps=100000", "--eval_interval=100000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith("step 1/"):
+                break
+        err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={out}", "--max_steps=2"])
+        assert f"{out} is in use by another training run (pid {first.pid} on " in err
+        assert f"delete {out / '.lock'} if that run is gone" in err
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+    assert first.returncode == 130 and not (out / ".lock").exists()  # released at the end
+    # A run killed with kill -9 leaves its lock and the temp file of a checkpoint it was writing.
+    (out / ".lock").write_text(json.dumps({"pid": first.pid, "host": gpt.socket.gethostname()}))
+    (out / f".ckpt.pt.{first.pid}.0123abcd.tmp").write_bytes(b"half a checkpoint")
+    (out / ".notes.tmp").write_text("not ours")
+    train_run([f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--max_steps=10"])
+    stdout = capsys.readouterr().out
+    assert f"note: took over the stale lock {out / '.lock'} (pid {first.pid}, no longer running)" in stdout
+    assert "note: removed 1 unfinished write(s)" in stdout
+    assert sorted(p.name for p in out.iterdir()) == [".notes.tmp", "ckpt.pt", "log.jsonl"]
+    # The lock is released when the run fails too.
+    train_error(capsys, TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={out}", "--max_steps=1000000000",
+                                      "--block_size=100000"])
+    assert not (out / ".lock").exists()
+
+
+def test_train_resume_after_a_truncated_or_garbled_log_line(capsys, tmp_path):
+    data = train_make_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    train_run([f"--data_dir={data}", f"--out_dir={out}", "--max_steps=3", "--eval_interval=1000"])
+    log = (out / "log.jsonl").read_text()
+    (out / "log.jsonl").write_text(log + '{"kind": "train", "step": 4, "lo')  # a crash in mid-write
+    train_run([f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--max_steps=5"])
+    assert f"note: dropped the unfinished last line of {out / 'log.jsonl'} (line 6, cut off by a crash)" \
+        in capsys.readouterr().out  # line 6: after the evaluations at steps 0 and 3 and steps 1 to 3
+    assert [r["step"] for r in train_log(out)] == [1, 2, 3, 4, 5]
+    lines = (out / "log.jsonl").read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:40] + "\n"  # garbled in the middle (two runs that wrote to one log)
+    (out / "log.jsonl").write_text("".join(lines))
+    for argv in (["--init_from=resume", f"--out_dir={out}", "--max_steps=6"],
+                 ["--plot", f"--ckpt={out / 'ckpt.pt'}"]):
+        err = train_error(capsys, argv)
+        assert err.startswith(f"error: {out / 'log.jsonl'}, line 2: "), err
+        assert "fix or delete that line" in err
+
+
+@contextlib.contextmanager
+def train_mount_tmpfs(folder: Path, size_bytes: int):
+    """A tmpfs of size_bytes at folder (root on Linux only; skipped elsewhere), unmounted afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if sys.platform != "linux" or os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(folder)],
+            capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def train_limit_file_size() -> None:
+    """In a child process: no file may grow past 100 kB; SIGXFSZ ignored, a write past it fails (EFBIG)."""
+    import resource
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+
+@pytest.mark.parametrize("limit", ["file_size", "tmpfs"])
+def test_train_full_disk_during_a_checkpoint_keeps_the_old_one(capsys, tmp_path, limit):
+    data = train_make_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    train_run([f"--data_dir={data}", f"--out_dir={out}", "--max_steps=2", "--eval_interval=1000"])
+    size = (out / "ckpt.pt").stat().st_size
+    resume = [f"--data_dir={data}", "--init_from=resume", "--max_steps=4"]
+    if limit == "file_size":
+        result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *TRAIN_TINY, *resume, f"--out_dir={out}"],
+                                capture_output=True, text=True, timeout=120, preexec_fn=train_limit_file_size)
+        assert result.returncode == 1
+        assert result.stderr == f"error: cannot write {out / 'ckpt.pt'}: file too large (over the " \
+                                f"file-size limit, ulimit -f); raise it or write elsewhere\n"
+    else:  # room for one checkpoint and a half: the second one cannot be written beside the first
+        with train_mount_tmpfs(tmp_path / "small", size * 3 // 2) as small:
+            shutil.copy(out / "ckpt.pt", small)
+            shutil.copy(out / "log.jsonl", small)
+            err = train_error(capsys, TRAIN_TINY + resume + [f"--out_dir={small}"])
+            assert err == f"error: no space left on device writing {small / 'ckpt.pt'}: free some space or " \
+                          f"write elsewhere\n"
+            out = tmp_path / "kept"
+            shutil.copytree(small, out)
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]  # no temp file left behind
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2  # the old checkpoint, whole
+
+
+@contextlib.contextmanager
+def train_read_only(folder: Path):
+    """folder made read-only (chmod, or as root a read-only bind mount), made writable again after."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield folder
+        finally:
+            folder.chmod(0o755)
+        return
+    if sys.platform != "linux" or subprocess.run(["mount", "--bind", str(folder), str(folder)]).returncode:
+        pytest.skip("cannot make a read-only folder here")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_train_read_only_out_dir_and_a_file_in_its_place(capsys, tmp_path, train_checkpoint):
+    data = train_make_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    shutil.copytree(train_checkpoint.parent, out)
+    with train_read_only(out):
+        cause = "(read-only file system|permission denied); choose a folder you can write to"
+        resume = [f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--max_steps=8"]
+        for argv, path in [(resume, out),
+                           (["--plot", f"--ckpt={out / 'ckpt.pt'}"], out / "loss.png"),
+                           (["--export_hf", str(out / "hf"), f"--ckpt={out / 'ckpt.pt'}"], out / "hf"),
+                           (TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={out / 'new'}"], out / "new")]:
+            err = train_error(capsys, argv)
+            assert re.fullmatch(f"error: cannot write {re.escape(str(path))}: {cause}\n", err), err
+    (tmp_path / "a_file").write_text("")
+    err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={tmp_path / 'a_file'}"])
+    assert err == f"error: cannot create the folder {tmp_path / 'a_file'}: a file is in the way; remove it " \
+                  f"or choose another folder\n"
+
+
+def test_train_checkpoint_has_the_users_usual_permissions(train_checkpoint):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert train_checkpoint.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 # -- sampling, export, plot --------------------------------------------------------------------------------
@@ -1838,9 +2132,36 @@ def test_train_sample_options(capsys, tmp_path, train_checkpoint):
     prompt_file.write_text("the", encoding="utf-8")
     gpt.main(["--sample", ckpt, "--greedy", "--max_new_tokens=15", "--ignore_eot", f"--prompt=FILE:{prompt_file}"])
     assert capsys.readouterr().out == greedy
-    assert "--beam is deterministic: drop --top_k" in train_error(capsys, ["--sample", ckpt, "--beam=2", "--top_k=5"])
+    err = train_error(capsys, ["--sample", ckpt, "--beam=2", "--top_k=5"], code=2)
+    assert "--beam is deterministic: drop --top_k" in err
     assert "--prompt encodes to no tokens" in train_error(capsys, ["--sample", ckpt, "--prompt="])
-    assert "top_p=1.5 must be in (0, 1]" in train_error(capsys, ["--sample", ckpt, "--top_p=1.5"])
+    assert "top_p=1.5 must be in (0, 1]" in train_error(capsys, ["--sample", ckpt, "--top_p=1.5"], code=2)
+
+
+def test_sample_refuses_nonfinite_weights_and_options_that_cannot_work(capsys, tmp_path, train_checkpoint):
+    ckpt = f"--ckpt={train_checkpoint}"
+    for temperature in ("nan", "inf"):
+        err = train_error(capsys, ["--sample", ckpt, f"--temperature={temperature}"], code=2)
+        assert f"temperature={temperature} must be a finite number" in err
+    err = train_error(capsys, ["--sample", ckpt, "--beam=1000"])
+    assert "--beam=1000 is more than the model's 320 tokens: use at most 320 beams" in err
+    checkpoint = torch.load(train_checkpoint, weights_only=True)
+    checkpoint["model"]["transformer.h.1.mlp.c_fc.weight"][3, 4] = float("nan")
+    torch.save(checkpoint, tmp_path / "nan.pt")
+    err = train_error(capsys, ["--sample", f"--ckpt={tmp_path / 'nan.pt'}"])
+    assert f"{tmp_path / 'nan.pt'} holds non-finite weights (NaN or inf in transformer.h.1.mlp.c_fc.weight)" \
+        in err
+
+
+def test_sample_into_a_closed_pipe_exits_quietly(train_checkpoint):
+    # `python gpt.py --sample ... | head -c 20`: head exits, and the next write meets a closed pipe.
+    process = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), "--sample", f"--ckpt={train_checkpoint}",
+                                "--max_new_tokens=5000", "--ignore_eot", "--temperature=2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(process.stdout.read(20)) == 20
+    process.stdout.close()
+    assert process.wait(timeout=120) == 141  # 128 + SIGPIPE, as for a shell tool that the pipe stopped
+    assert process.stderr.read() == b""
 
 
 def test_train_export_and_plot(capsys, tmp_path, train_checkpoint):
@@ -1911,7 +2232,7 @@ def test_train_fine_tune_gpt2(capsys, tmp_path, train_tiny_gpt2_dir):
 def test_train_cli_errors_are_one_line(tmp_path):
     result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--n_layers=4"], capture_output=True, text=True,
                             timeout=120)
-    assert result.returncode == 1 and result.stdout == ""
+    assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == "error: unknown flag --n_layers: did you mean --n_layer?\n"
 
 

@@ -44,6 +44,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from bisect import bisect_right
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -756,6 +757,7 @@ class Runtime:
     scaler: torch.amp.GradScaler   # enabled only for float16, whose narrow range needs the loss scaled up
     compile: bool                  # whether torch.compile is used
     fused_adamw: bool              # AdamW's fused kernel (CUDA): one launch for all parameters
+    why: str = ""                  # why this precision, for the start-up line
 
     def autocast(self):
         """Matmuls in bfloat16/float16, reductions (softmax, norms, the loss) kept in float32."""
@@ -957,9 +959,9 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
     if rank == 0:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}")
-        print(f"device {device}, autocast {str(runtime.autocast_dtype).removeprefix('torch.')}, "
-              f"{world_size} process(es); {tokens_per_step:,} tokens per step = {cfg.batch_size} x "
-              f"{cfg.block_size} x {world_size} x {accumulation_steps} micro-step(s); data: "
+        print(f"device {device}, autocast {str(runtime.autocast_dtype).removeprefix('torch.')} "
+              f"({runtime.why}), {world_size} process(es); {tokens_per_step:,} tokens per step = "
+              f"{cfg.batch_size} x {cfg.block_size} x {world_size} x {accumulation_steps} micro-step(s); data: "
               f"{windows['train'].num_windows:,} train windows; peak {peak_flops / 1e12:.2f} TFLOP/s for MFU")
     return run
 
@@ -1186,12 +1188,34 @@ def main(argv: list[str] | None = None) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # 6. Devices and speed routes: the same results as the lesson's plain code, sooner
 
+def choose_precision(device: torch.device) -> tuple[str, str]:
+    """The training precision this device does best, and why, asked of the device itself.
+
+    CUDA: compute capability 8.0 and up (A100, RTX 30xx, H100, ...) has bfloat16 tensor cores; older cards
+    (V100, T4) only emulate bfloat16, slowly, so they get float16 with a GradScaler. (torch's
+    is_bf16_supported() counts emulation as support, so it cannot decide this.) MPS: bfloat16 autocast
+    where it really runs. CPUs: float32 (bfloat16 is emulated on CPUs without bfloat16 units)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return "bfloat16", f"compute capability {major}.{minor}: bfloat16 tensor cores"
+        return "float16", f"compute capability {major}.{minor}: no bfloat16 units, float16 with loss scaling"
+    if device.type == "mps":
+        if mps_has_bfloat16():
+            return "bfloat16", "MPS runs bfloat16 autocast here"
+        return "float32", "MPS autocast in bfloat16 does not run here (it needs macOS 14+ and a recent torch)"
+    return "float32", "CPU: bfloat16 would be emulated"
+
+
 def mps_has_bfloat16() -> bool:
-    """Whether MPS autocast runs in bfloat16 here (macOS 14+ with a recent torch); tried, not guessed."""
+    """Whether MPS autocast really computes in bfloat16 here; tried, not guessed. Some torch versions only
+    warn and run the autocast block in float32, so the result's dtype is what counts."""
     try:
-        with torch.autocast("mps", dtype=torch.bfloat16):
-            torch.ones(2, 2, device="mps") @ torch.ones(2, 2, device="mps")
-        return True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.autocast("mps", dtype=torch.bfloat16):
+                out = torch.ones(2, 2, device="mps") @ torch.ones(2, 2, device="mps")
+        return out.dtype == torch.bfloat16
     except (RuntimeError, TypeError):
         return False
 
@@ -1200,10 +1224,8 @@ def setup_device(device_name: str, dtype_name: str = "auto", local_rank: int = 0
                  compile_model: bool = False) -> Runtime:
     """Pick the device and precision.
 
-    auto picks cuda, then mps, then cpu. Precision: bfloat16 autocast where the hardware has it (recent
-    NVIDIA GPUs, Apple GPUs on macOS 14+); float16 plus a GradScaler on CUDA GPUs without bfloat16 (V100,
-    T4); float32 on CPUs, where bfloat16 is emulated and much slower unless the CPU has bf16 units (ask
-    for it with --dtype=bfloat16)."""
+    auto picks cuda, then mps, then cpu; the precision is the one choose_precision finds the device does
+    best (--dtype asks for another, e.g. bfloat16 on a CPU that has bfloat16 units)."""
     if device_name == "auto":
         mps = torch.backends.mps.is_available()
         device_name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
@@ -1217,23 +1239,20 @@ def setup_device(device_name: str, dtype_name: str = "auto", local_rank: int = 0
         raise ValueError("--device=mps but MPS is not available (it needs Apple silicon and macOS 12.3+): "
                          "use --device=cpu")
     device = torch.device(device_name if ":" in device_name or kind != "cuda" else f"cuda:{local_rank}")
-
+    if kind == "cuda":
+        torch.cuda.set_device(device)  # first: asking about "the" GPU would open a context on GPU 0
+    auto_dtype, why = choose_precision(device)
     if dtype_name == "auto":
-        if kind == "cuda":
-            dtype_name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        elif kind == "mps":
-            dtype_name = "bfloat16" if mps_has_bfloat16() else "float32"
-        else:
-            dtype_name = "float32"
+        dtype_name = auto_dtype
+    elif dtype_name != auto_dtype:
+        why = "--dtype"
     if dtype_name == "float16" and kind != "cuda":
         raise ValueError(f"--dtype=float16 needs loss scaling, done here on CUDA only: use bfloat16 or "
                          f"float32 on {kind}")
-    if dtype_name == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"--dtype=bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16: "
-                         f"use float16")
-
+    if dtype_name == "bfloat16" and kind == "cuda" and auto_dtype != "bfloat16":
+        raise ValueError(f"--dtype=bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 units "
+                         f"({why}): use float16")
     if kind == "cuda":
-        torch.cuda.set_device(device)
         # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, precise enough for training.
         torch.set_float32_matmul_precision("high")
     # torch.compile has no MPS backend worth using, and no Windows support for its default backend.
@@ -1241,7 +1260,7 @@ def setup_device(device_name: str, dtype_name: str = "auto", local_rank: int = 0
     if compile_model and not use_compile:
         print(f"note: --compile is ignored on {kind if kind == 'mps' else 'Windows'}")
     scaler = torch.amp.GradScaler("cuda", enabled=dtype_name == "float16")
-    return Runtime(device, DTYPES[dtype_name], scaler, use_compile, fused_adamw=kind == "cuda")
+    return Runtime(device, DTYPES[dtype_name], scaler, use_compile, fused_adamw=kind == "cuda", why=why)
 
 
 class Linear(nn.Linear):

@@ -908,6 +908,21 @@ def test_chunked_loss_and_gradients_equal_plain_cross_entropy(vocab_size):
         torch.testing.assert_close(model(idx, targets)[1], plain)
 
 
+def test_precision_is_chosen_from_the_device_itself(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    for capability, expected in [((7, 0), "float16"), ((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # counts emulation
+        dtype, why = gpt.choose_precision(cuda)
+        assert dtype == expected and f"compute capability {capability[0]}.{capability[1]}" in why
+    for works, expected in [(True, "bfloat16"), (False, "float32")]:
+        monkeypatch.setattr(gpt, "mps_has_bfloat16", lambda works=works: works)
+        assert gpt.choose_precision(torch.device("mps"))[0] == expected
+    assert gpt.choose_precision(torch.device("cpu")) == ("float32", "CPU: bfloat16 would be emulated")
+    runtime = gpt.setup_device("cpu")
+    assert runtime.autocast_dtype == torch.float32 and runtime.why == "CPU: bfloat16 would be emulated"
+
+
 @pytest.mark.parametrize("pos_emb", POSITIONS)
 def test_manual_attention_equals_fused_attention(pos_emb):
     fused = tiny_model(pos_emb=pos_emb)

@@ -128,6 +128,7 @@ beam: Annotated[int, "beam search with this many beams (deterministic; one sampl
 ignore_eot: Annotated[bool, "keep generating past <|endoftext|> instead of stopping there"] = False
 export_hf: Annotated[str, "write the checkpoint's model to this folder as a Hugging Face GPT-2 and exit"] = ""
 plot: Annotated[bool, "write PNG plots of --ckpt's run beside it (curves, attention, weights); exit"] = False
+bench: Annotated[bool, "time training steps of the model the flags describe on random tokens; exit"] = False
 
 KNOB_GROUPS = {"out_dir": "I/O", "data_dir": "data", "learning_rate": "optimiser and schedule",
                "n_layer": "model (the vocabulary size comes from the data's meta.json)", "device": "system",
@@ -1204,7 +1205,7 @@ def run_sampling(cfg: SimpleNamespace, overrides: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Train, sample, export or plot, as the flags say. Bad input ends with one `error: ...` line."""
+    """Train, sample, export, plot or benchmark, as the flags say. Bad input: one `error: ...` line."""
     try:
         overrides = parse_flags(sys.argv[1:] if argv is None else argv)
         cfg = make_config(overrides)
@@ -1214,6 +1215,8 @@ def main(argv: list[str] | None = None) -> None:
             run_export(cfg)  # Part II, run_export
         elif cfg.plot:
             run_plot(cfg)  # Part II, run_plot
+        elif cfg.bench:
+            run_bench(cfg)  # Part II, run_bench
         else:
             train(overrides)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
@@ -1487,6 +1490,61 @@ def peak_flops_per_second(runtime: Runtime, configured: float) -> float:
         synchronize(runtime.device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+# -- --bench: one command that times training on any machine, no data needed ------------------------------
+
+BENCH_VOCAB_SIZE = 50257  # GPT-2's vocabulary: the output layer is a large share of a small model's work
+BENCH_WARMUP_STEPS, BENCH_TIMED_STEPS = 3, 10  # warm-up covers allocation and torch.compile
+
+
+def run_bench(cfg: SimpleNamespace) -> None:
+    """Time full training steps (forward, backward, clipping, AdamW) of the configured model on random
+    tokens, so any machine can be compared with the README's figures without preparing data."""
+    runtime = setup_device(cfg.device, cfg.dtype, compile_model=cfg.compile)
+    device = runtime.device
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_config(cfg, vocab_size=BENCH_VOCAB_SIZE)).to(device)
+    optimizer = make_optimizer(model, cfg, runtime)
+    fast_model = torch.compile(model) if runtime.compile else model
+    batch = torch.randint(0, BENCH_VOCAB_SIZE, (cfg.batch_size, cfg.block_size + 1), device=device)
+    x, y = batch[:, :-1], batch[:, 1:]
+    peak_flops = peak_flops_per_second(runtime, cfg.peak_flops)
+    print(f"bench: {model.num_params() / 1e6:.2f}M parameters, batch {cfg.batch_size} x {cfg.block_size}, "
+          f"{device}, {str(runtime.autocast_dtype).removeprefix('torch.')} ({runtime.why})"
+          f"{', compiled' if runtime.compile else ''}; {BENCH_WARMUP_STEPS} warm-up + {BENCH_TIMED_STEPS} "
+          f"timed steps", flush=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(BENCH_WARMUP_STEPS + BENCH_TIMED_STEPS):
+        synchronize(device)
+        t0 = time.perf_counter()
+        with runtime.autocast():
+            _, loss = fast_model(x, y)
+        runtime.scaler.scale(loss).backward()
+        runtime.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        runtime.scaler.step(optimizer)
+        runtime.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    step_time = sorted(times[BENCH_WARMUP_STEPS:])[BENCH_TIMED_STEPS // 2]  # the median timed step
+    tokens_per_second = cfg.batch_size * cfg.block_size / step_time
+    mfu = flops_per_token(model, cfg.block_size) * tokens_per_second / peak_flops
+    print(f"{step_time * 1000:.1f} ms/step | {tokens_per_second:,.0f} tokens/s | MFU {mfu:.1%} | peak memory "
+          f"{peak_memory_gib(device):.2f} GiB | loss {loss.item():.3f} (random tokens: ln V = "
+          f"{math.log(BENCH_VOCAB_SIZE):.3f})")
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """The most memory this process has held: allocated on a CUDA device, resident on the CPU and MPS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource  # Unix; ru_maxrss is in KiB on Linux, bytes on macOS
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -982,6 +982,13 @@ def test_kv_cache_is_kept_in_the_autocast_dtype():
     assert out.shape == (1, 13)
 
 
+def test_bench_times_training_steps_on_random_tokens(capsys):
+    gpt.main(["--bench", "--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16",
+              "--batch_size=2", "--peak_flops=1e12"])
+    out = capsys.readouterr().out
+    assert re.search(r"bench: [\d.]+M parameters, batch 2 x 16, cpu, float32", out)
+    assert re.search(r"[\d.]+ ms/step \| [\d,]+ tokens/s \| MFU [\d.]+% \| peak memory [\d.]+ GiB \| loss", out)
+
 @pytest.mark.parametrize("pos_emb", POSITIONS)
 def test_manual_attention_equals_fused_attention(pos_emb):
     fused = tiny_model(pos_emb=pos_emb)

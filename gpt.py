@@ -48,6 +48,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from bisect import bisect_right
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -60,6 +61,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor  # for the loss op's signature, which torch.library reads
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from bpe import Tokenizer, load_tokenizer, write_atomically
@@ -130,6 +132,7 @@ beam: Annotated[int, "beam search with this many beams (deterministic; one sampl
 ignore_eot: Annotated[bool, "keep generating past <|endoftext|> instead of stopping there"] = False
 export_hf: Annotated[str, "write the checkpoint's model to this folder as a Hugging Face GPT-2 and exit"] = ""
 plot: Annotated[bool, "write PNG plots of --ckpt's run beside it (curves, attention, weights); exit"] = False
+bench: Annotated[bool, "time training steps of the model the flags describe on random tokens; exit"] = False
 
 KNOB_GROUPS = {"out_dir": "I/O", "data_dir": "data", "learning_rate": "optimiser and schedule",
                "n_layer": "model (the vocabulary size comes from the data's meta.json)", "device": "system",
@@ -230,9 +233,17 @@ class GPTConfig:
     activation: str = "gelu"    # gelu (GPT-2's tanh approximation) | relu
     tie_weights: bool = True    # the output layer reuses the token embedding matrix (GPT-2 does)
     attention: str = "sdpa"     # sdpa (fused kernel) | manual (the same maths written out)
+    vocab_multiple: int = 64    # embedding and output rows padded to a multiple of this (see below)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and output matrices: vocab_size rounded up to vocab_multiple. GPT-2's 50257
+        is odd, and a matmul with an odd dimension misses the GPU's tensor-core tiles; 50304 fits them. The
+        padding ids are never targets and never sampled: the real vocabulary decides what can be."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def __post_init__(self):
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.n_embd % self.n_head:
@@ -487,6 +498,7 @@ class GPT(nn.Module):
         attn.c_attn, mlp.c_fc weights               N(0, 0.02)
         attn.c_proj, mlp.c_proj weights             N(0, 0.02 / sqrt(2 * n_layer))    see below
         lm_head (the same matrix as wte if tied)    N(0, 0.02)
+        their padding rows (padded_vocab_size)      0                                 never used
         every Linear bias                           0
         LayerNorm gains, shifts                     1, 0
         sinusoidal and rotary tables                fixed buffers, not parameters
@@ -513,6 +525,11 @@ class GPT(nn.Module):
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        # Padding rows are added after construction, so the random numbers drawn for every other weight
+        # are the same as in an unpadded model: Part II, pad_rows.
+        for module in (self.transformer.wte, self.lm_head):
+            module.weight = nn.Parameter(pad_rows(module.weight.detach(), config.padded_vocab_size))
+        self.transformer.wte.num_embeddings = self.lm_head.out_features = config.padded_vocab_size
         if config.tie_weights:
             # One matrix both reads tokens in and scores them out: fewer parameters, and better small models.
             self.transformer.wte.weight = self.lm_head.weight
@@ -521,10 +538,15 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
+    def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            weight = module.weight
+            if module is self.transformer.wte or module is self.lm_head:
+                # Padding rows stay 0: never targeted nor sampled, they get no gradient. The real rows draw
+                # the same random numbers as an unpadded matrix would.
+                nn.init.zeros_(weight[self.config.vocab_size:])
+                weight = weight[:self.config.vocab_size]
+            nn.init.normal_(weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
@@ -532,6 +554,8 @@ class GPT(nn.Module):
         """Parameters, counting a tied matrix once. non_embedding drops the position table, as the
         scaling-law papers do (the token embedding stays: it doubles as the output layer)."""
         n = sum(p.numel() for p in self.parameters())
+        c = self.config
+        n -= (c.padded_vocab_size - c.vocab_size) * c.n_embd * (1 if c.tie_weights else 2)  # padding rows
         if non_embedding and self.config.pos_emb == "learned":
             n -= self.transformer.wpe.weight.numel()
         return n
@@ -565,25 +589,36 @@ class GPT(nn.Module):
         with targets they are not returned. Targets of -1 are ignored."""
         x = self.hidden_states(idx)  # (B, T, C)
         if targets is None:
-            return self.lm_head(x), None
-        x, targets = x.view(-1, x.size(-1)), targets.view(-1)  # (B*T, C), (B*T,)
-        if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
-            # The same loss without storing the logits: Part II, ChunkedCrossEntropy.
-            return None, ChunkedCrossEntropy.apply(x, self.lm_head.weight, targets)
-        # Evaluation, or mixed precision, where autocast must cast the matmul (and torch.compile fuses it).
-        return None, F.cross_entropy(self.lm_head(x), targets, ignore_index=-1)
+            return self.logits(x), None
+        x, targets = x.view(-1, x.size(-1)), targets.reshape(-1)  # (B*T, C), (B*T,)
+        # F.cross_entropy(self.logits(x), targets, ignore_index=-1), without ever holding the (B*T, V)
+        # logits: Part II, chunked_cross_entropy.
+        return None, chunked_cross_entropy(x, self.output_weight(x.device), targets, self.config.vocab_size)
+
+    def output_weight(self, device: torch.device) -> torch.Tensor:
+        """The output layer's rows to multiply by: all of them on a GPU, where the padded count fills the
+        tensor-core tiles; only the real vocabulary's on a CPU, where padding rows would be wasted work."""
+        weight = self.lm_head.weight
+        return weight if device.type != "cpu" else weight[:self.config.vocab_size]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) hidden states -> (..., V) scores of the real vocabulary (the route: Part II, linear)."""
+        return linear(x, self.output_weight(x.device))[..., :self.config.vocab_size]
 
     # -- generation -----------------------------------------------------------------------------------------
 
     def new_caches(self, batch: int, capacity: int) -> list[KVCache]:
-        c, p = self.config, self.lm_head.weight
-        return [KVCache(batch, c.n_head, capacity, c.n_embd // c.n_head, p.device, p.dtype)
+        """Empty caches, in the dtype keys and values are computed in (the autocast dtype, when it is on)."""
+        c, device = self.config, self.lm_head.weight.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
+            else self.lm_head.weight.dtype
+        return [KVCache(batch, c.n_head, capacity, c.n_embd // c.n_head, device, dtype)
                 for _ in range(c.n_layer)]
 
     @torch.inference_mode()
     def next_token_logits(self, idx: torch.Tensor, caches: list[KVCache] | None) -> torch.Tensor:
         """Logits (B, V) for the token after idx; with caches, idx holds only the tokens not yet cached."""
-        return self.lm_head(self.hidden_states(idx, caches)[:, -1, :])  # only the last position is needed
+        return self.logits(self.hidden_states(idx, caches)[:, -1, :])  # only the last position is needed
 
     def advance(self, idx: torch.Tensor, caches: list[KVCache] | None) -> tuple[torch.Tensor, list | None]:
         """(logits (B, V) for the token after idx (B, T), the whole text so far; the caches to go on with).
@@ -767,6 +802,7 @@ class Runtime:
     scaler: torch.amp.GradScaler   # enabled only for float16, whose narrow range needs the loss scaled up
     compile: bool                  # whether torch.compile is used
     fused_adamw: bool              # AdamW's fused kernel (CUDA): one launch for all parameters
+    why: str = ""                  # why this precision, for the start-up line
 
     def autocast(self):
         """Matmuls in bfloat16/float16, reductions (softmax, norms, the loss) kept in float32."""
@@ -962,21 +998,27 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
         saved_step = step
         checkpoint.clear()  # free the CPU copy of the weights and optimizer state (train() holds this dict)
     fast_model = torch.compile(model) if runtime.compile else model
-    # DDP averages gradients across processes. broadcast_buffers=False: the only buffers are the position
-    # tables, the same in every process, so there is nothing to copy before each forward.
-    train_model = DDP(fast_model, device_ids=[device.index] if device.type == "cuda" else None,
-                      broadcast_buffers=False) if world_size > 1 else fast_model
+    train_model = fast_model
+    if world_size > 1:
+        # DDP averages gradients across processes. broadcast_buffers=False: the only buffers are the
+        # position tables, the same in every process, so there is nothing to copy before each forward.
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                          broadcast_buffers=False)
+        if runtime.compile:
+            # Compile the DDP wrapper, not the other way round: compile then cuts the graph at DDP's
+            # gradient buckets, so each bucket's all-reduce runs while the rest of backward goes on.
+            train_model = torch.compile(train_model)
     run = Run(cfg, runtime, rank, world_size, meta, model, fast_model, train_model, optimizer,
               tokenizer_from_text(tokenizer_text), tokenizer_text, windows, data_generator,
               accumulation_steps, tokens_per_step, flops, peak_flops, step, best_val_loss, saved_step)
     if rank == 0:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}")
-        print(f"device {device}, autocast {str(runtime.autocast_dtype).removeprefix('torch.')}, "
-              f"{world_size} process(es); {tokens_per_step:,} tokens per step = {cfg.batch_size} x "
-              f"{cfg.block_size} x {world_size} x {accumulation_steps} micro-step(s); data: "
-              f"{windows['train'].num_windows:,} train windows; peak {peak_flops / 1e12:.2f} TFLOP/s for MFU "
-              f"({peak_flops_source(runtime, cfg.peak_flops)})")
+        print(f"device {device}, autocast {str(runtime.autocast_dtype).removeprefix('torch.')} "
+              f"({runtime.why}), {world_size} process(es); {tokens_per_step:,} tokens per step = "
+              f"{cfg.batch_size} x {cfg.block_size} x {world_size} x {accumulation_steps} micro-step(s); "
+              f"data: {windows['train'].num_windows:,} train windows; peak {peak_flops / 1e12:.2f} TFLOP/s "
+              f"for MFU ({peak_flops_source(runtime, cfg.peak_flops)})")
     return run
 
 
@@ -1012,19 +1054,20 @@ def optimizer_step(run: Run, stop: "StopOnSignal") -> dict:
     windows = run.windows["train"].draw(run.data_generator, run.accumulation_steps * run.world_size,
                                         cfg.batch_size)
     loss_sum = forward_backward(run, windows)
+    runtime.scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)
     # One all-reduce carries the step's loss for the log, and whether any process was asked to stop (the
-    # processes decide together: Part II, StopOnSignal).
+    # processes decide together: Part II, StopOnSignal). One read brings them and the gradient norm to the
+    # CPU: the step's only wait for the GPU.
     stats = torch.stack([loss_sum, torch.tensor(float(stop.requested), device=device)])
     if run.world_size > 1:
         dist.all_reduce(stats)
-    train_loss, stop.agreed = stats[0].item() / run.world_size, stats[1].item() > 0
+    loss_total, stop_votes, grad_norm = torch.cat((stats, grad_norm.float()[None])).tolist()
+    train_loss, stop.agreed = loss_total / run.world_size, stop_votes > 0
     check_loss_is_finite(run, train_loss, run.step + 1)  # never step on a NaN: Part II
-    runtime.scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf).item()
     runtime.scaler.step(optimizer)  # skips the step if float16 gradients overflowed
     runtime.scaler.update()
     optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until the next backward
-    synchronize(device)  # wait for the GPU, so the step's time is its work: Part II, synchronize
     run.step += 1
     step_time = time.perf_counter() - t0
     tokens_per_second = run.tokens_per_step / step_time
@@ -1180,7 +1223,7 @@ def run_sampling(cfg: SimpleNamespace, overrides: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Train, sample, export or plot, as the flags say. Bad input ends with one `error: ...` line."""
+    """Train, sample, export, plot or benchmark, as the flags say. Bad input: one `error: ...` line."""
     try:
         overrides = parse_flags(sys.argv[1:] if argv is None else argv)
         cfg = make_config(overrides)
@@ -1190,6 +1233,8 @@ def main(argv: list[str] | None = None) -> None:
             run_export(cfg)  # Part II, run_export
         elif cfg.plot:
             run_plot(cfg)  # Part II, run_plot
+        elif cfg.bench:
+            run_bench(cfg)  # Part II, run_bench
         else:
             train(overrides)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
@@ -1210,12 +1255,34 @@ def main(argv: list[str] | None = None) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # 6. Devices and speed routes: the same results as the lesson's plain code, sooner
 
+def choose_precision(device: torch.device) -> tuple[str, str]:
+    """The training precision this device does best, and why, asked of the device itself.
+
+    CUDA: compute capability 8.0 and up (A100, RTX 30xx, H100, ...) has bfloat16 tensor cores; older cards
+    (V100, T4) only emulate bfloat16, slowly, so they get float16 with a GradScaler. (torch's
+    is_bf16_supported() counts emulation as support, so it cannot decide this.) MPS: bfloat16 autocast
+    where it really runs. CPUs: float32 (bfloat16 is emulated on CPUs without bfloat16 units)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return "bfloat16", f"compute capability {major}.{minor}: bfloat16 tensor cores"
+        return "float16", f"compute capability {major}.{minor}: no bfloat16 units, float16 with loss scaling"
+    if device.type == "mps":
+        if mps_has_bfloat16():
+            return "bfloat16", "MPS runs bfloat16 autocast here"
+        return "float32", "MPS autocast in bfloat16 does not run here (it needs macOS 14+ and a recent torch)"
+    return "float32", "CPU: bfloat16 would be emulated"
+
+
 def mps_has_bfloat16() -> bool:
-    """Whether MPS autocast runs in bfloat16 here (macOS 14+ with a recent torch); tried, not guessed."""
+    """Whether MPS autocast really computes in bfloat16 here; tried, not guessed. Some torch versions only
+    warn and run the autocast block in float32, so the result's dtype is what counts."""
     try:
-        with torch.autocast("mps", dtype=torch.bfloat16):
-            torch.ones(2, 2, device="mps") @ torch.ones(2, 2, device="mps")
-        return True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.autocast("mps", dtype=torch.bfloat16):
+                out = torch.ones(2, 2, device="mps") @ torch.ones(2, 2, device="mps")
+        return out.dtype == torch.bfloat16
     except (RuntimeError, TypeError):
         return False
 
@@ -1224,10 +1291,8 @@ def setup_device(device_name: str, dtype_name: str = "auto", local_rank: int = 0
                  compile_model: bool = False) -> Runtime:
     """Pick the device and precision.
 
-    auto picks cuda, then mps, then cpu. Precision: bfloat16 autocast where the hardware has it (recent
-    NVIDIA GPUs, Apple GPUs on macOS 14+); float16 plus a GradScaler on CUDA GPUs without bfloat16 (V100,
-    T4); float32 on CPUs, where bfloat16 is emulated and much slower unless the CPU has bf16 units (ask
-    for it with --dtype=bfloat16)."""
+    auto picks cuda, then mps, then cpu; the precision is the one choose_precision finds the device does
+    best (--dtype asks for another, e.g. bfloat16 on a CPU that has bfloat16 units)."""
     if device_name == "auto":
         mps = torch.backends.mps.is_available()
         device_name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
@@ -1241,23 +1306,20 @@ def setup_device(device_name: str, dtype_name: str = "auto", local_rank: int = 0
         raise ValueError("--device=mps but MPS is not available (it needs Apple silicon and macOS 12.3+): "
                          "use --device=cpu")
     device = torch.device(device_name if ":" in device_name or kind != "cuda" else f"cuda:{local_rank}")
-
+    if kind == "cuda":
+        torch.cuda.set_device(device)  # first: asking about "the" GPU would open a context on GPU 0
+    auto_dtype, why = choose_precision(device)
     if dtype_name == "auto":
-        if kind == "cuda":
-            dtype_name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        elif kind == "mps":
-            dtype_name = "bfloat16" if mps_has_bfloat16() else "float32"
-        else:
-            dtype_name = "float32"
+        dtype_name = auto_dtype
+    elif dtype_name != auto_dtype:
+        why = "--dtype"
     if dtype_name == "float16" and kind != "cuda":
         raise ValueError(f"--dtype=float16 needs loss scaling, done here on CUDA only: use bfloat16 or "
                          f"float32 on {kind}")
-    if dtype_name == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"--dtype=bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16: "
-                         f"use float16")
-
+    if dtype_name == "bfloat16" and kind == "cuda" and auto_dtype != "bfloat16":
+        raise ValueError(f"--dtype=bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 units "
+                         f"({why}): use float16")
     if kind == "cuda":
-        torch.cuda.set_device(device)
         # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, precise enough for training.
         torch.set_float32_matmul_precision("high")
     # torch.compile has no MPS backend worth using, and no Windows support for its default backend.
@@ -1265,7 +1327,7 @@ def setup_device(device_name: str, dtype_name: str = "auto", local_rank: int = 0
     if compile_model and not use_compile:
         print(f"note: --compile is ignored on {kind if kind == 'mps' else 'Windows'}")
     scaler = torch.amp.GradScaler("cuda", enabled=dtype_name == "float16")
-    return Runtime(device, DTYPES[dtype_name], scaler, use_compile, fused_adamw=kind == "cuda")
+    return Runtime(device, DTYPES[dtype_name], scaler, use_compile, fused_adamw=kind == "cuda", why=why)
 
 
 class Linear(nn.Linear):
@@ -1277,58 +1339,131 @@ class Linear(nn.Linear):
     generation table has the figures). The products are the same; only float rounding can differ."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        threads, rows = torch.get_num_threads(), x.numel() // x.size(-1)
-        if x.device.type != "cpu" or threads == 1 or rows > 16 or self.out_features % threads:
-            return F.linear(x, self.weight, self.bias)  # training, GPUs, and anything else
-        columns = x.reshape(rows, self.in_features).t().expand(threads, -1, -1)  # (threads, in, rows)
-        slices = self.weight.view(threads, self.out_features // threads, self.in_features)
-        # Trap: .contiguous(), because sdpa's fused CPU kernel needs contiguous q, k, v (split from this
-        # output); the transposed bmm result would send attention down a slower path.
-        y = torch.bmm(slices, columns).reshape(self.out_features, rows).t().contiguous()  # (rows, out)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return linear(x, self.weight, self.bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), multiplied one slice of output rows per thread for a few rows on a CPU."""
+    # The device and compile checks come first: torch.get_num_threads() cannot be traced, and calling it
+    # under torch.compile would break the graph at every layer.
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
+    threads, rows = torch.get_num_threads(), x.numel() // x.size(-1)
+    out_features, in_features = weight.shape
+    if threads == 1 or rows > 16 or out_features % threads:
+        return F.linear(x, weight, bias)  # training, and anything else
+    columns = x.reshape(rows, in_features).t().expand(threads, -1, -1)  # (threads, in, rows)
+    slices = weight.view(threads, out_features // threads, in_features)
+    # Trap: .contiguous(), because sdpa's fused CPU kernel needs contiguous q, k, v (split from this
+    # output); the transposed bmm result would send attention down a slower path.
+    y = torch.bmm(slices, columns).reshape(out_features, rows).t().contiguous()  # (rows, out)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def loss_chunk_rows(vocab_size: int, device: torch.device) -> int:
+    """Rows of logits per chunk of the fused loss. On a CPU about 2M logits (8 MB in float32), so a chunk's
+    logits are still in the cache when their gradient is formed; on a GPU about 128M (thousands of rows at
+    GPT-2's vocabulary), so each chunk is a few large kernels rather than many small ones."""
+    return max(1, (1 << (21 if device.type == "cpu" else 27)) // vocab_size)
+
+
+@torch.library.custom_op("gpt::cross_entropy_and_grads", mutates_args=())
+def cross_entropy_and_grads(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                            chunk_rows: int, need_grads: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed cross-entropy of the logits x @ weight.T (N, V_padded) against targets (N,), -1 = ignore, and
+    the gradients of that sum with respect to x (N, C) and weight (V_padded, C), a chunk of rows at a time.
+
+    x and weight come in the compute dtype (float32, or bfloat16/float16 under autocast): the matmuls run in
+    it, while the logsumexp, the softmax and the loss are float32. Logit columns from vocab_size on are
+    padding rows of weight: they are set to -inf, so they take no probability and get no gradient. Being a
+    custom op, it is one opaque node to torch.compile: the chunk loop runs as written instead of being
+    unrolled into the graph."""
+    with torch.autocast(x.device.type, enabled=False):
+        counted = targets != -1
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x) if need_grads else x.new_empty(0)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grads \
+            else x.new_empty(0, dtype=torch.float32)
+        for start in range(0, x.size(0), chunk_rows):
+            xs, ts = x[start:start + chunk_rows], targets[start:start + chunk_rows].clamp(min=0)
+            keep = counted[start:start + chunk_rows]
+            logits = (xs @ weight.t()).float()                          # (rows, V_padded), float32
+            if vocab_size < logits.size(1):
+                logits[:, vocab_size:] = float("-inf")                  # padding ids are never predicted
+            logsumexp = torch.logsumexp(logits, dim=-1, keepdim=True)   # (rows, 1)
+            row = torch.arange(len(ts), device=x.device)
+            loss += ((logsumexp.squeeze(1) - logits[row, ts]) * keep).sum()  # -log softmax at the target
+            if not need_grads:
+                continue
+            grad_logits = logits.sub_(logsumexp).exp_()                 # softmax, in place of the logits
+            grad_logits[row, ts] -= 1.0                                 # minus the one-hot target
+            grad_logits *= keep[:, None]                                # ignored rows contribute nothing
+            grad_logits = grad_logits.to(x.dtype)                       # (a no-op in float32)
+            torch.mm(grad_logits, weight, out=grad_x[start:start + chunk_rows])
+            if x.dtype == torch.float32:
+                grad_weight.addmm_(grad_logits.t(), xs)
+            else:  # accumulate the weight's gradient in float32 over the chunks
+                grad_weight += grad_logits.t() @ xs
+    return loss, grad_x, grad_weight
+
+
+@cross_entropy_and_grads.register_fake
+def _(x, weight, targets, vocab_size, chunk_rows, need_grads):
+    # Shapes only, for torch.compile's tracing.
+    n = x.new_empty((), dtype=torch.float32)
+    if not need_grads:
+        return n, x.new_empty(0), x.new_empty(0, dtype=torch.float32)
+    return n, torch.empty_like(x), x.new_empty(weight.shape, dtype=torch.float32)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of the logits x @ weight.T against targets, and its gradients, a chunk of rows at
-    a time. x: (N, C) hidden states, weight: (V, C) the output layer, targets: (N,) ids, -1 = ignore.
+    a time. x: (N, C) hidden states, weight: (V_padded, C) the output layer, targets: (N,) ids, -1 = ignore.
 
-    The plain way, F.cross_entropy(lm_head(x), targets), writes the (N, V) logits to memory, reads them
-    back for the softmax, writes the log-probabilities, and does it all again in the backward pass: at
-    8 x 256 tokens and V = 8192 that is 67 MB per pass. But the gradient of the loss with respect to the
-    logits is just softmax(logits) - onehot(target) (over N), so we compute it at once, while a chunk's
-    logits are still in the cache, and turn it straight into the gradients of x and weight; backward then
-    only scales them by the incoming gradient. The numbers are the same, with a fraction of the memory
-    traffic. (llm.c's "fused classifier" does the same.)"""
+    The plain way, F.cross_entropy(lm_head(x), targets), writes the (N, V) logits to memory, reads them back
+    for the softmax, writes the log-probabilities, and does it all again in the backward pass: at GPT-2's
+    64 x 1024 tokens per micro-step and V = 50257 that is 13 GB of float32 log-probabilities alone.
+    But the gradient of the loss with respect to the logits is just softmax(logits) - onehot(target) (over
+    N), so we compute it at once, chunk by chunk, and turn it straight into the gradients of x and weight;
+    backward then only scales them by the incoming gradient. Only one chunk of logits ever exists. (llm.c's
+    "fused classifier" does the same.) Under autocast the matmuls run in the autocast dtype and the softmax
+    in float32, as F.cross_entropy would."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        rows = max(1, (1 << 21) // weight.size(0))  # about 2M logits (8 MB) per chunk: stays in the cache
-        counted = targets != -1
-        n_counted = counted.sum().clamp(min=1)
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight)
-        for start in range(0, x.size(0), rows):
-            xs, keep = x[start:start + rows], counted[start:start + rows]
-            ts = targets[start:start + rows].clamp(min=0)
-            logits = xs @ weight.t()                                    # (rows, V)
-            logsumexp = torch.logsumexp(logits, dim=-1, keepdim=True)   # (rows, 1)
-            row = torch.arange(len(ts), device=x.device)
-            loss += ((logsumexp.squeeze(1) - logits[row, ts]) * keep).sum()  # -log softmax at the target
-            grad_logits = logits.sub_(logsumexp).exp_()                 # softmax, in place of the logits
-            grad_logits[row, ts] -= 1.0                                 # minus the one-hot target
-            grad_logits *= keep[:, None]                                # ignored rows contribute nothing
-            torch.mm(grad_logits, weight, out=grad_x[start:start + rows])
-            grad_weight.addmm_(grad_logits.t(), xs)
-        ctx.save_for_backward(grad_x, grad_weight, n_counted)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                compute_dtype: torch.dtype, need_grads: bool) -> torch.Tensor:
+        n_counted = (targets != -1).sum().clamp(min=1)
+        loss, grad_x, grad_weight = cross_entropy_and_grads(
+            x.to(compute_dtype), weight.to(compute_dtype), targets, vocab_size,
+            loss_chunk_rows(weight.size(0), x.device), need_grads)
+        ctx.save_for_backward(grad_x.to(x.dtype), grad_weight.to(weight.dtype), n_counted)
         return loss / n_counted
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_x, grad_weight, n_counted = ctx.saved_tensors
         scale = grad_loss / n_counted
-        return grad_x * scale, grad_weight * scale, None
+        return grad_x * scale, grad_weight * scale, None, None, None, None
+
+
+def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          vocab_size: int) -> torch.Tensor:
+    """Mean cross-entropy of x (N, C) @ weight.T against targets (N,), without ever holding the (N, V)
+    logits: in the autocast dtype when autocast is on, and with gradients only when they are needed."""
+    device_type = x.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) \
+        else torch.float32
+    need_grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, compute_dtype, need_grads)
+
+
+def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """tensor (R, ...) with zero rows appended up to `rows` (unchanged if it has that many or more)."""
+    if tensor.size(0) >= rows:
+        return tensor
+    return torch.cat((tensor, tensor.new_zeros(rows - tensor.size(0), *tensor.shape[1:])))
 
 
 # -- MFU: the share of the device's peak FLOP/s that training uses -----------------------------------------
@@ -1392,6 +1527,62 @@ def peak_flops_source(runtime: Runtime, configured: float) -> str:
     dtype = torch.float32 if runtime.device.type == "cpu" else runtime.autocast_dtype  # as timed there
     measured = str(dtype).removeprefix("torch.")
     return f"an estimate: a {measured} matmul timed here; --peak_flops sets it"
+
+
+# -- --bench: one command that times training on any machine, no data needed ------------------------------
+
+BENCH_VOCAB_SIZE = 50257  # GPT-2's vocabulary: the output layer is a large share of a small model's work
+BENCH_WARMUP_STEPS, BENCH_TIMED_STEPS = 3, 10  # warm-up covers allocation and torch.compile
+
+
+def run_bench(cfg: SimpleNamespace) -> None:
+    """Time full training steps (forward, backward, clipping, AdamW) of the configured model on random
+    tokens, so any machine can be compared with the README's figures without preparing data."""
+    runtime = setup_device(cfg.device, cfg.dtype, compile_model=cfg.compile)
+    device = runtime.device
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_config(cfg, vocab_size=BENCH_VOCAB_SIZE)).to(device)
+    optimizer = make_optimizer(model, cfg, runtime)
+    fast_model = torch.compile(model) if runtime.compile else model
+    batch = torch.randint(0, BENCH_VOCAB_SIZE, (cfg.batch_size, cfg.block_size + 1), device=device)
+    x, y = batch[:, :-1], batch[:, 1:]
+    peak_flops = peak_flops_per_second(runtime, cfg.peak_flops)
+    print(f"bench: {model.num_params() / 1e6:.2f}M parameters, batch {cfg.batch_size} x {cfg.block_size}, "
+          f"{device}, {str(runtime.autocast_dtype).removeprefix('torch.')} ({runtime.why})"
+          f"{', compiled' if runtime.compile else ''}; {BENCH_WARMUP_STEPS} warm-up + {BENCH_TIMED_STEPS} "
+          f"timed steps; peak {peak_flops / 1e12:.2f} TFLOP/s for MFU "
+          f"({peak_flops_source(runtime, cfg.peak_flops)})", flush=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(BENCH_WARMUP_STEPS + BENCH_TIMED_STEPS):
+        synchronize(device)
+        t0 = time.perf_counter()
+        with runtime.autocast():
+            _, loss = fast_model(x, y)
+        runtime.scaler.scale(loss).backward()
+        runtime.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        runtime.scaler.step(optimizer)
+        runtime.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    step_time = sorted(times[BENCH_WARMUP_STEPS:])[BENCH_TIMED_STEPS // 2]  # the median timed step
+    tokens_per_second = cfg.batch_size * cfg.block_size / step_time
+    mfu = flops_per_token(model, cfg.block_size) * tokens_per_second / peak_flops
+    print(f"{step_time * 1000:.1f} ms/step | {tokens_per_second:,.0f} tokens/s | MFU {mfu:.1%} | peak memory "
+          f"{peak_memory_gib(device):.2f} GiB | loss {loss.item():.3f} (random tokens: ln V = "
+          f"{math.log(BENCH_VOCAB_SIZE):.3f})")
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """The most memory this process has held: allocated on a CUDA device, resident on the CPU and MPS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource  # Unix; ru_maxrss is in KiB on Linux, bytes on macOS
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1556,7 +1747,8 @@ def check_resumable(checkpoint: dict, path: Path) -> None:
 def model_from_checkpoint(checkpoint: dict, path: Path, dropout: float | None = None) -> GPT:
     """The GPT a checkpoint describes, with its weights; dropout may be changed (it has no weights)."""
     try:
-        config = GPTConfig(**checkpoint["model_config"])
+        # Checkpoints from before vocabulary padding have no vocab_multiple: their matrices are unpadded.
+        config = GPTConfig(**{"vocab_multiple": 1, **checkpoint["model_config"]})
     except TypeError as e:
         raise ValueError(f"{path}: its model_config does not fit this gpt.py's GPTConfig ({e})") from None
     if dropout is not None:
@@ -1917,9 +2109,11 @@ GPT2_SIZES = {  # model_type: (n_layer, n_head, n_embd)
 }
 
 
-def from_gpt2(model_type: str = "gpt2", gpt2_dir: str | os.PathLike | None = None) -> GPT:
+def from_gpt2(model_type: str = "gpt2", gpt2_dir: str | os.PathLike | None = None,
+              vocab_multiple: int = 64) -> GPT:
     """GPT-2 with OpenAI's weights, from a directory holding HF's model.safetensors (and config.json), or
-    downloaded from the Hugging Face hub (openai-community/<model_type>) when no directory is given."""
+    downloaded from the Hugging Face hub (openai-community/<model_type>) when no directory is given. The
+    vocabulary rows are padded to vocab_multiple (1: as HF stores them)."""
     from safetensors.torch import load_file
 
     if gpt2_dir is None:
@@ -1940,12 +2134,12 @@ def from_gpt2(model_type: str = "gpt2", gpt2_dir: str | os.PathLike | None = Non
     if config_file.is_file():
         hf = json.loads(config_file.read_text())
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_embd=hf["n_embd"])
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], vocab_multiple=vocab_multiple)
     else:
         if model_type not in GPT2_SIZES:
             raise ValueError(f"{gpt2_dir} has no config.json and {model_type!r} is not a GPT-2 size")
         n_layer, n_head, n_embd = GPT2_SIZES[model_type]
-        config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+        config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_multiple=vocab_multiple)
     try:
         hf_state = load_file(weights_file)
     except Exception as e:
@@ -1965,6 +2159,8 @@ def state_from_hf(hf_state: dict, model: GPT, source: Path) -> dict:
         key = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
         if key.endswith(HF_TRANSPOSED):
             tensor = tensor.t()
+        if key in ("transformer.wte.weight", "lm_head.weight") and key in ours:
+            tensor = pad_rows(tensor, ours[key].size(0))  # HF stores the real vocabulary only
         if key not in ours:
             problems.append(f"unexpected {name}")
         elif tensor.shape != ours[key].shape:
@@ -1995,6 +2191,8 @@ def export_to_hf(model: GPT, out_dir: str | os.PathLike) -> None:
         if key == "lm_head.weight":  # tied to wte; HF re-ties it on load
             continue
         tensor = tensor.detach().float().cpu()
+        if key == "transformer.wte.weight":
+            tensor = tensor[:c.vocab_size]  # HF holds the real vocabulary: the padding rows stay behind
         state[key] = (tensor.t() if key.endswith(HF_TRANSPOSED) else tensor).contiguous()
     hf_config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,

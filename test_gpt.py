@@ -1,6 +1,7 @@
 """Tests for bpe.py, prepare_fineweb.py and gpt.py. Run: python -m pytest -q test_gpt.py"""
 from collections import Counter
 import contextlib
+import dataclasses
 from functools import lru_cache
 import io
 import json
@@ -1148,6 +1149,86 @@ def test_chunked_loss_and_gradients_equal_plain_cross_entropy(vocab_size):
         torch.testing.assert_close(model(idx, targets)[1], plain)
 
 
+def test_chunked_loss_under_bfloat16_autocast_matches_plain_within_bf16_tolerance():
+    model = tiny_model(vocab_size=5000, block_size=64).train()
+    idx, targets = torch.randint(0, 5000, (2, 8, 64))
+    targets[0, :5] = -1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = F.cross_entropy(model(idx)[0].view(-1, 5000).float(), targets.view(-1), ignore_index=-1)
+    plain_grads = torch.autograd.grad(plain, list(model.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, chunked = model(idx, targets)
+    chunked_grads = torch.autograd.grad(chunked, list(model.parameters()))
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, plain, atol=0, rtol=5e-3)
+    for (name, _), a, b in zip(model.named_parameters(), chunked_grads, plain_grads):
+        assert (a - b).norm() <= 2e-2 * b.norm() + 1e-6, name  # bfloat16 has an 8-bit mantissa
+
+
+def test_chunked_loss_never_holds_the_logits_at_gpt2_vocabulary():
+    # 8,192 rows x V=50257 of float32 log-probabilities alone would be 1.6 GB (F.cross_entropy holds them,
+    # plus the bfloat16 logits and their float32 copy). One forward + backward of the chunked loss stays far
+    # below: measured in a fresh process, so the peak resident memory is this computation's.
+    code = """
+import resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+import gpt
+torch.manual_seed(0)
+x = torch.randn(8192, 64, requires_grad=True)
+w = (0.02 * torch.randn(50257, 64)).requires_grad_()
+t = torch.randint(0, 50257, (8192,))
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    loss = gpt.chunked_cross_entropy(x, w, t, 50257)
+loss.backward()
+assert abs(loss.item() - 10.82) < 0.05 and w.grad.abs().sum() > 0
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) < 2**20  # KiB: below 1 GiB
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_compile_traces_the_training_forward_and_loss_as_one_graph(autocast):
+    model = tiny_model(vocab_size=300, block_size=32).train()
+    idx, targets = torch.randint(0, 300, (2, 2, 32))
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        explanation = torch._dynamo.explain(lambda x, y: model(x, y)[1])(idx, targets)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_precision_is_chosen_from_the_device_itself(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    for capability, expected in [((7, 0), "float16"), ((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # counts emulation
+        dtype, why = gpt.choose_precision(cuda)
+        assert dtype == expected and f"compute capability {capability[0]}.{capability[1]}" in why
+    for works, expected in [(True, "bfloat16"), (False, "float32")]:
+        monkeypatch.setattr(gpt, "mps_has_bfloat16", lambda works=works: works)
+        assert gpt.choose_precision(torch.device("mps"))[0] == expected
+    assert gpt.choose_precision(torch.device("cpu")) == ("float32", "CPU: bfloat16 would be emulated")
+    runtime = gpt.setup_device("cpu")
+    assert runtime.autocast_dtype == torch.float32 and runtime.why == "CPU: bfloat16 would be emulated"
+
+
+def test_kv_cache_is_kept_in_the_autocast_dtype():
+    model = tiny_model()
+    assert model.new_caches(1, 8)[0].k.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.new_caches(1, 8)[0].k.dtype == torch.bfloat16
+        out = model.generate(torch.zeros(1, 1, dtype=torch.long), 12, temperature=0)
+    assert out.shape == (1, 13)
+
+
+def test_bench_times_training_steps_on_random_tokens(capsys):
+    gpt.main(["--bench", "--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16",
+              "--batch_size=2", "--peak_flops=1e12"])
+    out = capsys.readouterr().out
+    assert re.search(r"bench: [\d.]+M parameters, batch 2 x 16, cpu, float32", out)
+    assert re.search(r"[\d.]+ ms/step \| [\d,]+ tokens/s \| MFU [\d.]+% \| peak memory [\d.]+ GiB \| loss", out)
+
 @pytest.mark.parametrize("pos_emb", POSITIONS)
 def test_manual_attention_equals_fused_attention(pos_emb):
     fused = tiny_model(pos_emb=pos_emb)
@@ -1325,7 +1406,7 @@ def bigram_model(next_token_probs: list[list[float]]) -> GPT:
     those map to the table's log-probabilities."""
     vocab = len(next_token_probs)
     model = GPT(GPTConfig(block_size=8, vocab_size=vocab, n_layer=1, n_head=1, n_embd=2 * vocab,
-                          tie_weights=False)).eval()
+                          tie_weights=False, vocab_multiple=1)).eval()  # unpadded: the rows are solved below
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
@@ -1395,7 +1476,7 @@ def test_gpt2_import_gives_hf_logits(tmp_path):
 
 def test_export_then_hf_import_round_trips_exactly(tmp_path):
     transformers = pytest.importorskip("transformers")
-    ours = tiny_model(vocab_size=97, block_size=24, n_embd=32, n_head=4)
+    ours = tiny_model(vocab_size=97, block_size=24, n_embd=32, n_head=4, vocab_multiple=1)  # unpadded, as HF
     gpt.export_to_hf(ours, tmp_path / "export")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
     hf_state = hf.state_dict()
@@ -1406,9 +1487,51 @@ def test_export_then_hf_import_round_trips_exactly(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, ours(idx)[0], atol=1e-5, rtol=0)
     # ... and back again: our own import of the export is bit-identical.
+    again = gpt.from_gpt2(gpt2_dir=tmp_path / "export", vocab_multiple=1)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
+
+
+def test_padded_vocabulary_exports_the_real_rows_and_imports_back_padded(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours = tiny_model(vocab_size=97, block_size=24, n_embd=32, n_head=4)
+    assert ours.transformer.wte.weight.shape == (128, 32) and ours.lm_head.weight is ours.transformer.wte.weight
+    assert not ours.transformer.wte.weight[97:].any()  # padding rows start at 0
+    gpt.export_to_hf(ours, tmp_path / "export")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    assert hf.transformer.wte.weight.shape == (97, 32)
+    assert torch.equal(hf.transformer.wte.weight, ours.transformer.wte.weight[:97])
+    idx = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        logits = ours(idx)[0]
+        assert logits.shape == (2, 24, 97)  # the padding ids are never scored
+        torch.testing.assert_close(hf(idx).logits, logits, atol=1e-5, rtol=0)
     again = gpt.from_gpt2(gpt2_dir=tmp_path / "export")
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
 
+
+def test_padding_rows_take_no_probability_and_no_gradient():
+    model = tiny_model(vocab_size=70)  # 128 rows
+    idx = torch.randint(0, 70, (2, 16))
+    _, loss = model(idx, idx.roll(-1, dims=1))
+    loss.backward()
+    assert not model.lm_head.weight.grad[70:].any()
+    with torch.no_grad():
+        logits = model.lm_head(model.hidden_states(idx))[..., :70]
+    expected = F.cross_entropy(logits.reshape(-1, 70), idx.roll(-1, dims=1).reshape(-1))
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=0)
+    assert model.num_params(non_embedding=False) == sum(p.numel() for p in model.parameters()) - 58 * 16
+
+
+def test_checkpoints_from_before_padding_load_unpadded(tmp_path):
+    model = tiny_model(vocab_size=70)
+    old_style = {"model_config": {k: v for k, v in dataclasses.asdict(model.config).items()
+                                  if k != "vocab_multiple"},
+                 "model": {k: (v[:70] if v.size(0) == 128 else v) for k, v in model.state_dict().items()}}
+    loaded = gpt.model_from_checkpoint(old_style, tmp_path / "old.pt")
+    assert loaded.config.padded_vocab_size == 70
+    idx = torch.randint(0, 70, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx)[0], model.eval()(idx)[0], atol=1e-6, rtol=0)
 
 def test_gpt2_import_names_missing_and_mismatched_tensors(tmp_path):
     from safetensors.torch import load_file, save_file

@@ -20,21 +20,21 @@ sets of flags, with the losses they reach):
 Part I, the lesson: stop at its end and you have read the whole program.
     1. Configuration: every knob a plain global, and the flag parser that overrides them
     2. The model: config, LayerNorm, positions, attention (written out, then the fused kernel), MLP, block,
-       from logits to a token (temperature, top-k, top-p), the KV cache, GPT (init, forward, generation),
-       beam search
+       from logits to a token (temperature, top-k, top-p), the KV cache, GPT (init, forward, generation)
     3. Data: the shard format, and random windows read from it
     4. Training: device and precision, optimiser, schedule, evaluation, checkpoints, and the loop in steps
        (start, one optimizer step, evaluate and checkpoint, log)
     5. Sampling from the command line, and main
 Part II, the workshop: what makes the lesson fast, safe, interoperable and visible.
-    6. Devices and speed routes: choosing the device and precision, Linear's CPU route for generation,
-       the chunked loss, MFU and the device's peak FLOPs
-    7. Safety and resume plumbing: shards, meta.json, token ids and checkpoints checked before use,
+    6. Beam search, on the same advance-or-recompute step as generation
+    7. Devices and speed routes: choosing the device and precision, Linear's CPU route for generation,
+       the chunked loss, padded vocabulary rows, MFU and the device's peak FLOPs, --bench
+    8. Safety and resume plumbing: shards, meta.json, token ids and checkpoints checked before use,
        random-generator states, stopping on a signal, one run per out_dir, the run log, the console, and
        file-system errors as one line
-    8. GPT-2 / Hugging Face: import, export, GPT-2's tokenizer
-    9. Plots (one function per figure)
-   10. Command-line conveniences: --help, the flag checks, --prompt
+    9. GPT-2 / Hugging Face: import, export, GPT-2's tokenizer
+   10. Plots (one function per figure)
+   11. Command-line conveniences: --help, the flag checks, --prompt
 """
 import codecs
 import difflib
@@ -243,22 +243,8 @@ class GPTConfig:
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def __post_init__(self):
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
-                             f"pick n_embd as a multiple of n_head")
-        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rope needs an even head size, got n_embd/n_head = "
-                             f"{self.n_embd // self.n_head}")
-        choices = {"pos_emb": ("learned", "sinusoidal", "rope"), "activation": ("gelu", "relu"),
-                   "attention": ("sdpa", "manual")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        check_model_config(self)  # sizes at least 1, n_head dividing n_embd, known choices: Part II
+
 
 
 def model_config(cfg: SimpleNamespace, vocab_size: int) -> GPTConfig:
@@ -593,17 +579,11 @@ class GPT(nn.Module):
         x, targets = x.view(-1, x.size(-1)), targets.reshape(-1)  # (B*T, C), (B*T,)
         # F.cross_entropy(self.logits(x), targets, ignore_index=-1), without ever holding the (B*T, V)
         # logits: Part II, chunked_cross_entropy.
-        return None, chunked_cross_entropy(x, self.output_weight(x.device), targets, self.config.vocab_size)
-
-    def output_weight(self, device: torch.device) -> torch.Tensor:
-        """The output layer's rows to multiply by: all of them on a GPU, where the padded count fills the
-        tensor-core tiles; only the real vocabulary's on a CPU, where padding rows would be wasted work."""
-        weight = self.lm_head.weight
-        return weight if device.type != "cpu" else weight[:self.config.vocab_size]
+        return None, chunked_cross_entropy(x, output_rows(self, x.device), targets, self.config.vocab_size)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., C) hidden states -> (..., V) scores of the real vocabulary (the route: Part II, linear)."""
-        return linear(x, self.output_weight(x.device))[..., :self.config.vocab_size]
+        """(..., C) hidden states -> (..., V) scores of the real vocabulary (Part II: linear, output_rows)."""
+        return linear(x, output_rows(self, x.device))[..., :self.config.vocab_size]
 
     # -- generation -----------------------------------------------------------------------------------------
 
@@ -665,51 +645,6 @@ class GPT(nn.Module):
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, stop_token,
                                         generator, use_cache))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1)
-
-
-# -- Beam search: decoding beside the model, on the same advance-or-recompute step as generate_stream -------
-
-@torch.inference_mode()
-def beam_search(model: GPT, idx: torch.Tensor, max_new_tokens: int, beam_size: int,
-                length_penalty: float = 1.0, stop_token: int | None = None) -> torch.Tensor:
-    """The most likely continuation of one prompt idx (1, T) that beam_size parallel hypotheses find.
-
-    Each step extends every beam by every token and keeps the beam_size best by total log-probability.
-    Finished hypotheses (those that produced stop_token, or all of them at the end) are ranked by
-    log-probability / length ** length_penalty, so that longer texts are not punished merely for
-    having more factors below 1. Returns (1, T + new tokens)."""
-    if idx.size(0) != 1:
-        raise ValueError(f"beam search continues one prompt, got a batch of {idx.size(0)}")
-    if beam_size < 1:
-        raise ValueError(f"beam={beam_size} must be at least 1")
-    block = model.config.block_size
-    prompt = idx[:, -block:]
-    beams = prompt.new_empty(1, 0)                    # (n_beams, generated so far)
-    scores = torch.zeros(1, device=idx.device)        # (n_beams,) summed log-probabilities
-    caches = model.new_caches(1, min(block, prompt.size(1) + max_new_tokens))
-    logits = model.next_token_logits(prompt, caches)
-    finished: list[tuple[float, torch.Tensor]] = []   # (normalised score, tokens)
-    for step in range(max_new_tokens):
-        logprobs = scores[:, None] + F.log_softmax(logits.float(), dim=-1)  # (n_beams, V)
-        top_scores, flat = logprobs.view(-1).topk(beam_size)
-        rows, tokens = flat // logits.size(-1), flat % logits.size(-1)
-        beams = torch.cat((beams[rows], tokens[:, None]), dim=1)
-        scores = top_scores
-        length = step + 1
-        done = tokens == stop_token if stop_token is not None else torch.zeros_like(tokens, dtype=torch.bool)
-        for i in done.nonzero().flatten().tolist():
-            finished.append((scores[i].item() / length ** length_penalty, beams[i]))
-        alive = (~done).nonzero().flatten()
-        if len(alive) == 0 or step == max_new_tokens - 1:
-            break
-        beams, scores, rows = beams[alive], scores[alive], rows[alive]
-        for cache in caches or []:  # each surviving beam continues the cache of the beam it extends
-            cache.reorder(rows)
-        logits, caches = model.advance(torch.cat((prompt.expand(len(alive), -1), beams), dim=1), caches)
-    for i in (~done).nonzero().flatten().tolist():  # the beams still alive at the end count as finished too
-        finished.append((scores[i].item() / length ** length_penalty, beams[i]))
-    best = max(finished, key=lambda pair: pair[0])[1]
-    return torch.cat((idx, best[None]), dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -976,13 +911,7 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
     torch.manual_seed(cfg.seed)
     with out_of_memory_as_one_line(cfg):  # a model too large for the memory: Part II
         model, tokenizer_text = build_model(cfg, overrides, meta, checkpoint)
-    if int(meta["vocab_size"]) > model.config.vocab_size:
-        raise ValueError(f"{data_dir}/meta.json has vocab_size {meta['vocab_size']} but the model only "
-                         f"{model.config.vocab_size} token ids: prepare the data with the model's tokenizer")
-    if cfg.block_size > model.config.block_size:
-        raise ValueError(f"--block_size={cfg.block_size} is longer than the model's context "
-                         f"({model.config.block_size})")
-    check_token_ids(meta, data_dir, model.config.vocab_size)  # no id past the vocabulary: Part II
+    check_model_fits_data(model, meta, cfg)  # vocabulary, context, every token id: Part II
     model.to(device)
     accumulation_steps, tokens_per_step = micro_steps(cfg, world_size)
     optimizer = make_optimizer(model, cfg, runtime)
@@ -1013,12 +942,7 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
               accumulation_steps, tokens_per_step, flops, peak_flops, step, best_val_loss, saved_step)
     if rank == 0:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}")
-        print(f"device {device}, autocast {str(runtime.autocast_dtype).removeprefix('torch.')} "
-              f"({runtime.why}), {world_size} process(es); {tokens_per_step:,} tokens per step = "
-              f"{cfg.batch_size} x {cfg.block_size} x {world_size} x {accumulation_steps} micro-step(s); "
-              f"data: {windows['train'].num_windows:,} train windows; peak {peak_flops / 1e12:.2f} TFLOP/s "
-              f"for MFU ({peak_flops_source(runtime, cfg.peak_flops)})")
+        print_start(run)  # the model, the device, the step's tokens, the data: Part II
     return run
 
 
@@ -1185,11 +1109,7 @@ def decode_until(ids: list[int], tokenizer: Tokenizer, stop_token: int | None) -
 
 def run_sampling(cfg: SimpleNamespace, overrides: dict) -> None:
     """Print num_samples continuations of the prompt; a single sample streams token by token."""
-    sampling_flags = [k for k in ("temperature", "top_k", "top_p", "greedy") if k in overrides]
-    if cfg.beam and sampling_flags:
-        raise FlagError(f"--beam is deterministic: drop --{sampling_flags[0]}")
-    if cfg.beam and cfg.num_samples > 1:
-        raise FlagError("--beam finds one best continuation: drop --num_samples")
+    check_sampling_flags(cfg, overrides)  # --beam with sampling flags: Part II
     runtime = setup_device(cfg.device, cfg.dtype)  # Part II, setup_device
     model, tokenizer = load_for_sampling(cfg, runtime.device)
     check_model_for_sampling(model, cfg)  # NaN weights, more beams than tokens: Part II
@@ -1204,17 +1124,9 @@ def run_sampling(cfg: SimpleNamespace, overrides: dict) -> None:
         if cfg.beam:
             out = beam_search(model, prompt, cfg.max_new_tokens, cfg.beam, stop_token=stop_token)
             print(shown_prompt + decode_until(out[0, prompt.size(1):].tolist(), tokenizer, stop_token))
-        elif cfg.num_samples == 1:
-            # Stream: a token may end in the middle of a UTF-8 character (an emoji can take 4 tokens), so
-            # bytes go through an incremental decoder that prints each character once it is complete.
-            utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            sys.stdout.write(shown_prompt)
-            for token in model.generate_stream(prompt, cfg.max_new_tokens, **options):
-                if token.item() == stop_token:
-                    break
-                sys.stdout.write(utf8.decode(tokenizer.decode_bytes([token.item()])))
-                sys.stdout.flush()
-            print(utf8.decode(b"", final=True))
+        elif cfg.num_samples == 1:  # printed token by token as it is generated: Part II, stream_sample
+            stream_sample(model.generate_stream(prompt, cfg.max_new_tokens, **options), tokenizer,
+                          shown_prompt, stop_token)
         else:
             out = model.generate(prompt.expand(cfg.num_samples, -1), cfg.max_new_tokens, **options)
             for row in out[:, prompt.size(1):].tolist():
@@ -1237,23 +1149,62 @@ def main(argv: list[str] | None = None) -> None:
             run_bench(cfg)  # Part II, run_bench
         else:
             train(overrides)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2 if isinstance(e, FlagError) else 1) from None  # 2: a bad flag, as in argparse
-    except BrokenPipeError:  # the reader of stdout went away (| head): Part II
-        exit_quietly_on_broken_pipe()
-    except OSError as e:  # a full disk, a read-only folder, a file where a folder should be: Part II
-        print(f"error: {file_system_error(e)}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:  # Ctrl-C while sampling; a training run stopped (and saved) by a signal
-        raise SystemExit(130) from None
+    except (ValueError, OSError, FloatingPointError, KeyboardInterrupt) as e:
+        # One line, and the exit status: 2 a bad flag, 1 a failed run, 130 Ctrl-C. Part II, exit_with
+        exit_with(e)
 
 
 # ===== Part II: the workshop (speed routes, safety and resume plumbing, GPT-2/HF interop, plots) ==========
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Devices and speed routes: the same results as the lesson's plain code, sooner
+# 6. Beam search: another way to decode, beside the model, on the same advance-or-recompute step as
+#    generate_stream
+@torch.inference_mode()
+def beam_search(model: GPT, idx: torch.Tensor, max_new_tokens: int, beam_size: int,
+                length_penalty: float = 1.0, stop_token: int | None = None) -> torch.Tensor:
+    """The most likely continuation of one prompt idx (1, T) that beam_size parallel hypotheses find.
+
+    Each step extends every beam by every token and keeps the beam_size best by total log-probability.
+    Finished hypotheses (those that produced stop_token, or all of them at the end) are ranked by
+    log-probability / length ** length_penalty, so that longer texts are not punished merely for
+    having more factors below 1. Returns (1, T + new tokens)."""
+    if idx.size(0) != 1:
+        raise ValueError(f"beam search continues one prompt, got a batch of {idx.size(0)}")
+    if beam_size < 1:
+        raise ValueError(f"beam={beam_size} must be at least 1")
+    block = model.config.block_size
+    prompt = idx[:, -block:]
+    beams = prompt.new_empty(1, 0)                    # (n_beams, generated so far)
+    scores = torch.zeros(1, device=idx.device)        # (n_beams,) summed log-probabilities
+    caches = model.new_caches(1, min(block, prompt.size(1) + max_new_tokens))
+    logits = model.next_token_logits(prompt, caches)
+    finished: list[tuple[float, torch.Tensor]] = []   # (normalised score, tokens)
+    for step in range(max_new_tokens):
+        logprobs = scores[:, None] + F.log_softmax(logits.float(), dim=-1)  # (n_beams, V)
+        top_scores, flat = logprobs.view(-1).topk(beam_size)
+        rows, tokens = flat // logits.size(-1), flat % logits.size(-1)
+        beams = torch.cat((beams[rows], tokens[:, None]), dim=1)
+        scores = top_scores
+        length = step + 1
+        done = tokens == stop_token if stop_token is not None else torch.zeros_like(tokens, dtype=torch.bool)
+        for i in done.nonzero().flatten().tolist():
+            finished.append((scores[i].item() / length ** length_penalty, beams[i]))
+        alive = (~done).nonzero().flatten()
+        if len(alive) == 0 or step == max_new_tokens - 1:
+            break
+        beams, scores, rows = beams[alive], scores[alive], rows[alive]
+        for cache in caches or []:  # each surviving beam continues the cache of the beam it extends
+            cache.reorder(rows)
+        logits, caches = model.advance(torch.cat((prompt.expand(len(alive), -1), beams), dim=1), caches)
+    for i in (~done).nonzero().flatten().tolist():  # the beams still alive at the end count as finished too
+        finished.append((scores[i].item() / length ** length_penalty, beams[i]))
+    best = max(finished, key=lambda pair: pair[0])[1]
+    return torch.cat((idx, best[None]), dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Devices and speed routes: the same results as the lesson's plain code, sooner
 
 def choose_precision(device: torch.device) -> tuple[str, str]:
     """The training precision this device does best, and why, asked of the device itself.
@@ -1466,6 +1417,13 @@ def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat((tensor, tensor.new_zeros(rows - tensor.size(0), *tensor.shape[1:])))
 
 
+def output_rows(model: "GPT", device: torch.device) -> torch.Tensor:
+    """The output layer's rows to multiply by: all of them on a GPU, where the padded count fills the
+    tensor-core tiles; only the real vocabulary's on a CPU, where padding rows would be wasted work."""
+    weight = model.lm_head.weight
+    return weight if device.type != "cpu" else weight[:model.config.vocab_size]
+
+
 # -- MFU: the share of the device's peak FLOP/s that training uses -----------------------------------------
 
 def flops_per_token(model: GPT, seq_len: int | None = None) -> float:
@@ -1586,8 +1544,20 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. Safety and resume plumbing: inputs checked before a run, a stopped run continued exactly, a signal
+# 8. Safety and resume plumbing: inputs checked before a run, a stopped run continued exactly, a signal
 #    that stops it cleanly, one run per out_dir, the log, the console, and file-system errors as one line
+
+def check_model_fits_data(model: "GPT", meta: dict, cfg: SimpleNamespace) -> None:
+    """The data's vocabulary and every token id within the model's, and --block_size within its context."""
+    data_dir = Path(cfg.data_dir)
+    if int(meta["vocab_size"]) > model.config.vocab_size:
+        raise ValueError(f"{data_dir}/meta.json has vocab_size {meta['vocab_size']} but the model only "
+                         f"{model.config.vocab_size} token ids: prepare the data with the model's tokenizer")
+    if cfg.block_size > model.config.block_size:
+        raise ValueError(f"--block_size={cfg.block_size} is longer than the model's context "
+                         f"({model.config.block_size})")
+    check_token_ids(meta, data_dir, model.config.vocab_size)
+
 
 def shard_token_count(path: Path) -> int:
     """Check a shard's header and size; return its token count."""
@@ -2034,6 +2004,32 @@ def eval_sample(model: GPT, tokenizer: Tokenizer, cfg: SimpleNamespace, runtime:
     return tokenizer.decode([t for t in out[0, 1:].tolist() if t != tokenizer.eot_token])
 
 
+def print_start(run: Run) -> None:
+    """The start-up lines: the model, the device and precision (and why), what a step holds, the data."""
+    cfg, runtime, model = run.cfg, run.runtime, run.model
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}")
+    print(f"device {runtime.device}, autocast {str(runtime.autocast_dtype).removeprefix('torch.')} "
+          f"({runtime.why}), {run.world_size} process(es); {run.tokens_per_step:,} tokens per step = "
+          f"{cfg.batch_size} x {cfg.block_size} x {run.world_size} x {run.accumulation_steps} micro-step(s); "
+          f"data: {run.windows['train'].num_windows:,} train windows; peak {run.peak_flops / 1e12:.2f} "
+          f"TFLOP/s for MFU ({peak_flops_source(runtime, cfg.peak_flops)})")
+
+
+def stream_sample(tokens: Iterator[torch.Tensor], tokenizer: Tokenizer, shown_prompt: str,
+                  stop_token: int | None) -> None:
+    """Print a sample as its (1,) tokens arrive. A token may end in the middle of a UTF-8 character (an
+    emoji can take 4 tokens), so bytes go through an incremental decoder that prints each character once
+    it is complete."""
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    sys.stdout.write(shown_prompt)
+    for token in tokens:
+        if token.item() == stop_token:
+            break
+        sys.stdout.write(utf8.decode(tokenizer.decode_bytes([token.item()])))
+        sys.stdout.flush()
+    print(utf8.decode(b"", final=True))
+
+
 def print_step(run: Run, record: dict) -> None:
     """Process 0 prints a training line every log_interval steps (and after the first)."""
     if run.rank == 0 and (run.step % run.cfg.log_interval == 0 or run.step == 1):
@@ -2088,6 +2084,21 @@ def torch_save(obj: object, path: Path) -> None:
             raise
 
 
+def exit_with(error: BaseException) -> None:
+    """End the program for main: one `error: ...` line on stderr and the status a shell expects: 2 for a
+    bad flag (as argparse), 1 for a run that failed, 130 for Ctrl-C or a signal that stopped (and saved) a
+    training run, 141 when the reader of stdout went away (| head)."""
+    if isinstance(error, KeyboardInterrupt):
+        raise SystemExit(130) from None
+    if isinstance(error, BrokenPipeError):
+        exit_quietly_on_broken_pipe()
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+        print(f"error: {file_system_error(error)}", file=sys.stderr)  # a full disk, a read-only folder
+        raise SystemExit(1) from None
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2 if isinstance(error, FlagError) else 1) from None
+
+
 def exit_quietly_on_broken_pipe() -> None:
     """`python gpt.py --sample ... | head` closes the pipe early: stop without a traceback. stdout is pointed
     at /dev/null so that Python's flush at exit does not fail again; the status is 128 + SIGPIPE, as for a
@@ -2097,7 +2108,7 @@ def exit_quietly_on_broken_pipe() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. GPT-2 / Hugging Face: OpenAI's weights in, our models out
+# 9. GPT-2 / Hugging Face: OpenAI's weights in, our models out
 #
 # HF's GPT-2 stores its linear layers as "Conv1D" modules whose weight is (in, out), the transpose of
 # nn.Linear's (out, in). Everything else has the same name and shape as here.
@@ -2222,7 +2233,7 @@ def run_export(cfg: SimpleNamespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 9. Plots: one function per figure
+# 10. Plots: one function per figure
 
 PLOT_PROMPT = "First Citizen: Once upon a time, a little girl asked the king why the sky was blue."
 WEIGHT_KINDS = {"attn.c_attn": "attention q,k,v", "attn.c_proj": "attention output",
@@ -2397,7 +2408,7 @@ def plot_spectral_norms(plt, matrices: dict[str, list[torch.Tensor]]):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 10. Command-line conveniences: --help, the flag checks, --prompt
+# 11. Command-line conveniences: --help, the flag checks, --prompt
 
 def help_text() -> str:
     """--help: the commands, then every knob with its default (as typed on the command line) and comment."""
@@ -2436,6 +2447,35 @@ def check_config(cfg: SimpleNamespace) -> SimpleNamespace:
     return cfg
 
 
+def check_model_config(config: "GPTConfig") -> None:
+    """One clear error for a GPTConfig that cannot be built (flags, or a checkpoint's model_config)."""
+    for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name}={getattr(config, name)} must be at least 1")
+    if config.n_embd % config.n_head:
+        raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}: "
+                         f"pick n_embd as a multiple of n_head")
+    if config.pos_emb == "rope" and (config.n_embd // config.n_head) % 2:
+        raise ValueError(f"rope needs an even head size, got n_embd/n_head = "
+                         f"{config.n_embd // config.n_head}")
+    choices = {"pos_emb": ("learned", "sinusoidal", "rope"), "activation": ("gelu", "relu"),
+               "attention": ("sdpa", "manual")}
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ValueError(f"{name}={getattr(config, name)!r} is not one of {', '.join(allowed)}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"dropout={config.dropout} must be in [0, 1)")
+
+
+def check_sampling_flags(cfg: SimpleNamespace, overrides: dict) -> None:
+    """Beam search is deterministic and finds one continuation: sampling flags beside it are a mistake."""
+    sampling_flags = [k for k in ("temperature", "top_k", "top_p", "greedy") if k in overrides]
+    if cfg.beam and sampling_flags:
+        raise FlagError(f"--beam is deterministic: drop --{sampling_flags[0]}")
+    if cfg.beam and cfg.num_samples > 1:
+        raise FlagError("--beam finds one best continuation: drop --num_samples")
+
+
 def check_schedule(cfg: SimpleNamespace, print_warnings: bool = True) -> None:
     """Refuse a learning-rate schedule that cannot be what was meant; warn about one that can, but surprises.
 
@@ -2449,13 +2489,13 @@ def check_schedule(cfg: SimpleNamespace, print_warnings: bool = True) -> None:
     if cfg.min_lr > cfg.learning_rate:
         raise FlagError(f"--min_lr={cfg.min_lr} is above --learning_rate={cfg.learning_rate}: the cosine "
                          f"would raise the rate as it decays; set --min_lr to about --learning_rate / 10")
-    warnings = []
+    notes = []
     if cfg.learning_rate == 0:
-        warnings.append("--learning_rate=0: the weights will not change (the losses are still measured)")
+        notes.append("--learning_rate=0: the weights will not change (the losses are still measured)")
     if cfg.max_steps < cfg.warmup_steps:
-        warnings.append(f"--max_steps={cfg.max_steps} ends inside the warm-up (--warmup_steps="
+        notes.append(f"--max_steps={cfg.max_steps} ends inside the warm-up (--warmup_steps="
                         f"{cfg.warmup_steps}): the rate never reaches --learning_rate={cfg.learning_rate}")
-    for warning in warnings if print_warnings else []:
+    for warning in notes if print_warnings else []:
         print(f"warning: {warning}", file=sys.stderr)
 
 

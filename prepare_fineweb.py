@@ -1153,19 +1153,21 @@ def write_filtered_split(args: argparse.Namespace, split: str, documents: Iterat
     totals = ledger.meta["splits"][split]
     budget = args.max_tokens if split == "train" else None
     finished = budget is not None and totals["tokens"] >= budget  # resuming after this split's last shard
-    hash_all = doc_filter.seen is not None and followed
-    if finished and not hash_all:
-        return  # nothing to read: meta.json holds its counts
+    if finished and not doc_filter.reasons():
+        return  # nothing to read, nothing dropped
     doc_filter.start_split()
     kept = kept_documents(documents, doc_filter)
-    if not finished:
-        # Resuming: skip the documents that complete shards already hold. They are read and filtered again,
-        # in the same order, which rebuilds the seen-set and the counts as the interrupted run had them.
+    # Resuming: skip the documents that complete shards already hold. They are read and filtered again, in
+    # the same order, which rebuilds the seen-set and the counts as the interrupted run had them.
+    if finished:
+        for _ in islice(kept, totals["documents"]):
+            pass
+    else:
         progress.start(split)
         write_split(split, islice(kept, totals["documents"], None), budget, args.shard_size, pool, ledger,
                     progress)
     stopped_at_budget = budget is not None and totals["tokens"] >= budget
-    if hash_all and stopped_at_budget:
+    if doc_filter.seen is not None and followed and stopped_at_budget:
         progress.end_line()
         print(f"--dedup: reading the rest of the {split} split, so that no later document repeats any of it",
               file=sys.stderr)

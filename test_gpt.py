@@ -824,6 +824,28 @@ def test_prepare_length_filters_drop_documents_outside_the_range_with_exact_coun
     assert "(821 documents" in summary and "dropped: too short 73, too long 106), val" in summary
     assert "(86 documents; dropped: too short 14, too long 0)" in summary
 
+    # Resumed after training's last shard (meta.json's counts not yet updated): training is read again to
+    # count its drops, which come out as in an uninterrupted run.
+    flags = [f"--input={source}", f"--tokenizer={prepare_tokenizer_file}", "--val_from=end", "--min_chars=200",
+             "--max_tokens=100K", "--shard_size=20K", "--workers=1"]
+    code, stderr = prepare_main(*flags, f"--out_dir={tmp_path / 'whole'}")
+    assert code == 0, stderr
+    whole = json.loads((tmp_path / "whole" / "meta.json").read_text())
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    meta = json.loads((tmp_path / "cut" / "meta.json").read_text())
+    for name in meta["splits"]["val"]["shards"]:
+        (tmp_path / "cut" / name).unlink()
+        del meta["shards"][name]
+    meta["splits"]["val"] = {"shards": [], "tokens": 0, "documents": 0, "bytes": 0, "dropped": PREPARE_NO_DROPS}
+    meta["splits"]["train"]["dropped"] = PREPARE_NO_DROPS
+    meta["complete"] = False
+    (tmp_path / "cut" / "meta.json").write_text(json.dumps(meta))
+    code, stderr = prepare_main(*flags, f"--out_dir={tmp_path / 'cut'}")
+    assert code == 0 and "resuming" in stderr, stderr
+    assert json.loads((tmp_path / "cut" / "meta.json").read_text())["splits"] == whole["splits"]
+    assert whole["splits"]["train"]["dropped"]["too_short"] > 0
+    assert prepare_shard_bytes(tmp_path / "cut") == prepare_shard_bytes(tmp_path / "whole")
+
     # A filter that leaves a split empty is an error that says which split and what dropped its documents.
     code, stderr = prepare_main(f"--input={source}", f"--tokenizer={prepare_tokenizer_file}", "--val_size=3",
                                 "--min_chars=2000", "--workers=1", f"--out_dir={tmp_path / 'empty'}")

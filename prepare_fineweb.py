@@ -13,26 +13,30 @@ What happens, in order:
   2. A tokenizer is trained with bpe.py on the first --tokenizer_train_mb MB of training documents
      (vocab 8192, GPT-4 split pattern by default), or loaded (--tokenizer=gpt2, a folder, a saved file).
   3. Documents are encoded in order, each preceded by <|endoftext|>, and packed whole into shards of at
-     most --shard_size tokens, until --max_tokens training tokens.
+     most --shard_size tokens, until --max_tokens training tokens. With --min_chars / --max_chars /
+     --dedup, documents of another length and exact repeats of an earlier document are dropped first.
 
 Output, in data/<name>/ (name: fineweb, tinystories, or the first input file's stem):
   <name>_val_000000.bin, <name>_train_000001.bin, ...   shards, numbered in the order of their documents
   tokenizer.bpe                                          the tokenizer, in bpe.py's format (also for gpt2)
   meta.json                                              vocab size, <|endoftext|> id, and per shard and
-                                                         split: tokens, documents, UTF-8 bytes (for gpt.py)
+                                                         split: tokens, documents, UTF-8 bytes (for gpt.py);
+                                                         per split: the documents the filters dropped
 Validation never overlaps training: it is the dataset's own validation split where there is one, else the
 first --val_size documents (a count, or a fraction of all documents), or the last ones with --val_from=end.
 A stopped run resumes where it stopped when rerun, byte for byte; --overwrite starts over (and deletes
 only files this program wrote). Exit status: 0 done, 1 failed (one line on stderr), 2 bad flag, 130 stopped
 by Ctrl-C or SIGTERM.
 
-Map. Part I, the lesson: the shard format; the pipeline (encode in order, pack whole documents, write
-shards). Part II, the workshop: document sources; the tokenizer; encoding workers; the resume ledger
-(meta.json, settings, clean-up); progress; flags; main.
+Map. Part I, the lesson: the shard format; the pipeline (keep or drop each document, encode in order,
+pack whole documents, write shards). Part II, the workshop: document sources; the document filter's
+memory and counts; the tokenizer; encoding workers; the resume ledger (meta.json, settings, clean-up);
+progress; flags; main.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import codecs
 import errno
 import hashlib
@@ -45,6 +49,7 @@ import signal
 import sys
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -90,7 +95,7 @@ def shard_file_size(n_tokens: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The pipeline: encode the documents in order, pack them whole into shards, write the shards
+# The pipeline: keep or drop each document, encode the kept ones in order, pack them whole into shards
 
 def encode_documents(texts: list[str]) -> tuple[np.ndarray, list[int], list[int]]:
     """[doc, ...] -> (uint16 tokens, <|endoftext|> before each doc; tokens per doc; UTF-8 bytes per doc).
@@ -134,12 +139,29 @@ class Shard:
         self.file.close()
 
 
+def kept_documents(documents: Iterable[str], doc_filter: DocumentFilter) -> Iterator[str]:
+    """The documents worth training on, in order. Is this document one we keep? Its length in characters
+    must be within --min_chars..--max_chars (0: no limit), and with --dedup no earlier document may have
+    had exactly its text. The filter holds what the question needs from one document to the next: a hash
+    of every text kept so far, and the count of each kind of drop (Part II, DocumentFilter)."""
+    for text in documents:
+        if len(text) < doc_filter.min_chars:
+            doc_filter.drop("too_short")
+        elif doc_filter.max_chars and len(text) > doc_filter.max_chars:
+            doc_filter.drop("too_long")
+        elif doc_filter.is_duplicate(text):  # with --dedup; a new text is remembered here
+            doc_filter.drop("duplicates")
+        else:
+            doc_filter.keep()
+            yield text
+
+
 def write_split(split: str, documents: Iterable[str], budget: int | None, shard_size: int,
                 encoder: EncodingPool, ledger: Ledger, progress: Progress) -> None:
-    """Encode one split's documents and pack them whole into shards of at most shard_size tokens. With a
-    budget, stop at the first document boundary at or past `budget` tokens of this split. The encoder's
-    workers encode chunks of documents in parallel, and the chunks come back in order (Part II,
-    EncodingPool); the ledger is meta.json (Part II, Ledger)."""
+    """Encode one split's documents (those kept_documents lets through) and pack them whole into shards
+    of at most shard_size tokens. With a budget, stop at the first document boundary at or past `budget`
+    tokens of this split. The encoder's workers encode chunks of documents in parallel, and the chunks
+    come back in order (Part II, EncodingPool); the ledger is meta.json (Part II, Ledger)."""
     split_tokens = ledger.meta["splits"][split]["tokens"]  # in complete shards: above 0 when resuming
     shard = None
     for tokens, token_counts, byte_counts in encoder.encode_in_order(documents):
@@ -168,7 +190,7 @@ def write_split(split: str, documents: Iterable[str], budget: int | None, shard_
     progress.update(0, 0, len(ledger.meta["shards"]), force=True)
 
 
-# ===== Part II: the workshop (sources, tokenizer, encoding workers, resume ledger, flags, main) ==========
+# ===== Part II: the workshop (sources, filter, tokenizer, encoding workers, resume ledger, flags, main) ==
 
 # ----------------------------------------------------------------------------------------------------------
 # Document sources
@@ -416,6 +438,74 @@ def split_documents(source: Source, split: str, val_range: range | None) -> Iter
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The document filter: what kept_documents (Part I) needs from one document to the next
+#
+# One filter serves both splits, in the order they are written, so a text is kept only where it first
+# appears: validation first (the start of the source, or the dataset's own validation split), training
+# first when validation is the end of the source. Either way no text is in both splits. The validation
+# documents are chosen before filtering, by their place in the source (so --val_size and --val_from pick the
+# same places whatever the filters); the filters then drop within each split, and a split they leave empty
+# is an error. With --dedup, a split that another follows is read to its end even where --max_tokens stops
+# its shards early: all its texts are then in the seen-set, and what the next split keeps depends neither on
+# --max_tokens nor on how far the encoding workers had read ahead.
+
+DROP_REASONS = ("duplicates", "too_short", "too_long")  # meta.json's names for the dropped documents
+
+
+class DocumentFilter:
+    """--min_chars, --max_chars and --dedup: the seen-set, and per split the drops and where they fell."""
+
+    def __init__(self, min_chars: int = 0, max_chars: int = 0, dedup: bool = False):
+        self.min_chars, self.max_chars = min_chars, max_chars
+        # 16 bytes of BLAKE2b per kept text (a collision among 10^9 texts has odds of about 10^-21); as bytes
+        # objects in a set that is about 83 MB per million documents kept.
+        self.seen: set[bytes] | None = set() if dedup else None
+        self.start_split()
+
+    def reasons(self) -> list[str]:
+        """The kinds of drop these flags can make."""
+        return [reason for reason, on in zip(DROP_REASONS, (self.seen is not None, self.min_chars,
+                                                            self.max_chars)) if on]
+
+    def start_split(self) -> None:
+        """Counts start again for each split; the seen-set carries on."""
+        self.kept = 0
+        # Per reason, the number of documents kept before each drop (8 bytes a drop). The numbers never
+        # decrease, so a bisection finds the drops that came before the n-th kept document.
+        self.drops = {reason: array("q") for reason in DROP_REASONS}
+
+    def is_duplicate(self, text: str) -> bool:
+        """Whether an earlier kept document had this exact text (always False without --dedup). A new text
+        is remembered."""
+        if self.seen is None:
+            return False
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        if digest in self.seen:
+            return True
+        self.seen.add(digest)
+        return False
+
+    def keep(self) -> None:
+        self.kept += 1
+
+    def drop(self, reason: str) -> None:
+        self.drops[reason].append(self.kept)
+
+    def dropped(self, documents_written: int | None = None) -> dict[str, int]:
+        """This split's drops by reason: all of them (the split was read to its end), or, for a split that
+        stopped at its token budget, those before the last of its `documents_written` documents: the
+        encoding workers read further ahead than the shards reached, and the same run resumed would not."""
+        if documents_written is None:
+            return {reason: len(drops) for reason, drops in self.drops.items()}
+        return {reason: bisect.bisect_left(drops, documents_written) for reason, drops in self.drops.items()}
+
+
+def describe_drops(dropped: dict[str, int], reasons: list[str]) -> str:
+    """{"duplicates": 12, ...} -> "duplicates 12, too short 3" (the reasons named)."""
+    return ", ".join(f"{reason.replace('_', ' ')} {dropped[reason]:,}" for reason in reasons)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Tokenizer: train one with bpe.py, or load GPT-2's or a saved one (bpe.load_tokenizer)
 
 PATTERNS = {"gpt4": GPT4_PATTERN, "gpt2": GPT2_PATTERN}
@@ -640,8 +730,9 @@ def interrupts_deferred(then_raise: bool = True):
         raise KeyboardInterrupt
 
 
-# Settings added after shards were first written: an older meta.json without them is not a change.
-SETTINGS_ADDED_LATER = ("input_mtime_ns",)
+# Settings added after shards were first written, with the value the older runs had (None: unknown, so an
+# older meta.json without it is not a change; the filters were off).
+SETTINGS_ADDED_LATER = {"input_mtime_ns": None, "dedup": False, "min_chars": 0, "max_chars": 0}
 
 
 def run_settings(args: argparse.Namespace, source: Source, tokenizer: Tokenizer | None) -> dict:
@@ -651,7 +742,8 @@ def run_settings(args: argparse.Namespace, source: Source, tokenizer: Tokenizer 
     cost a full read on every run. A file touched without a change is taken as changed: the safe side."""
     settings = {"source": source.describe(), "text_column": source.text_column, "val_size": args.val_size,
                 "val_from": args.val_from, "max_tokens": args.max_tokens, "shard_size": args.shard_size,
-                "tokenizer": args.tokenizer}
+                "tokenizer": args.tokenizer, "dedup": args.dedup, "min_chars": args.min_chars,
+                "max_chars": args.max_chars}
     if source.files:
         settings["input_bytes"] = [path.stat().st_size for path in source.files]
         settings["input_mtime_ns"] = [path.stat().st_mtime_ns for path in source.files]
@@ -732,9 +824,10 @@ def resume_state(out_dir: Path, settings: dict) -> dict | None:
         if not path.is_file() or path.stat().st_size != shard_file_size(shard["tokens"]):
             raise ValueError(f"{path} is missing or not the {shard['tokens']:,}-token shard meta.json lists; "
                              f"pass --overwrite to rebuild {out_dir}")
-    old = meta.get("settings", {})
-    changed = [key for key in settings if old.get(key) != settings[key]
-               and not (key in SETTINGS_ADDED_LATER and key not in old)]
+    earlier = {key: settings.get(key) if value is None else value
+               for key, value in SETTINGS_ADDED_LATER.items()}
+    old = {**earlier, **meta.get("settings", {})}
+    changed = [key for key in settings if old.get(key) != settings[key]]
     if changed:
         if any(key.startswith(("tokenizer", "vocab", "pattern")) for key in changed):
             what = "a different tokenizer"
@@ -745,6 +838,8 @@ def resume_state(out_dir: Path, settings: dict) -> dict | None:
         details = ", ".join(f"{key}: {old.get(key)!r} -> {settings[key]!r}" for key in changed)
         raise ValueError(f"{out_dir} holds shards made with {what} ({details}); pass --overwrite to replace "
                          "them or choose another --out_dir")
+    for totals in meta["splits"].values():  # a meta.json from before the filters
+        totals.setdefault("dropped", dict.fromkeys(DROP_REASONS, 0))
     return meta
 
 
@@ -754,8 +849,8 @@ def new_meta(source: Source, tokenizer: Tokenizer, settings: dict, command: str)
             "eot_id": tokenizer.eot_token, "pattern": tokenizer.pattern,
             "format": SHARD_FORMAT,
             "command": command, "settings": settings, "complete": False,
-            "splits": {split: {"shards": [], "tokens": 0, "documents": 0, "bytes": 0}
-                       for split in ("train", "val")},
+            "splits": {split: {"shards": [], "tokens": 0, "documents": 0, "bytes": 0,
+                               "dropped": dict.fromkeys(DROP_REASONS, 0)} for split in ("train", "val")},
             "shards": {}}
 
 
@@ -912,11 +1007,24 @@ def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
                         help="take the validation documents from the start or the end of the source "
                         "(default: %(default)s)")
     output.add_argument("--overwrite", action="store_true", help="replace the output folder's shards")
+    filters = parser.add_argument_group("filters (off by default; meta.json counts the dropped documents)")
+    filters.add_argument("--dedup", action="store_true", help="drop a document whose exact text an earlier "
+                         "one had: each text is kept where it first appears, so no text is in both splits")
+    filters.add_argument("--min_chars", type=int, default=0,
+                         help="drop documents shorter than this many characters (default: 0, no limit)")
+    filters.add_argument("--max_chars", type=int, default=0,
+                         help="drop documents longer than this many characters (default: 0, no limit)")
     system = parser.add_argument_group("system")
     system.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="encoding processes (default: %(default)s, the cores but one, which the main "
                         "process needs to read and write)")
     args = parser.parse_args(argv)
+    check_flags(parser, args)
+    return args
+
+
+def check_flags(parser: FlagParser, args: argparse.Namespace) -> None:
+    """What argparse cannot check alone: an error here exits 2, as argparse's own do."""
     if args.dataset and args.input:
         parser.error("give either --dataset or --input, not both")
     if args.workers < 1:
@@ -928,7 +1036,12 @@ def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
                      "(token ids are stored as uint16)")
     if args.tokenizer_train_mb <= 0:
         parser.error("--tokenizer_train_mb must be positive")
-    return args
+    for flag, value in (("--min_chars", args.min_chars), ("--max_chars", args.max_chars)):
+        if value < 0:
+            parser.error(f"{flag}={value}: give a number of characters, or 0 for no limit")
+    if args.max_chars and args.min_chars > args.max_chars:
+        parser.error(f"--min_chars={args.min_chars} is above --max_chars={args.max_chars}: no document could "
+                     "pass; lower --min_chars or raise --max_chars")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -958,17 +1071,17 @@ def prepare(args: argparse.Namespace, command: str) -> int:
         return 130
 
     meta = ledger.meta
-    for split in ("train", "val"):
-        if meta["splits"][split]["documents"] == 0:
-            raise ValueError(f"the {split} split of {source.describe()} has no documents")
     meta["complete"] = True
     with interrupts_deferred():
         write_json(out_dir / "meta.json", meta)
     train, val = meta["splits"]["train"], meta["splits"]["val"]
+    reasons = DocumentFilter(args.min_chars, args.max_chars, args.dedup).reasons()
+    dropped = {split: f"; dropped: {describe_drops(meta['splits'][split]['dropped'], reasons)}" if reasons
+               else "" for split in ("train", "val")}
     print(f"wrote {len(meta['shards'])} shards to {out_dir}: train {train['tokens']:,} tokens "
-          f"({train['documents']:,} documents, {train['bytes'] / max(train['tokens'], 1):.2f} bytes/token), "
-          f"val {val['tokens']:,} tokens ({val['documents']:,} documents); "
-          f"encoded {progress.tokens_per_second():,.0f} tokens/s", file=sys.stderr)
+          f"({train['documents']:,} documents, {train['bytes'] / max(train['tokens'], 1):.2f} bytes/token"
+          f"{dropped['train']}), val {val['tokens']:,} tokens ({val['documents']:,} documents"
+          f"{dropped['val']}); encoded {progress.tokens_per_second():,.0f} tokens/s", file=sys.stderr)
     return 0
 
 
@@ -977,7 +1090,10 @@ def open_output(args: argparse.Namespace, source: Source, out_dir: Path, loaded:
                 command: str) -> tuple[Ledger, Tokenizer]:
     """The ledger and the tokenizer: a fresh start (meta is None) or the resumed run's."""
     if meta is None:
-        tokenizer = loaded or train_tokenizer(split_documents(source, "train", val_range), args)
+        # trained on the documents the shards will hold (the filters judge training alone here)
+        doc_filter = DocumentFilter(args.min_chars, args.max_chars, args.dedup)
+        training_documents = kept_documents(split_documents(source, "train", val_range), doc_filter)
+        tokenizer = loaded or train_tokenizer(training_documents, args)
         check_tokenizer(tokenizer)
         # Only now, with the source and the tokenizer known to work, clear the folder (--overwrite, or the
         # tokenizer of a run stopped before its first shard).
@@ -1001,19 +1117,17 @@ def write_splits(args: argparse.Namespace, source: Source, val_range: range | No
     # Validation first when it is the start of the source (or its own split), so shard numbers follow
     # source order and val is shard 0 as in llm.c; last when it is the end of the source.
     split_order = ["train", "val"] if val_range is not None and val_range.start > 0 else ["val", "train"]
+    doc_filter = DocumentFilter(args.min_chars, args.max_chars, args.dedup)
     pool, interrupted = None, False
     try:
         with interrupts_deferred():  # a pool stopped while it starts could leave workers that nothing ends
             pool = EncodingPool(tokenizer, args.workers)
-        for split in split_order:
-            budget = args.max_tokens if split == "train" else None
-            if budget is not None and meta["splits"][split]["tokens"] >= budget:
-                continue
-            # resuming: skip the documents that complete shards already hold
-            done = meta["splits"][split]["documents"]
-            documents = islice(split_documents(source, split, val_range), done, None)
-            progress.start(split)
-            write_split(split, documents, budget, args.shard_size, pool, ledger, progress)
+        for i, split in enumerate(split_order):
+            documents = split_documents(source, split, val_range)
+            followed = i + 1 < len(split_order)
+            write_filtered_split(args, split, documents, followed, doc_filter, pool, ledger, progress)
+            if meta["splits"][split]["documents"] == 0:
+                raise empty_split_error(split, source, meta["splits"][split]["dropped"], doc_filter)
     except KeyboardInterrupt:
         interrupted = True
     except OSError as error:  # a write into the open shard (a full disk) names no file: name it
@@ -1029,6 +1143,48 @@ def write_splits(args: argparse.Namespace, source: Source, val_range: range | No
             if pool is not None:
                 pool.close()
     return "interrupted" if interrupted else "done"
+
+
+def write_filtered_split(args: argparse.Namespace, split: str, documents: Iterator[str], followed: bool,
+                         doc_filter: DocumentFilter, pool: EncodingPool, ledger: Ledger,
+                         progress: Progress) -> None:
+    """One split through kept_documents and write_split, then its counts of dropped documents into
+    meta.json. `followed`: another split comes after this one (with --dedup, it must see all of this one)."""
+    totals = ledger.meta["splits"][split]
+    budget = args.max_tokens if split == "train" else None
+    finished = budget is not None and totals["tokens"] >= budget  # resuming after this split's last shard
+    if finished and not doc_filter.reasons():
+        return  # nothing to read, nothing dropped
+    doc_filter.start_split()
+    kept = kept_documents(documents, doc_filter)
+    # Resuming: skip the documents that complete shards already hold. They are read and filtered again, in
+    # the same order, which rebuilds the seen-set and the counts as the interrupted run had them.
+    if finished:
+        for _ in islice(kept, totals["documents"]):
+            pass
+    else:
+        progress.start(split)
+        write_split(split, islice(kept, totals["documents"], None), budget, args.shard_size, pool, ledger,
+                    progress)
+    stopped_at_budget = budget is not None and totals["tokens"] >= budget
+    if doc_filter.seen is not None and followed and stopped_at_budget:
+        progress.end_line()
+        print(f"--dedup: reading the rest of the {split} split, so that no later document repeats any of it",
+              file=sys.stderr)
+        for _ in kept:  # see "The document filter"
+            pass
+    totals["dropped"] = doc_filter.dropped(totals["documents"] if stopped_at_budget else None)
+    with interrupts_deferred():
+        write_json(ledger.out_dir / "meta.json", ledger.meta)
+
+
+def empty_split_error(split: str, source: Source, dropped: dict[str, int],
+                      doc_filter: DocumentFilter) -> ValueError:
+    if not any(dropped.values()):
+        return ValueError(f"the {split} split of {source.describe()} has no documents")
+    return ValueError(f"the {split} split of {source.describe()} has no documents left after the filters "
+                      f"(dropped: {describe_drops(dropped, doc_filter.reasons())}); loosen --min_chars / "
+                      "--max_chars, or give it more documents (--val_size)")
 
 
 # The cause and the remedy of a file-system error, by errno.

@@ -718,6 +718,179 @@ def test_prepare_hub_code_path_with_a_local_dataset_folder(tmp_path, prepare_tok
     assert meta["splits"]["train"]["documents"] == 26
 
 
+# --- filters: --dedup, --min_chars, --max_chars -------------------------------------------------------
+
+PREPARE_NO_DROPS = {"duplicates": 0, "too_short": 0, "too_long": 0}
+
+
+def prepare_write_documents(path: Path, documents: list[str]) -> Path:
+    path.write_text("".join(f"{document}\n{PREPARE_EOT}\n" for document in documents), encoding="utf-8")
+    return path
+
+
+def prepare_split_documents(meta: dict, shards: dict, split: str, tokenizer: Tokenizer) -> list[str]:
+    """A split's shards decoded back into its documents, in order."""
+    text = tokenizer.decode(prepare_split_tokens(meta, shards, split).tolist())
+    assert text.startswith(PREPARE_EOT)
+    return text.split(PREPARE_EOT)[1:]
+
+
+def prepare_planted_duplicates() -> tuple[list[str], list[str]]:
+    """(stories, a source of 108 documents: stories[:100] with 8 exact repeats planted among them)."""
+    stories = prepare_stories()
+    documents = list(stories[:100])
+    documents.insert(3, stories[0])                   # a repeat within the first ten
+    documents.insert(51, stories[4])                  # a repeat of an early story, halfway
+    documents[70:70] = [stories[60], stories[60]]     # the same story twice more
+    documents += [stories[99], stories[30], stories[80], stories[101]]  # the end: 3 repeats, 1 new story
+    return stories, documents
+
+
+def test_prepare_dedup_drops_planted_duplicates_and_no_text_is_in_both_splits(tmp_path, prepare_tokenizer_file):
+    stories, documents = prepare_planted_duplicates()
+    source = prepare_write_documents(tmp_path / "planted.txt", documents)
+    tokenizer = Tokenizer.load(prepare_tokenizer_file)
+    flags = [f"--input={source}", f"--tokenizer={prepare_tokenizer_file}", "--val_size=10", "--shard_size=6K",
+             "--workers=1", "--dedup"]
+    # Validation first: val is the first 10 documents (one of them a repeat), and training drops its repeats
+    # of validation stories as well as its own.
+    code, stderr = prepare_main(*flags, f"--out_dir={tmp_path / 'start'}")
+    assert code == 0, stderr
+    meta, shards = prepare_outputs(tmp_path / "start")
+    kept = {"val": stories[:9], "train": stories[9:100] + [stories[101]]}
+    dropped = {"val": {**PREPARE_NO_DROPS, "duplicates": 1}, "train": {**PREPARE_NO_DROPS, "duplicates": 6}}
+    for split in ("train", "val"):
+        assert prepare_split_documents(meta, shards, split, tokenizer) == kept[split]
+        assert meta["splits"][split]["documents"] == len(kept[split])
+        assert meta["splits"][split]["dropped"] == dropped[split]
+    assert "(9 documents; dropped: duplicates 1)" in stderr.splitlines()[-1]
+    assert "bytes/token; dropped: duplicates 6), val" in stderr.splitlines()[-1]
+    assert meta["settings"]["dedup"] is True
+
+    # Validation last: training (first in the source) keeps each story where it first appears, and val
+    # drops its repeats of training stories (30, 80) and of its own (99).
+    code, stderr = prepare_main(*flags, "--val_from=end", f"--out_dir={tmp_path / 'end'}")
+    assert code == 0, stderr
+    meta, shards = prepare_outputs(tmp_path / "end")
+    kept = {"train": stories[:94], "val": stories[94:100] + [stories[101]]}
+    dropped = {"train": {**PREPARE_NO_DROPS, "duplicates": 4}, "val": {**PREPARE_NO_DROPS, "duplicates": 3}}
+    for split in ("train", "val"):
+        assert prepare_split_documents(meta, shards, split, tokenizer) == kept[split]
+        assert meta["splits"][split]["dropped"] == dropped[split]
+    assert not set(kept["train"]) & set(kept["val"])
+
+    # A token budget stops training after 40 stories, though the workers had read the whole file ahead:
+    # training counts only the drop before its last story, and val still drops its repeats of stories 80
+    # (past the budget) and 30, since the whole training part of the source was hashed.
+    encoding = tokenizer.to_tiktoken()
+    budget = len(prepare_expected_tokens(encoding, stories[:40], meta["eot_id"]))
+    code, stderr = prepare_main(*flags, "--val_from=end", f"--max_tokens={budget}", f"--out_dir={tmp_path / 'budget'}")
+    assert code == 0, stderr
+    meta, shards = prepare_outputs(tmp_path / "budget")
+    assert prepare_split_documents(meta, shards, "train", tokenizer) == stories[:40]
+    assert prepare_split_documents(meta, shards, "val", tokenizer) == kept["val"]
+    assert meta["splits"]["train"]["dropped"] == {**PREPARE_NO_DROPS, "duplicates": 1}
+    assert meta["splits"]["val"]["dropped"] == {**PREPARE_NO_DROPS, "duplicates": 3}
+    assert "(40 documents" in stderr.splitlines()[-1] and "reading the rest of the train split" in stderr
+
+    # Without --dedup every document is kept, and the summary line is as it always was.
+    code, stderr = prepare_main(*flags[:-1], f"--out_dir={tmp_path / 'all'}")
+    assert code == 0, stderr
+    meta, shards = prepare_outputs(tmp_path / "all")
+    assert prepare_split_documents(meta, shards, "val", tokenizer) + \
+        prepare_split_documents(meta, shards, "train", tokenizer) == documents
+    assert meta["splits"]["train"]["dropped"] == meta["splits"]["val"]["dropped"] == PREPARE_NO_DROPS
+    assert "dropped" not in stderr
+
+
+def test_prepare_length_filters_drop_documents_outside_the_range_with_exact_counts(tmp_path, prepare_tokenizer_file):
+    stories = prepare_stories()
+    boundary = [("To the edge. " * 200)[:n] for n in (199, 200, 1500, 1501)]  # the limits are inclusive
+    source = prepare_write_documents(tmp_path / "lengths.txt", stories + boundary)
+    code, stderr = prepare_main(f"--input={source}", f"--tokenizer={prepare_tokenizer_file}", "--val_size=100",
+                                "--min_chars=200", "--max_chars=1500", "--workers=1", f"--out_dir={tmp_path / 'o'}")
+    assert code == 0, stderr
+    meta, shards = prepare_outputs(tmp_path / "o")
+    tokenizer = Tokenizer.load(prepare_tokenizer_file)
+    in_range = lambda documents: [d for d in documents if 200 <= len(d) <= 1500]
+    expected = {"val": in_range(stories[:100]), "train": in_range(stories[100:]) + boundary[1:3]}
+    assert (len(expected["val"]), len(expected["train"])) == (86, 821)
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(prepare_split_tokens(meta, shards, split),
+                                      prepare_expected_tokens(tokenizer.to_tiktoken(), expected[split], meta["eot_id"]))
+    assert meta["splits"]["val"]["dropped"] == {"duplicates": 0, "too_short": 14, "too_long": 0}
+    assert meta["splits"]["train"]["dropped"] == {"duplicates": 0, "too_short": 73, "too_long": 106}
+    summary = stderr.splitlines()[-1]
+    assert "(821 documents" in summary and "dropped: too short 73, too long 106), val" in summary
+    assert "(86 documents; dropped: too short 14, too long 0)" in summary
+
+    # Resumed after training's last shard (meta.json's counts not yet updated): training is read again to
+    # count its drops, which come out as in an uninterrupted run.
+    flags = [f"--input={source}", f"--tokenizer={prepare_tokenizer_file}", "--val_from=end", "--min_chars=200",
+             "--max_tokens=100K", "--shard_size=20K", "--workers=1"]
+    code, stderr = prepare_main(*flags, f"--out_dir={tmp_path / 'whole'}")
+    assert code == 0, stderr
+    whole = json.loads((tmp_path / "whole" / "meta.json").read_text())
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    meta = json.loads((tmp_path / "cut" / "meta.json").read_text())
+    for name in meta["splits"]["val"]["shards"]:
+        (tmp_path / "cut" / name).unlink()
+        del meta["shards"][name]
+    meta["splits"]["val"] = {"shards": [], "tokens": 0, "documents": 0, "bytes": 0, "dropped": PREPARE_NO_DROPS}
+    meta["splits"]["train"]["dropped"] = PREPARE_NO_DROPS
+    meta["complete"] = False
+    (tmp_path / "cut" / "meta.json").write_text(json.dumps(meta))
+    code, stderr = prepare_main(*flags, f"--out_dir={tmp_path / 'cut'}")
+    assert code == 0 and "resuming" in stderr, stderr
+    assert json.loads((tmp_path / "cut" / "meta.json").read_text())["splits"] == whole["splits"]
+    assert whole["splits"]["train"]["dropped"]["too_short"] > 0
+    assert prepare_shard_bytes(tmp_path / "cut") == prepare_shard_bytes(tmp_path / "whole")
+
+    # A filter that leaves a split empty is an error that says which split and what dropped its documents.
+    code, stderr = prepare_main(f"--input={source}", f"--tokenizer={prepare_tokenizer_file}", "--val_size=3",
+                                "--min_chars=2000", "--workers=1", f"--out_dir={tmp_path / 'empty'}")
+    prepare_assert_one_line_error(code, stderr, "val split", "no documents left", "too short 3", "--min_chars")
+
+
+def test_prepare_filter_flag_errors_and_a_resume_with_other_filters_is_refused(tmp_path, prepare_tokenizer_file):
+    shk = f"--input={DATA / 'tinyshakespeare.txt'}"
+    for flags, needles in [
+        (["--min_chars=-1"], ["--min_chars=-1", "0 for no limit"]),
+        (["--max_chars=-5"], ["--max_chars=-5"]),
+        (["--min_chars=50", "--max_chars=10"], ["--min_chars=50", "--max_chars=10"]),
+        (["--min_chars=many"], ["--min_chars", "many"]),
+    ]:
+        code, stderr = prepare_main(shk, *flags, f"--out_dir={tmp_path / 'never'}")
+        assert code == 2
+        prepare_assert_one_line_error(code, stderr, *needles)
+    assert not (tmp_path / "never").exists()
+
+    stories = prepare_stories()[:60]
+    source = prepare_write_documents(tmp_path / "s.txt", stories + stories[:5])
+    out = tmp_path / "out"
+    flags = [f"--input={source}", f"--tokenizer={prepare_tokenizer_file}", "--workers=1", f"--out_dir={out}"]
+    assert prepare_main(*flags, "--dedup")[0] == 0
+    before = prepare_shard_bytes(out)
+    for other in (["--dedup", "--min_chars=5"], [], ["--dedup", "--max_chars=100000"]):
+        code, stderr = prepare_main(*flags, *other)
+        prepare_assert_one_line_error(code, stderr, "different settings", "--overwrite")
+    assert "dedup: True -> False" in prepare_main(*flags)[1]
+    assert prepare_shard_bytes(out) == before
+    # A folder written before the filters existed (no filter settings, no counts) resumes without them.
+    code, _ = prepare_main(*flags, "--overwrite")
+    assert code == 0
+    meta = json.loads((out / "meta.json").read_text())
+    for key in ("dedup", "min_chars", "max_chars"):
+        del meta["settings"][key]
+    for totals in meta["splits"].values():
+        del totals["dropped"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    code, stderr = prepare_main(*flags)
+    assert code == 0 and "nothing to do" in stderr, stderr
+    code, stderr = prepare_main(*flags, "--dedup")
+    prepare_assert_one_line_error(code, stderr, "different settings", "dedup: False -> True")
+
+
 # --- interruption and resume ---------------------------------------------------------------------------
 
 PREPARE_RESUME_FLAGS = ("--max_tokens=1.2M", "--shard_size=8K", "--workers=1", "--name=mix")
@@ -760,6 +933,44 @@ def test_prepare_killed_and_interrupted_runs_leave_complete_shards_and_resume_id
     assert finished.returncode == 0 and "resuming" in finished.stderr, finished.stderr
     assert prepare_shard_bytes(out) == expected
     assert json.loads((out / "meta.json").read_text())["splits"] == json.loads((reference / "meta.json").read_text())["splits"]
+
+
+def test_prepare_dedup_resumes_byte_identically_after_a_kill_in_either_split(tmp_path, prepare_tokenizer_file):
+    # Repeats everywhere: each 7th document repeats one from 50 earlier, and the last 200 (val) also hold
+    # repeats of training stories past the token budget. A resumed run must rebuild the seen-set from the
+    # documents it skips, or it would keep repeats of documents in the shards written before the kill.
+    stories = prepare_stories()
+    documents = []
+    for i, story in enumerate(stories[:900]):
+        documents.append(story)
+        if i % 7 == 6 and i >= 50:
+            documents.append(stories[i - 50])
+    documents += [story for i, story in enumerate(stories[700:]) if i % 3] + stories[600:700:5]
+    source = prepare_write_documents(tmp_path / "repeats.txt", documents)
+    flags = [f"--input={source}", f"--tokenizer={prepare_tokenizer_file}", "--dedup", "--val_from=end",
+             "--val_size=200", "--max_tokens=150K", "--shard_size=4K", "--workers=1", "--name=rep"]
+    reference = tmp_path / "reference"
+    code, stderr = prepare_main(*flags, f"--out_dir={reference}")
+    assert code == 0, stderr
+    expected = prepare_shard_bytes(reference)
+    reference_meta = json.loads((reference / "meta.json").read_text())
+    assert reference_meta["splits"]["train"]["dropped"]["duplicates"] > 10
+    assert reference_meta["splits"]["val"]["dropped"]["duplicates"] > 10
+    n_train = len(reference_meta["splits"]["train"]["shards"])
+    assert n_train > 10 and len(reference_meta["splits"]["val"]["shards"]) > 5
+
+    out = tmp_path / "out"
+    code, _ = prepare_start_and_stop([*flags, f"--out_dir={out}"], out, signal.SIGKILL, after_shards=1)
+    assert code == -signal.SIGKILL
+    assert len(json.loads((out / "meta.json").read_text())["shards"]) < n_train
+    # the second run gets through training and is stopped in the val split
+    code, stderr = prepare_start_and_stop([*flags, f"--out_dir={out}"], out, signal.SIGINT, after_shards=n_train + 2)
+    assert code == 130 and "resuming" in stderr, stderr
+    assert n_train < len(json.loads((out / "meta.json").read_text())["shards"]) < len(expected)
+    code, stderr = prepare_main(*flags, f"--out_dir={out}")
+    assert code == 0 and "resuming" in stderr, stderr
+    assert prepare_shard_bytes(out) == expected
+    assert json.loads((out / "meta.json").read_text())["splits"] == reference_meta["splits"]
 
 
 # --- bad input ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ Part II, the workshop: what makes the lesson fast, safe, interoperable and visib
     9. GPT-2 / Hugging Face: import, export, GPT-2's tokenizer
    10. Plots (one function per figure)
    11. Command-line conveniences: --help, the flag checks, --prompt
+   12. Evaluation and workflow: the best weights kept (best.pt), early stopping
 """
 import codecs
 import difflib
@@ -80,14 +81,15 @@ from bpe import Tokenizer, load_tokenizer, write_atomically
 # the wrong model. The defaults are GPT-2 124M; the README's recipes are small models that were run.
 
 # I/O
-out_dir: Annotated[str, "ckpt.pt and log.jsonl (a JSON object per step and per evaluation) go here"] = "out"
+out_dir: Annotated[str, "ckpt.pt, best.pt, log.jsonl (a JSON record per step and evaluation) go here"] = "out"
 init_from: Annotated[str, "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl"] = "scratch"
-ckpt: Annotated[str, "checkpoint to resume, sample or export; empty means <out_dir>/ckpt.pt"] = ""
+ckpt: Annotated[str, "checkpoint to resume, sample or export; empty: out_dir's (weights_path)"] = ""
 gpt2_dir: Annotated[str, "HF's GPT-2 files (model.safetensors, merges.txt, vocab.json); empty: download"] = ""
 eval_interval: Annotated[int, "evaluate every this many steps (and checkpoint, see below)"] = 250
 eval_iters: Annotated[int, "batches per split in each evaluation"] = 20
 log_interval: Annotated[int, "print a training line every this many steps (log.jsonl gets every step)"] = 1
 always_save_checkpoint: Annotated[bool, "checkpoint at every evaluation, not only when val improves"] = False
+early_stop: Annotated[int, "stop after this many evaluations in a row without a lower val loss; 0: off"] = 0
 # data
 data_dir: Annotated[str, "shards, meta.json and tokenizer.bpe from prepare_fineweb.py"] = "data/fineweb"
 batch_size: Annotated[int, "sequences per micro-step in each process"] = 8
@@ -802,6 +804,7 @@ def evaluate(model: torch.nn.Module, splits: dict[str, TokenWindows], cfg: Simpl
 #     model, optimizer, scaler    state_dicts (the model's taken from the module as built: never a compiled
 #                                 or DDP wrapper, whose keys would carry "_orig_mod." or "module.")
 #     step, best_val_loss         steps done so far; the best evaluation loss so far
+#     best_step, evals_since_best the best evaluation's step; evaluations since then (for --early_stop)
 #     config, model_config        every knob of the run; the GPTConfig fields
 #     tokenizer                   the tokenizer as text (Tokenizer.dumps), so sampling needs no other file
 #     rng                         the data generator's state (the position in the data) and each process's
@@ -810,7 +813,8 @@ def evaluate(model: torch.nn.Module, splits: dict[str, TokenWindows], cfg: Simpl
 # When: at an evaluation whose val loss is the best so far (every evaluation with always_save_checkpoint;
 # never at step 0, which has learned nothing), at the end of the run and when Ctrl-C stops it, so that
 # every run can be continued. A run that stops on a non-finite loss writes nothing: the last good
-# checkpoint stays.
+# checkpoint stays. The best evaluation's weights are never lost: before ckpt.pt moves on from them,
+# they go to best.pt (the weights and what sampling needs, no optimizer), which sampling then prefers.
 
 def checkpoint_path(cfg: SimpleNamespace) -> Path:
     return Path(cfg.ckpt) if cfg.ckpt else Path(cfg.out_dir) / "ckpt.pt"
@@ -896,6 +900,8 @@ class Run:
     step: int = 0                      # optimizer steps done
     best_val_loss: float = math.inf
     saved_step: int = -1               # the step the checkpoint on disk holds (-1: none yet)
+    best_step: int = -1                # the step of the best evaluation so far
+    evals_since_best: int = 0          # evaluations since then that did not improve on it (--early_stop)
 
 
 def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, runtime: Runtime, rank: int,
@@ -920,10 +926,11 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
     # MFU's numerator and denominator: Part II, flops_per_token and peak_flops_per_second. Trap: a timed
     # peak draws its matrix from dropout's generator, so it must come before a resume restores that generator.
     flops, peak_flops = flops_per_token(model, cfg.block_size), peak_flops_per_second(runtime, cfg.peak_flops)
-    step, best_val_loss, saved_step = 0, math.inf, -1
+    step, best_val_loss, saved_step, best = 0, math.inf, -1, (-1, 0)  # best: best_step, evals_since_best
     if checkpoint is not None:
         # the optimizer, the scaler and every random generator as they were: Part II, restore_training_state
-        step, best_val_loss = restore_training_state(checkpoint, optimizer, runtime, data_generator, rank)
+        step, best_val_loss, *best = restore_training_state(checkpoint, optimizer, runtime, data_generator,
+                                                            rank)
         saved_step = step
         checkpoint.clear()  # free the CPU copy of the weights and optimizer state (train() holds this dict)
     fast_model = torch.compile(model) if runtime.compile else model
@@ -939,7 +946,7 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
             train_model = torch.compile(train_model)
     run = Run(cfg, runtime, rank, world_size, meta, model, fast_model, train_model, optimizer,
               tokenizer_from_text(tokenizer_text), tokenizer_text, windows, data_generator,
-              accumulation_steps, tokens_per_step, flops, peak_flops, step, best_val_loss, saved_step)
+              accumulation_steps, tokens_per_step, flops, peak_flops, step, best_val_loss, saved_step, *best)
     if rank == 0:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         print_start(run)  # the model, the device, the step's tokens, the data: Part II
@@ -1004,8 +1011,10 @@ def save_run(run: Run) -> None:
     """Checkpoint where the run stands. Every process gathers its state (DDP needs them all); 0 writes."""
     state = training_state(run.model, run.optimizer, run.runtime, run.step, run.best_val_loss, run.cfg,
                            run.tokenizer_text, run.data_generator, run.world_size)
+    state.update(best_step=run.best_step, evals_since_best=run.evals_since_best)
     if run.rank == 0:
         path = Path(run.cfg.out_dir) / "ckpt.pt"
+        keep_best_weights(run, path, state)  # to best.pt, if ckpt.pt holds them and moves on: Part II
         save_checkpoint(path, state)
         print(f"saved {path} at step {run.step}")
     run.saved_step = run.step
@@ -1024,10 +1033,14 @@ def evaluate_and_checkpoint(run: Run, log: "RunLog") -> None:
         record["val_bits_per_byte"] = losses["val"] / math.log(2) * val_tokens / val_bytes
     if device.type == "cuda":
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    improved = losses["val"] < run.best_val_loss
+    if improved:
+        run.best_val_loss, run.best_step = losses["val"], run.step
+    run.evals_since_best = 0 if improved else run.evals_since_best + 1
+    if cfg.early_stop:
+        record["evals_without_improvement"] = run.evals_since_best
     print_eval(run, record)  # the losses and a short sample of the model's text: Part II, print_eval
     log.write(record)
-    improved = losses["val"] < run.best_val_loss
-    run.best_val_loss = min(run.best_val_loss, losses["val"])
     if run.step > 0 and (improved or cfg.always_save_checkpoint):  # nothing to keep before step 1
         save_run(run)
 
@@ -1047,7 +1060,8 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
             due = run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps
             if due and run.step != run.saved_step:
                 evaluate_and_checkpoint(run, log)
-            if run.step >= cfg.max_steps or stop.agreed:
+            # --early_stop: evaluations without a lower val loss, counted across resumes: Part II, stops_early
+            if run.step >= cfg.max_steps or stop.agreed or stops_early(run, log):
                 break
             record = optimizer_step(run, stop)
             log.write(record)
@@ -1095,8 +1109,9 @@ def load_for_sampling(cfg: SimpleNamespace, device: torch.device) -> tuple[GPT, 
     if cfg.init_from.startswith("gpt2"):  # OpenAI's weights and tokenizer: Part II, from_gpt2, gpt2_tokenizer
         model, tokenizer = from_gpt2(cfg.init_from, cfg.gpt2_dir or None), gpt2_tokenizer(cfg.gpt2_dir)
     else:
-        path = checkpoint_path(cfg)
+        path = weights_path(cfg)  # --ckpt, else best.pt if there is one, else ckpt.pt: Part II
         checkpoint = load_checkpoint(path)  # Part II, load_checkpoint
+        say_which_weights(cfg, path, checkpoint)  # Part II
         model = model_from_checkpoint(checkpoint, path)  # Part II, model_from_checkpoint
         tokenizer = tokenizer_from_text(checkpoint["tokenizer"])
     return model.to(device).eval(), tokenizer
@@ -1735,7 +1750,7 @@ def model_from_checkpoint(checkpoint: dict, path: Path, dropout: float | None = 
 def check_model_for_sampling(model: GPT, cfg: SimpleNamespace) -> None:
     """Refuse weights that are NaN or infinite (an edited or damaged checkpoint: every draw would fail) and
     more beams than the vocabulary has tokens (the first step cannot fill them)."""
-    source = cfg.init_from if cfg.init_from.startswith("gpt2") else checkpoint_path(cfg)
+    source = cfg.init_from if cfg.init_from.startswith("gpt2") else weights_path(cfg)
     broken = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
     if broken is not None:
         raise ValueError(f"{source} holds non-finite weights (NaN or inf in {broken}): it cannot be sampled; "
@@ -1773,15 +1788,17 @@ def restore_rng_states(states: dict, device: torch.device) -> None:
 
 
 def restore_training_state(checkpoint: dict, optimizer: torch.optim.Optimizer, runtime: Runtime,
-                           data_generator: torch.Generator, rank: int) -> tuple[int, float]:
-    """Put the checkpoint's optimizer, scaler and random generators back; return (step, best_val_loss)."""
+                           data_generator: torch.Generator, rank: int) -> tuple[int, float, int, int]:
+    """Put the checkpoint's optimizer, scaler and random generators back; return (step, best_val_loss,
+    best_step, evals_since_best). Checkpoints from before --early_stop count from 0, best step unknown."""
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["scaler"]:  # empty when saved without float16 (the scaler was off)
         runtime.scaler.load_state_dict(checkpoint["scaler"])
     data_generator.set_state(checkpoint["rng"]["data"])
     saved_ranks = checkpoint["rng"]["processes"]
     restore_rng_states(saved_ranks[rank] if rank < len(saved_ranks) else saved_ranks[0], runtime.device)
-    return checkpoint["step"], checkpoint["best_val_loss"]
+    return (checkpoint["step"], checkpoint["best_val_loss"], checkpoint.get("best_step", -1),
+            checkpoint.get("evals_since_best", 0))
 
 
 class StopOnSignal:
@@ -1896,7 +1913,7 @@ class OutDirLock:
 
 
 # The names of write_atomically's temp files for a checkpoint and the log: .ckpt.pt.<pid>.<8 hex>.tmp
-STALE_TEMP_FILE = re.compile(r"\.(ckpt\.pt|log\.jsonl)\.\d+\.[0-9a-f]{8}\.tmp")
+STALE_TEMP_FILE = re.compile(r"\.(ckpt\.pt|best\.pt|log\.jsonl)\.\d+\.[0-9a-f]{8}\.tmp")
 
 
 def remove_stale_temp_files(out_dir: Path) -> None:
@@ -2241,10 +2258,12 @@ WEIGHT_KINDS = {"attn.c_attn": "attention q,k,v", "attn.c_proj": "attention outp
 
 
 def run_plot(cfg: SimpleNamespace) -> None:
-    """PNG plots of a run, written next to its checkpoint: training curves from the log.jsonl beside it,
-    attention heatmaps for --prompt, weight histograms and spectral norms."""
-    path = checkpoint_path(cfg)
+    """PNG plots of a run, written next to its checkpoint (weights_path: best.pt, else ckpt.pt): training
+    curves from the log.jsonl beside it, attention heatmaps for --prompt, weight histograms and spectral
+    norms."""
+    path = weights_path(cfg)
     checkpoint = load_checkpoint(path)
+    say_which_weights(cfg, path, checkpoint)
     model = model_from_checkpoint(checkpoint, path).eval()
     tokenizer = tokenizer_from_text(checkpoint["tokenizer"])
     log_path = path.parent / "log.jsonl"
@@ -2437,7 +2456,7 @@ def check_config(cfg: SimpleNamespace) -> SimpleNamespace:
         if getattr(cfg, name) < 1:
             raise FlagError(f"--{name}={getattr(cfg, name)} must be at least 1")
     for name in ("max_steps", "warmup_steps", "lr_decay_steps", "total_batch_tokens", "beam", "top_k",
-                 "grad_clip"):
+                 "grad_clip", "early_stop"):
         if getattr(cfg, name) < 0:
             raise FlagError(f"--{name}={getattr(cfg, name)} must not be negative")
     if not 0 <= cfg.temperature < math.inf:  # nan fails this too
@@ -2512,6 +2531,87 @@ def encode_prompt(prompt_flag: str, tokenizer: Tokenizer) -> list[int]:
         raise ValueError("--prompt encodes to no tokens: give some text, or leave it out to start a new "
                          "document")
     return ids
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 12. Evaluation and workflow: the best weights kept, and early stopping
+
+BEST_FILE = "best.pt"
+
+
+def weights_path(cfg: SimpleNamespace) -> Path:
+    """The checkpoint whose weights --sample, --export_hf, --plot and --eval use: --ckpt when given, else
+    <out_dir>/best.pt when there is one (the best evaluation's weights), else <out_dir>/ckpt.pt."""
+    if cfg.ckpt:
+        return Path(cfg.ckpt)
+    best = Path(cfg.out_dir) / BEST_FILE
+    return best if best.is_file() else Path(cfg.out_dir) / "ckpt.pt"
+
+
+def say_which_weights(cfg: SimpleNamespace, path: Path, checkpoint: dict) -> None:
+    """Say whose weights are used. --sample says it on stderr (stdout is the sample), and only when it chose
+    the file itself: with --ckpt its output stays exactly the sample."""
+    if cfg.sample and cfg.ckpt:
+        return
+    what = f"step {checkpoint['step']}"
+    if "val_loss" in checkpoint:  # best.pt
+        what += f", val loss {checkpoint['val_loss']:.4f}: the best evaluation; ckpt.pt has the latest state"
+    print(f"weights: {path} ({what})", file=sys.stderr if cfg.sample else sys.stdout)
+
+
+def read_checkpoint_lazily(path: Path) -> dict:
+    """A checkpoint whose tensors are read from the file only when used (mmap): for its settings or step, or
+    to copy its weights, without loading the optimizer state."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many kinds here (pickle, zip, unsupported global)
+        raise ValueError(f"{path} is not a readable checkpoint ({str(e).strip()[:150]})") from None
+
+
+def best_weights(state: dict, val_loss: float) -> dict:
+    """What best.pt holds: a checkpoint's weights and what sampling needs, and the evaluation's val loss."""
+    return {**{key: state[key] for key in ("model", "model_config", "config", "tokenizer", "step")},
+            "val_loss": val_loss}
+
+
+def keep_best_weights(run: Run, path: Path, state: dict) -> None:
+    """Called before ckpt.pt (path) is overwritten with state: the best evaluation's weights stay on disk.
+
+    While ckpt.pt holds the best evaluation's weights they need no other copy. When a later state that is
+    not the best is about to replace them, they are first copied to best.pt (read back from ckpt.pt, so no
+    copy is kept in memory); from then on best.pt is rewritten at every better evaluation. A run whose last
+    evaluation is its best (most short runs) has no best.pt: its ckpt.pt is both."""
+    best_path = path.with_name(BEST_FILE)
+    if run.step == run.best_step:  # state is the best so far: ckpt.pt will hold it
+        if best_path.is_file():  # best.pt holds an earlier, worse evaluation
+            save_checkpoint(best_path, best_weights(state, run.best_val_loss))
+        return
+    if run.best_step < 1 or run.saved_step != run.best_step or not path.is_file():
+        return  # the best is step 0 (never saved), or ckpt.pt does not hold it
+    if best_path.is_file():
+        try:
+            if read_checkpoint_lazily(best_path).get("step") == run.best_step:
+                return  # kept already
+        except ValueError:
+            pass  # an unreadable best.pt: write it anew
+    on_disk = read_checkpoint_lazily(path)
+    if on_disk.get("step") == run.best_step:
+        save_checkpoint(best_path, best_weights(on_disk, run.best_val_loss))
+
+
+def stops_early(run: Run, log: RunLog) -> bool:
+    """--early_stop=N: true once N evaluations in a row have not lowered the val loss. The count is saved in
+    the checkpoint, so a resumed run goes on counting (and one that stopped early stops again at once)."""
+    patience = run.cfg.early_stop
+    if not patience or run.evals_since_best < patience:
+        return False
+    if run.rank == 0:
+        kept = ", whose weights go to best.pt" if run.best_step > 0 else ""
+        print(f"early stop at step {run.step}: {run.evals_since_best} evaluations without a val loss below "
+              f"{run.best_val_loss:.4f} (step {run.best_step}{kept})")
+        log.write({"kind": "early_stop", "step": run.step, "evals_without_improvement": run.evals_since_best,
+                   "best_step": run.best_step, "best_val_loss": run.best_val_loss})
+    return True
 
 
 if __name__ == "__main__":

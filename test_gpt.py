@@ -2359,6 +2359,104 @@ def test_train_cli_errors_are_one_line(tmp_path):
     assert result.stderr == "error: unknown flag --n_layers: did you mean --n_layer?\n"
 
 
+# -- the workflow: best weights, early stopping, scoring a checkpoint, samples to a file, comparisons -------
+
+def flow_overfitting_run(tmp_path: Path, out_name: str, *flags: str) -> Path:
+    """A run made to overfit: 300 characters of training text, a high learning rate, an evaluation every 5
+    steps. Its val loss is lowest at step 5 and rises from there."""
+    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    tok = train_tokenizer()
+    data = tmp_path / "data"
+    if not data.exists():
+        train_make_dataset(data, train_tokens=tok.encode_ordinary(text[:300]),
+                           val_tokens=tok.encode_ordinary(text[-3000:]))
+    out = tmp_path / out_name
+    train_run([f"--data_dir={data}", f"--out_dir={out}", "--eval_interval=5", "--log_interval=1000", *flags])
+    return out
+
+
+def flow_val_loss(checkpoint_path: Path, data: Path) -> float:
+    """The evaluation training does (the same eval_iters batches of the val split) for a saved model."""
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    model = gpt.model_from_checkpoint(checkpoint, checkpoint_path)
+    cfg = gpt.make_config(gpt.parse_flags(TRAIN_TINY + [f"--data_dir={data}"]))
+    meta = json.loads((data / "meta.json").read_text())
+    windows = {"val": gpt.TokenWindows(data, meta["splits"]["val"]["shards"], 32, "val")}
+    return gpt.evaluate(model, windows, cfg, gpt.setup_device("cpu"))["val"]
+
+
+def test_flow_best_weights_and_early_stop_on_an_overfitting_run(capsys, tmp_path):
+    out = flow_overfitting_run(tmp_path, "straight", "--max_steps=100", "--early_stop=3")
+    evals = train_log(out, "eval")
+    val = {r["step"]: r["val_loss"] for r in evals}
+    best_step = min(val, key=val.get)
+    assert best_step > 0 and val[best_step] < val[0]
+    # Early stop fires at the third evaluation in a row that is not below the best before it.
+    expected, best, since = None, math.inf, 0
+    for step, loss in val.items():
+        since = 0 if loss < best else since + 1
+        best = min(best, loss)
+        if since == 3:
+            expected = step
+            break
+    assert expected is not None and max(val) == expected < 100
+    assert [r["evals_without_improvement"] for r in evals][-1] == 3
+    stop = train_log(out, "early_stop")
+    assert stop == [{"kind": "early_stop", "step": expected, "evals_without_improvement": 3, "best_step": best_step,
+                     "best_val_loss": val[best_step]}]
+    assert f"early stop at step {expected}: 3 evaluations without a val loss below" in capsys.readouterr().out
+    # ckpt.pt: the latest full state; best.pt: the best evaluation's weights, and no optimizer state.
+    last, kept = (torch.load(out / name, weights_only=True) for name in ("ckpt.pt", "best.pt"))
+    assert last["step"] == expected and "optimizer" in last
+    assert kept["step"] == best_step and kept["val_loss"] == val[best_step] and "optimizer" not in kept
+    assert set(kept) == {"model", "model_config", "config", "tokenizer", "step", "val_loss"}
+    assert flow_val_loss(out / "best.pt", tmp_path / "data") == pytest.approx(val[best_step], abs=1e-6)
+    assert flow_val_loss(out / "ckpt.pt", tmp_path / "data") == pytest.approx(val[expected], abs=1e-6)
+    # Sampling, export and plots default to best.pt, and say so.
+    gpt.main(["--sample", f"--out_dir={out}", "--max_new_tokens=5"])
+    assert f"weights: {out / 'best.pt'} (step {best_step}, val loss" in capsys.readouterr().err
+    gpt.main(["--export_hf", str(tmp_path / "hf"), f"--out_dir={out}"])
+    assert f"weights: {out / 'best.pt'} (step {best_step}" in capsys.readouterr().out
+    gpt.main(["--sample", f"--ckpt={out / 'ckpt.pt'}", "--max_new_tokens=5"])
+    assert capsys.readouterr().err == ""  # --ckpt given: the output is the sample alone
+
+
+def test_flow_a_resumed_run_keeps_counting_towards_the_early_stop(tmp_path):
+    # The same schedule (lr_decay_steps) for the run that stops at step 15 and is continued.
+    straight = flow_overfitting_run(tmp_path, "straight", "--max_steps=100", "--lr_decay_steps=100", "--early_stop=3")
+    halves = flow_overfitting_run(tmp_path, "halves", "--max_steps=15", "--lr_decay_steps=100", "--early_stop=3")
+    assert torch.load(halves / "ckpt.pt", weights_only=True)["evals_since_best"] == 2
+    assert not train_log(halves, "early_stop")
+    gpt.main([f"--out_dir={halves}", "--init_from=resume", "--max_steps=100"])
+    assert train_log(halves, "early_stop") == train_log(straight, "early_stop")
+    assert train_log(halves) == [dict(r, ms=s["ms"], tokens_per_s=s["tokens_per_s"], mfu=s["mfu"])
+                                 for r, s in zip(train_log(straight), train_log(halves))]
+    for name in ("best.pt", "ckpt.pt"):
+        a, b = (torch.load(folder / name, weights_only=True) for folder in (straight, halves))
+        assert a["step"] == b["step"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # A checkpoint from before early stopping (no count in it) starts counting at 0 when resumed.
+    old_run = flow_overfitting_run(tmp_path, "old", "--max_steps=15", "--lr_decay_steps=100", "--early_stop=3")
+    old = torch.load(old_run / "ckpt.pt", weights_only=True)
+    for name in ("evals_since_best", "best_step"):
+        del old[name]
+    torch.save(old, old_run / "ckpt.pt")
+    gpt.main([f"--out_dir={old_run}", "--init_from=resume", "--max_steps=100"])
+    assert [r["evals_without_improvement"] for r in train_log(old_run, "eval") if r["step"] > 15] == [1, 2, 3]
+
+
+def test_flow_no_best_pt_while_ckpt_pt_holds_the_best(tmp_path):
+    out = flow_overfitting_run(tmp_path, "short", "--max_steps=5")  # its last evaluation is its best
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]
+    # Continued past its best (at a learning rate that makes it worse), the best weights go to best.pt
+    # before ckpt.pt moves on.
+    first = torch.load(out / "ckpt.pt", weights_only=True)
+    gpt.main([f"--out_dir={out}", "--init_from=resume", "--max_steps=10", "--learning_rate=0.5", "--min_lr=0.05"])
+    assert train_log(out, "eval")[-1]["val_loss"] > train_log(out, "eval")[-2]["val_loss"]
+    kept = torch.load(out / "best.pt", weights_only=True)
+    assert kept["step"] == 5 and all(torch.equal(kept["model"][k], first["model"][k]) for k in first["model"])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 10
+
+
 # ==========================================================================================================
 # README.md: every command line in it parses, and the recipes run end to end (for a few steps)
 

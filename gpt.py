@@ -15,6 +15,7 @@ sets of flags, with the losses they reach):
     torchrun --standalone --nproc_per_node=8 gpt.py ...        # 8 GPUs (DDP); multi-node: torchrun's --nnodes
     python gpt.py --plot --ckpt=out/ckpt.pt                    # curves, attention, weights as PNGs in out/
     python gpt.py --export_hf=DIR                              # the checkpoint as a Hugging Face GPT-2
+    python gpt.py --eval=val --ckpt=out/best.pt                # loss on the whole val split
     python gpt.py --help                                       # every knob with its default and meaning
 
 Part I, the lesson: stop at its end and you have read the whole program.
@@ -35,7 +36,8 @@ Part II, the workshop: what makes the lesson fast, safe, interoperable and visib
     9. GPT-2 / Hugging Face: import, export, GPT-2's tokenizer
    10. Plots (one function per figure)
    11. Command-line conveniences: --help, the flag checks, --prompt
-   12. Evaluation and workflow: the best weights kept (best.pt), early stopping
+   12. Evaluation and workflow: the best weights kept (best.pt), early stopping, a checkpoint scored on a
+       whole split or on any text
 """
 import codecs
 import difflib
@@ -83,7 +85,7 @@ from bpe import Tokenizer, load_tokenizer, write_atomically
 # I/O
 out_dir: Annotated[str, "ckpt.pt, best.pt, log.jsonl (a JSON record per step and evaluation) go here"] = "out"
 init_from: Annotated[str, "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl"] = "scratch"
-ckpt: Annotated[str, "checkpoint to resume, sample or export; empty: out_dir's (weights_path)"] = ""
+ckpt: Annotated[str, "checkpoint to resume, sample, score or export; empty: out_dir's (weights_path)"] = ""
 gpt2_dir: Annotated[str, "HF's GPT-2 files (model.safetensors, merges.txt, vocab.json); empty: download"] = ""
 eval_interval: Annotated[int, "evaluate every this many steps (and checkpoint, see below)"] = 250
 eval_iters: Annotated[int, "batches per split in each evaluation"] = 20
@@ -135,10 +137,15 @@ ignore_eot: Annotated[bool, "keep generating past <|endoftext|> instead of stopp
 export_hf: Annotated[str, "write the checkpoint's model to this folder as a Hugging Face GPT-2 and exit"] = ""
 plot: Annotated[bool, "write PNG plots of --ckpt's run beside it (curves, attention, weights); exit"] = False
 bench: Annotated[bool, "time training steps of the model the flags describe on random tokens; exit"] = False
+# evaluation
+eval: Annotated[str, "val: score --ckpt on the whole val split of --data_dir; exit"] = ""
+eval_text: Annotated[str, "score --ckpt on this UTF-8 text file: loss, perplexity, bits/byte; exit"] = ""
+eval_stride: Annotated[int, "tokens scored per window after the first; 0: block_size // 2"] = 0
 
 KNOB_GROUPS = {"out_dir": "I/O", "data_dir": "data", "learning_rate": "optimiser and schedule",
                "n_layer": "model (the vocabulary size comes from the data's meta.json)", "device": "system",
-               "sample": "sampling, export and plotting"}  # --help's headings, by each group's first knob
+               "sample": "sampling, export and plotting",
+               "eval": "evaluation"}  # --help's headings, by each group's first knob
 MODEL_KNOBS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos_emb", "activation",
                "tie_weights", "attention")  # the knobs that are GPTConfig fields
 INIT_CHOICES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -1150,7 +1157,7 @@ def run_sampling(cfg: SimpleNamespace, overrides: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Train, sample, export, plot or benchmark, as the flags say. Bad input: one `error: ...` line."""
+    """Train, sample, export, plot, benchmark or score, as the flags say. Bad input: one `error: ...` line."""
     try:
         overrides = parse_flags(sys.argv[1:] if argv is None else argv)
         cfg = make_config(overrides)
@@ -1162,6 +1169,8 @@ def main(argv: list[str] | None = None) -> None:
             run_plot(cfg)  # Part II, run_plot
         elif cfg.bench:
             run_bench(cfg)  # Part II, run_bench
+        elif cfg.eval or cfg.eval_text:
+            run_evaluation(cfg, overrides)  # the whole val split, any text: Part II, run_evaluation
         else:
             train(overrides)
     except (ValueError, OSError, FloatingPointError, KeyboardInterrupt) as e:
@@ -2433,7 +2442,8 @@ def help_text() -> str:
     """--help: the commands, then every knob with its default (as typed on the command line) and comment."""
     lines = ["usage: python gpt.py [--key=value ...]      train (the default)",
              "       python gpt.py --sample [--ckpt=out/ckpt.pt] [--prompt=TEXT] ...",
-             "       python gpt.py --export_hf=DIR [--ckpt=...]   |   python gpt.py --plot [--out_dir=...]"]
+             "       python gpt.py --export_hf=DIR [--ckpt=...]   |   python gpt.py --plot [--out_dir=...]",
+             "       python gpt.py --eval=val [--ckpt=...]   |   python gpt.py --eval_text=FILE [--ckpt=...]"]
     group = None
     for knob_group, name, comment in config_knobs():
         if knob_group != group:
@@ -2456,13 +2466,15 @@ def check_config(cfg: SimpleNamespace) -> SimpleNamespace:
         if getattr(cfg, name) < 1:
             raise FlagError(f"--{name}={getattr(cfg, name)} must be at least 1")
     for name in ("max_steps", "warmup_steps", "lr_decay_steps", "total_batch_tokens", "beam", "top_k",
-                 "grad_clip", "early_stop"):
+                 "grad_clip", "early_stop", "eval_stride"):
         if getattr(cfg, name) < 0:
             raise FlagError(f"--{name}={getattr(cfg, name)} must not be negative")
     if not 0 <= cfg.temperature < math.inf:  # nan fails this too
         raise FlagError(f"--temperature={cfg.temperature} must be a finite number >= 0 (0 is greedy)")
     if not 0 < cfg.top_p <= 1:
         raise FlagError(f"--top_p={cfg.top_p} must be in (0, 1]")
+    if cfg.eval not in ("", "val"):
+        raise FlagError(f"--eval={cfg.eval!r} is not one of val")
     return cfg
 
 
@@ -2534,7 +2546,8 @@ def encode_prompt(prompt_flag: str, tokenizer: Tokenizer) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 12. Evaluation and workflow: the best weights kept, and early stopping
+# 12. Evaluation and workflow: the best weights kept, early stopping, a checkpoint scored on a whole split,
+#     or on any text
 
 BEST_FILE = "best.pt"
 
@@ -2612,6 +2625,137 @@ def stops_early(run: Run, log: RunLog) -> bool:
         log.write({"kind": "early_stop", "step": run.step, "evals_without_improvement": run.evals_since_best,
                    "best_step": run.best_step, "best_val_loss": run.best_val_loss})
     return True
+
+
+# -- Scoring a checkpoint: every token once, with as much context as the window allows ----------------------
+
+class SplitTokens:
+    """The tokens of a split's shards as one sequence, read a slice at a time through fresh memmaps (as
+    TokenWindows reads them), so memory stays flat on a large split."""
+
+    def __init__(self, data_dir: Path, shard_names: list[str]):
+        self.paths = [data_dir / name for name in shard_names]
+        self.counts = [shard_token_count(path) for path in self.paths]
+        self.firsts = [sum(self.counts[:i]) for i in range(len(self.counts))]
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def __getitem__(self, where: slice) -> np.ndarray:
+        start, stop, _ = where.indices(len(self))
+        pieces = [np.zeros(0, dtype=np.uint16)]
+        for path, first, count in zip(self.paths, self.firsts, self.counts):
+            low, high = max(start, first), min(stop, first + count)
+            if low < high:
+                shard = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(count,))
+                pieces.append(np.array(shard[low - first:high - first]))
+        return np.concatenate(pieces)
+
+
+def scoring_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, first) per window over a sequence of n_tokens: the window reads tokens start..end-1,
+    predicts tokens start+1..end, and scores its predictions of tokens first..end.
+
+    The first window scores everything it predicts; each later one moves on by `stride` tokens and scores
+    only the new ones, which so see at least block_size - stride tokens of context. Every token but the
+    first is scored exactly once (the first has nothing before it to be predicted from)."""
+    if n_tokens < 2:
+        return []
+    end = min(block_size, n_tokens - 1)
+    windows = [(0, end, 1)]
+    while end < n_tokens - 1:
+        next_end = min(end + stride, n_tokens - 1)
+        windows.append((next_end - block_size, next_end, end + 1))
+        end = next_end
+    return windows
+
+
+@torch.no_grad()
+def score_tokens(model: GPT, tokens, block_size: int, stride: int, batch_size: int,
+                 runtime: Runtime) -> tuple[float, int]:
+    """(summed loss in nats, tokens scored) over a token sequence (an array, or SplitTokens), in the windows
+    scoring_windows cuts, batch_size windows per forward pass. Targets a window does not score are -1,
+    which the loss ignores, so the mean it returns times the scored count is their sum."""
+    model.eval()
+    windows = scoring_windows(len(tokens), block_size, stride)
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i:i + batch_size]
+        rows = torch.from_numpy(np.stack([tokens[start:end + 1] for start, end, _ in batch]).astype(np.int64))
+        x, y = rows[:, :-1], rows[:, 1:].clone()  # (B, T) inputs and targets
+        for row, (start, _, first) in enumerate(batch):
+            y[row, :first - start - 1] = -1  # predicted by an earlier window
+        scored = int((y != -1).sum())
+        with runtime.autocast():
+            _, loss = model(x.to(runtime.device), y.to(runtime.device))
+        total, count = total + loss.item() * scored, count + scored
+        if (i // batch_size) % 500 == 499:
+            print(f"  {count:,} of {len(tokens) - 1:,} tokens scored", flush=True)
+    return total, count
+
+
+def print_score(source, what: str, total: float, count: int, n_tokens: int, n_bytes: int, block_size: int,
+                stride: int) -> None:
+    """The result line of --eval=val and --eval_text. Bits per byte use the formula training prints (loss
+    / ln 2 * tokens / bytes), so the figures compare."""
+    if not count:
+        raise ValueError(f"{what} holds fewer than 2 tokens: nothing to score")
+    loss = total / count
+    bits = f", {loss / math.log(2) * n_tokens / n_bytes:.3f} bits/byte" if n_bytes else ""
+    print(f"{source} on {what}: {count:,} tokens, each scored once (windows of {block_size}, stride "
+          f"{stride}): loss {loss:.4f}, perplexity {math.exp(min(loss, 50.0)):.2f}{bits}")
+
+
+def read_utf8(path: Path) -> str:
+    """--eval_text's file as text; a byte that is not UTF-8 is an error naming the file and its offset."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--eval_text={path}: no such file")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} "
+                         f"({e.reason}); convert it to UTF-8 (e.g. iconv -t UTF-8)") from None
+
+
+def run_evaluation(cfg: SimpleNamespace, overrides: dict) -> None:
+    """--eval=val, --eval_text=FILE: score --ckpt's weights (best.pt, else ckpt.pt; or
+    --init_from=gpt2's) and print the result. Bad input is refused before the model is loaded."""
+    if cfg.eval and cfg.eval_text:
+        raise FlagError("--eval and --eval_text each score something: give one of them")
+    text = read_utf8(Path(cfg.eval_text)) if cfg.eval_text else None
+    runtime = setup_device(cfg.device, cfg.dtype)
+    model, tokenizer = load_for_sampling(cfg, runtime.device)
+    gpt2 = cfg.init_from.startswith("gpt2")
+    source = cfg.init_from if gpt2 else weights_path(cfg)
+    check_model_for_sampling(model, cfg)  # NaN weights
+    block = min(cfg.block_size, model.config.block_size) if "block_size" in overrides \
+        else model.config.block_size
+    stride = cfg.eval_stride or max(1, block // 2)
+    if stride > block:
+        raise FlagError(f"--eval_stride={stride} is longer than the context ({block} tokens): tokens would "
+                        f"go unscored; use at most {block}")
+    if text is not None:
+        tokens = np.array(([tokenizer.eot_token] if tokenizer.eot_token is not None else [])
+                          + tokenizer.encode_ordinary(text), dtype=np.int64)  # a document, as in the shards
+        total, count = score_tokens(model, tokens, block, stride, cfg.batch_size, runtime)
+        return print_score(source, cfg.eval_text, total, count, len(tokens), len(text.encode("utf-8")), block,
+                           stride)
+    data_dir = cfg.data_dir
+    if "data_dir" not in overrides and not gpt2:  # the data the checkpoint was trained on
+        saved = read_checkpoint_lazily(source).get("config")
+        data_dir = saved.get("data_dir", data_dir) if isinstance(saved, dict) else data_dir
+    data_dir = Path(data_dir)
+    meta = load_meta(data_dir)
+    check_model_fits_data(model, meta, SimpleNamespace(data_dir=str(data_dir), block_size=block))
+    if (data_dir / meta["tokenizer"]).read_text(encoding="utf-8") != tokenizer.dumps():
+        print(f"warning: {data_dir} was tokenized with another tokenizer than {source}'s: the loss measures "
+              f"a token stream the model was not trained on", file=sys.stderr)
+    tokens = SplitTokens(data_dir, meta["splits"]["val"]["shards"])
+    total, count = score_tokens(model, tokens, block, stride, cfg.batch_size, runtime)
+    val = meta["splits"]["val"]
+    print_score(source, f"the whole val split of {data_dir}", total, count, val.get("tokens", 0),
+                val.get("bytes", 0), block, stride)
 
 
 if __name__ == "__main__":

@@ -2457,6 +2457,74 @@ def test_flow_no_best_pt_while_ckpt_pt_holds_the_best(tmp_path):
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 10
 
 
+def flow_data_with_two_val_shards(folder: Path) -> Path:
+    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    tok = train_tokenizer()
+    data = train_make_dataset(folder, val_tokens=tok.encode_ordinary(text[-1500:-700]))
+    second = tok.encode_ordinary(text[-700:])
+    train_write_shard(data / "tiny_val_000001.bin", second)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["splits"]["val"]["shards"].append("tiny_val_000001.bin")
+    meta["splits"]["val"]["tokens"] += len(second)
+    (data / "meta.json").write_text(json.dumps(meta))
+    return data
+
+
+def flow_direct_losses(model: GPT, tokens: list[int], block: int, stride: int) -> list[float]:
+    """Each token's loss from a plain forward pass of its own context: the whole window when the token is in
+    the first block, else the tokens since the start of the window that scores it."""
+    losses = []
+    with torch.no_grad():
+        for i in range(1, len(tokens)):
+            if i <= block:
+                start = 0
+            else:
+                end = min(block + math.ceil((i - block) / stride) * stride, len(tokens) - 1)
+                start = end - block
+            logits = model(torch.tensor([tokens[start:i]]))[0][0, -1]
+            losses.append(F.cross_entropy(logits, torch.tensor(tokens[i])).item())
+    return losses
+
+
+@pytest.mark.parametrize("stride", [1, 7, 16, 32])
+def test_flow_whole_split_scores_every_token_once_as_a_direct_loop_does(tmp_path, train_checkpoint, stride):
+    data = flow_data_with_two_val_shards(tmp_path / "data")
+    model = gpt.model_from_checkpoint(torch.load(train_checkpoint, weights_only=True), train_checkpoint).eval()
+    split = gpt.SplitTokens(data, ["tiny_val_000000.bin", "tiny_val_000001.bin"])
+    tokens = split[0:len(split)].tolist()
+    assert len(tokens) > 300 and split[250:260].tolist() == tokens[250:260]
+    windows = gpt.scoring_windows(len(tokens), 32, stride)
+    scored = [j for _, end, first in windows for j in range(first, end + 1)]
+    assert scored == list(range(1, len(tokens)))  # every token but the first, once, in order
+    total, count = gpt.score_tokens(model, split, 32, stride, 3, gpt.setup_device("cpu"))
+    direct = flow_direct_losses(model, tokens, 32, stride)
+    assert count == len(direct) == len(tokens) - 1
+    assert total / count == pytest.approx(sum(direct) / len(direct), abs=1e-5)
+
+
+def test_flow_eval_val_and_eval_text_from_the_command_line(capsys, tmp_path, train_checkpoint):
+    model = gpt.model_from_checkpoint(torch.load(train_checkpoint, weights_only=True), train_checkpoint).eval()
+    # --data_dir comes from the checkpoint's settings: the run's own data.
+    gpt.main(["--eval=val", f"--ckpt={train_checkpoint}"])
+    out = capsys.readouterr().out
+    data = train_checkpoint.parent.parent / "data"
+    meta = json.loads((data / "meta.json").read_text())
+    tokens = np.fromfile(data / "tiny_val_000000.bin", dtype=np.uint16, offset=1024).tolist()
+    loss = np.mean(flow_direct_losses(model, tokens, 32, 16))
+    bits = loss / math.log(2) * meta["splits"]["val"]["tokens"] / meta["splits"]["val"]["bytes"]
+    assert f"{train_checkpoint} on the whole val split of {data}: {len(tokens) - 1:,} tokens, each scored once " \
+           f"(windows of 32, stride 16): loss {loss:.4f}, perplexity {math.exp(loss):.2f}, {bits:.3f} bits/byte" in out
+    # Any UTF-8 text, with the checkpoint's tokenizer, as one document after <|endoftext|>.
+    text = "Ré ✓ First Citizen:\nBefore we proceed any further, hear me speak.\n" * 3
+    (tmp_path / "notes.txt").write_text(text, encoding="utf-8")
+    gpt.main([f"--eval_text={tmp_path / 'notes.txt'}", f"--ckpt={train_checkpoint}", "--eval_stride=8"])
+    ids = [train_tokenizer().eot_token] + train_tokenizer().encode_ordinary(text)
+    loss = np.mean(flow_direct_losses(model, ids, 32, 8))
+    bits = loss / math.log(2) * len(ids) / len(text.encode("utf-8"))
+    assert f"{tmp_path / 'notes.txt'}: {len(ids) - 1:,} tokens, each scored once (windows of 32, stride 8): " \
+           f"loss {loss:.4f}, perplexity {math.exp(loss):.2f}, {bits:.3f} bits/byte" in capsys.readouterr().out
+
+
 # ==========================================================================================================
 # README.md: every command line in it parses, and the recipes run end to end (for a few steps)
 

@@ -2525,6 +2525,80 @@ def test_flow_eval_val_and_eval_text_from_the_command_line(capsys, tmp_path, tra
            f"loss {loss:.4f}, perplexity {math.exp(loss):.2f}, {bits:.3f} bits/byte" in capsys.readouterr().out
 
 
+# HellaSwag's validation jsonl, one item per line, with every field of the official files.
+FLOW_HELLASWAG = [
+    {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3,
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."],
+     "source_id": "activitynet~v_-JhWjGDPHMY"},
+    {"ind": 92, "activity_label": "Baking cookies", "ctx_a": "A woman pours flour into a bowl.", "ctx_b": "she",
+     "ctx": "A woman pours flour into a bowl. she", "split": "val", "split_type": "zeroshot", "label": 0,
+     "endings": ["adds two eggs and stirs the mixture.", "throws the bowl out of the window.",
+                 "paints the ceiling a bright shade of blue.", "sings loudly to the neighbour's cat."],
+     "source_id": "wikihow~12345"},
+    {"ind": 7, "activity_label": "Playing violin", "ctx_a": "A boy lifts a violin to his chin.", "ctx_b": "",
+     "ctx": "A boy lifts a violin to his chin.", "split": "val", "split_type": "indomain", "label": 2,
+     "endings": ["He eats it.", "The violin flies away over the hills and far away.", "He draws the bow and plays.",
+                 "It rains."], "source_id": "activitynet~v_abc"},
+]
+
+
+def flow_hellaswag_file(path: Path, items: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
+    return path
+
+
+def test_flow_hellaswag_losses_equal_transformers_on_a_random_gpt2(capsys, tmp_path, train_tiny_gpt2_dir):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(train_tiny_gpt2_dir).eval()
+    ours = gpt.from_gpt2(gpt2_dir=train_tiny_gpt2_dir).eval()
+    tokenizer = Tokenizer.from_gpt2(DATA / "gpt2" / "vocab.bpe", DATA / "gpt2" / "encoder.json")
+    right = {"acc_norm": 0, "acc": 0}
+    for item in FLOW_HELLASWAG:
+        sums, means = gpt.hellaswag_losses(ours, tokenizer, item["ctx"], item["endings"], 64, torch.device("cpu"))
+        context = tokenizer.encode(item["ctx"])
+        hf_sums, hf_means = [], []
+        for ending in item["endings"]:
+            ending_ids = tokenizer.encode(" " + ending)
+            with torch.no_grad():
+                logits = hf(torch.tensor([context + ending_ids])).logits[0]
+            losses = F.cross_entropy(logits[len(context) - 1:-1], torch.tensor(ending_ids), reduction="none")
+            hf_sums.append(losses.sum().item())
+            hf_means.append(losses.mean().item())
+        torch.testing.assert_close(torch.tensor(sums), torch.tensor(hf_sums), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(means), torch.tensor(hf_means), atol=1e-5, rtol=1e-5)
+        right["acc_norm"] += int(np.argmin(hf_means) == item["label"])
+        right["acc"] += int(np.argmin(hf_sums) == item["label"])
+    path = flow_hellaswag_file(tmp_path / "hellaswag_val.jsonl", FLOW_HELLASWAG)
+    gpt.main(["--eval=hellaswag", "--init_from=gpt2", f"--gpt2_dir={train_tiny_gpt2_dir}", f"--hellaswag_file={path}"])
+    out = capsys.readouterr().out
+    assert f"gpt2 on HellaSwag ({path}, 3 items): acc_norm {right['acc_norm'] / 3:.4f} ({right['acc_norm']}/3, " \
+           f"lowest mean loss per ending token), acc {right['acc'] / 3:.4f} ({right['acc']}/3, lowest summed loss)" \
+           in out
+
+
+def test_flow_hellaswag_a_model_that_prefers_the_right_ending_scores_100_percent(capsys, tmp_path):
+    # Byte-level tokens, and a model whose every prediction is "x" is likely: its hidden state is LayerNorm's
+    # shift alone (every other weight is 0), which the output layer maps to a high logit for "x".
+    tokenizer = Tokenizer.train("abc", 257)
+    model = GPT(GPTConfig(block_size=16, vocab_size=257, n_layer=1, n_head=1, n_embd=8, tie_weights=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.lm_head.weight[ord("x"), 0] = 5.0
+    checkpoint = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "config": {},
+                  "tokenizer": tokenizer.dumps(), "step": 0}
+    torch.save(checkpoint, tmp_path / "bigram.pt")
+    wrong = ["abcdefg", "qrstuvw", "mnopabc", "zzzzzzz"]
+    items = [dict(FLOW_HELLASWAG[0], label=label, endings=["xxxxxxx" if i == label else w for i, w in enumerate(wrong)])
+             for label in (0, 1, 2, 3, 2)]
+    path = flow_hellaswag_file(tmp_path / "items.jsonl", items)
+    gpt.main(["--eval=hellaswag", f"--ckpt={tmp_path / 'bigram.pt'}", f"--hellaswag_file={path}"])
+    assert "acc_norm 1.0000 (5/5, lowest mean loss per ending token), acc 1.0000 (5/5" in capsys.readouterr().out
+
+
 # ==========================================================================================================
 # README.md: every command line in it parses, and the recipes run end to end (for a few steps)
 

@@ -37,7 +37,7 @@ Part II, the workshop: what makes the lesson fast, safe, interoperable and visib
    10. Plots (one function per figure)
    11. Command-line conveniences: --help, the flag checks, --prompt
    12. Evaluation and workflow: the best weights kept (best.pt), early stopping, a checkpoint scored on a
-       whole split, on any text or on HellaSwag
+       whole split, on any text or on HellaSwag, samples written to a file
 """
 import codecs
 import difflib
@@ -134,6 +134,7 @@ top_p: Annotated[float, "sample only from the most likely tokens holding this mu
 greedy: Annotated[bool, "always take the most likely token (the same as --temperature=0)"] = False
 beam: Annotated[int, "beam search with this many beams (deterministic; one sample); 0 samples"] = 0
 ignore_eot: Annotated[bool, "keep generating past <|endoftext|> instead of stopping there"] = False
+output_file: Annotated[str, "write the samples here, each under its settings; sample i uses seed + i"] = ""
 export_hf: Annotated[str, "write the checkpoint's model to this folder as a Hugging Face GPT-2 and exit"] = ""
 plot: Annotated[bool, "write PNG plots of --ckpt's run beside it (curves, attention, weights); exit"] = False
 bench: Annotated[bool, "time training steps of the model the flags describe on random tokens; exit"] = False
@@ -1144,7 +1145,9 @@ def run_sampling(cfg: SimpleNamespace, overrides: dict) -> None:
                    top_p=None if cfg.top_p == 1.0 else cfg.top_p, stop_token=stop_token, generator=generator)
     shown_prompt = "" if cfg.prompt == "<|endoftext|>" else tokenizer.decode(prompt[0].tolist())
     with runtime.autocast():
-        if cfg.beam:
+        if cfg.output_file:  # every sample under its settings, sample i drawn with seed + i: Part II
+            write_samples(cfg, model, tokenizer, prompt, options, shown_prompt)
+        elif cfg.beam:
             out = beam_search(model, prompt, cfg.max_new_tokens, cfg.beam, stop_token=stop_token)
             print(shown_prompt + decode_until(out[0, prompt.size(1):].tolist(), tokenizer, stop_token))
         elif cfg.num_samples == 1:  # printed token by token as it is generated: Part II, stream_sample
@@ -2476,6 +2479,9 @@ def check_config(cfg: SimpleNamespace) -> SimpleNamespace:
         raise FlagError(f"--top_p={cfg.top_p} must be in (0, 1]")
     if cfg.eval not in ("", "val", "hellaswag"):
         raise FlagError(f"--eval={cfg.eval!r} is not one of val, hellaswag")
+    for name, needs in (("output_file", "sample"),):
+        if getattr(cfg, name) and not getattr(cfg, needs):
+            raise FlagError(f"--{name} goes with --{needs}: add --{needs}")
     return cfg
 
 
@@ -2548,7 +2554,7 @@ def encode_prompt(prompt_flag: str, tokenizer: Tokenizer) -> list[int]:
 
 # ----------------------------------------------------------------------------------------------------------
 # 12. Evaluation and workflow: the best weights kept, early stopping, a checkpoint scored on a whole split,
-#     on any text or on HellaSwag
+#     on any text or on HellaSwag, and samples written to a file with their settings
 
 BEST_FILE = "best.pt"
 
@@ -2878,6 +2884,37 @@ def run_hellaswag(model: GPT, tokenizer: Tokenizer, items: list, path: Path, sou
     print(f"{source} on HellaSwag ({path}, {n:,} items): acc_norm {right_by_mean / n:.4f} "
           f"({right_by_mean}/{n}, lowest mean loss per ending token), acc {right_by_sum / n:.4f} "
           f"({right_by_sum}/{n}, lowest summed loss)")
+
+
+# -- Samples to a file ---------------------------------------------------------------------------------------
+
+def write_samples(cfg: SimpleNamespace, model: GPT, tokenizer: Tokenizer, prompt: torch.Tensor, options: dict,
+                  shown_prompt: str) -> None:
+    """--output_file: num_samples samples, each under a line of the settings that made it. Sample i is drawn
+    alone with the generator seeded seed + i, so it is exactly what --seed=<seed + i> prints; the file is
+    written atomically, once every sample is drawn."""
+    source = cfg.init_from if cfg.init_from.startswith("gpt2") else weights_path(cfg)
+    stop_token, n = options["stop_token"], cfg.num_samples
+    samples = []
+    for i in range(n):
+        seed = cfg.seed + i
+        if cfg.beam:
+            out = beam_search(model, prompt, cfg.max_new_tokens, cfg.beam, stop_token=stop_token)
+            settings = f"beam {cfg.beam}"
+        else:
+            options["generator"].manual_seed(seed)
+            out = model.generate(prompt, cfg.max_new_tokens, **options)
+            settings = (f"seed {seed} | temperature {options['temperature']} | top_k {cfg.top_k} | "
+                        f"top_p {cfg.top_p}")
+        text = shown_prompt + decode_until(out[0, prompt.size(1):].tolist(), tokenizer, stop_token)
+        settings += f" | max_new_tokens {cfg.max_new_tokens}" + (" | ignore_eot" if cfg.ignore_eot else "")
+        samples.append(f"==> sample {i + 1} of {n} | checkpoint {source} | prompt {cfg.prompt!r} | "
+                       f"{settings}\n{text}\n")
+    path = Path(cfg.output_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file(path, lambda tmp: Path(tmp).write_text("\n".join(samples), encoding="utf-8"))
+    seeds = "" if cfg.beam else f" (seeds {cfg.seed} to {cfg.seed + n - 1})"
+    print(f"wrote {n} sample(s) to {path}{seeds}")
 
 
 if __name__ == "__main__":

@@ -2599,6 +2599,24 @@ def test_flow_hellaswag_a_model_that_prefers_the_right_ending_scores_100_percent
     assert "acc_norm 1.0000 (5/5, lowest mean loss per ending token), acc 1.0000 (5/5" in capsys.readouterr().out
 
 
+def test_flow_samples_to_a_file_equal_what_each_seed_prints_alone(capsys, tmp_path, train_checkpoint):
+    flags = ["--sample", f"--ckpt={train_checkpoint}", "--max_new_tokens=30", "--prompt=the", "--top_k=50",
+             "--top_p=0.9"]
+    path = tmp_path / "samples" / "run1.txt"
+    gpt.main(flags + ["--seed=7", "--num_samples=3", f"--output_file={path}"])
+    assert capsys.readouterr().out == f"wrote 3 sample(s) to {path} (seeds 7 to 9)\n"
+    content = path.read_text(encoding="utf-8")
+    headers = re.findall(r"^==> sample .*$", content, flags=re.M)
+    assert headers == [f"==> sample {i + 1} of 3 | checkpoint {train_checkpoint} | prompt 'the' | seed {7 + i} | "
+                       f"temperature 0.8 | top_k 50 | top_p 0.9 | max_new_tokens 30" for i in range(3)]
+    samples = re.split(r"^==> sample .*\n", content, flags=re.M)[1:]
+    for i, sample in enumerate(samples):
+        gpt.main(flags + [f"--seed={7 + i}"])
+        alone = capsys.readouterr().out
+        assert (sample if i == 2 else sample.removesuffix("\n")) == alone
+    assert len(set(samples)) == 3
+
+
 # ==========================================================================================================
 # README.md: every command line in it parses, and the recipes run end to end (for a few steps)
 

@@ -14,6 +14,7 @@ sets of flags, with the losses they reach):
     python gpt.py --sample --init_from=gpt2                    # OpenAI's GPT-2 (or gpt2-medium/-large/-xl)
     torchrun --standalone --nproc_per_node=8 gpt.py ...        # 8 GPUs (DDP); multi-node: torchrun's --nnodes
     python gpt.py --plot --ckpt=out/ckpt.pt                    # curves, attention, weights as PNGs in out/
+    python gpt.py --plot --compare=out/a,out/b                 # several runs' curves on one figure
     python gpt.py --export_hf=DIR                              # the checkpoint as a Hugging Face GPT-2
     python gpt.py --eval=val --ckpt=out/best.pt                # loss on the whole val split (or hellaswag)
     python gpt.py --help                                       # every knob with its default and meaning
@@ -137,6 +138,7 @@ ignore_eot: Annotated[bool, "keep generating past <|endoftext|> instead of stopp
 output_file: Annotated[str, "write the samples here, each under its settings; sample i uses seed + i"] = ""
 export_hf: Annotated[str, "write the checkpoint's model to this folder as a Hugging Face GPT-2 and exit"] = ""
 plot: Annotated[bool, "write PNG plots of --ckpt's run beside it (curves, attention, weights); exit"] = False
+compare: Annotated[str, "with --plot: run folders, comma-separated, whose curves share one figure"] = ""
 bench: Annotated[bool, "time training steps of the model the flags describe on random tokens; exit"] = False
 # evaluation
 eval: Annotated[str, "val: score --ckpt on the whole val split of --data_dir | hellaswag; exit"] = ""
@@ -1170,7 +1172,7 @@ def main(argv: list[str] | None = None) -> None:
         elif cfg.export_hf:
             run_export(cfg)  # Part II, run_export
         elif cfg.plot:
-            run_plot(cfg)  # Part II, run_plot
+            run_plot(cfg, overrides)  # Part II, run_plot
         elif cfg.bench:
             run_bench(cfg)  # Part II, run_bench
         elif cfg.eval or cfg.eval_text:
@@ -2270,10 +2272,12 @@ WEIGHT_KINDS = {"attn.c_attn": "attention q,k,v", "attn.c_proj": "attention outp
                 "mlp.c_fc": "MLP in", "mlp.c_proj": "MLP out"}
 
 
-def run_plot(cfg: SimpleNamespace) -> None:
+def run_plot(cfg: SimpleNamespace, overrides: dict) -> None:
     """PNG plots of a run, written next to its checkpoint (weights_path: best.pt, else ckpt.pt): training
     curves from the log.jsonl beside it, attention heatmaps for --prompt, weight histograms and spectral
-    norms."""
+    norms. With --compare, the curves of several runs on one figure instead."""
+    if cfg.compare:
+        return run_comparison(cfg, overrides)
     path = weights_path(cfg)
     checkpoint = load_checkpoint(path)
     say_which_weights(cfg, path, checkpoint)
@@ -2360,6 +2364,93 @@ def plot_throughput(plt, train: list[dict]):
     ax.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train], color="tab:purple", lw=0.8)
     ax.set(xlabel="step", ylabel="tokens / s", title="Training throughput")
     ax.grid(alpha=0.3)
+    return fig
+
+
+# -- Several runs on one figure: --plot --compare=out/a,out/b ----------------------------------------------
+
+# Settings that do not change what a run learns (or only name where it ran), left out of the legend.
+NOT_COMPARED = {"out_dir", "init_from", "ckpt", "gpt2_dir", "log_interval", "always_save_checkpoint",
+                "device", "dtype", "compile", "peak_flops"}
+
+
+def run_settings(folder: Path) -> dict | None:
+    """The settings a run in folder trained with (every knob: the defaults, then its checkpoint's config), or
+    None when the folder holds no checkpoint."""
+    for name in ("ckpt.pt", BEST_FILE):
+        if (folder / name).is_file():
+            saved = read_checkpoint_lazily(folder / name).get("config")
+            defaults = {name: globals()[name] for _, name, _ in config_knobs()}
+            return {**defaults, **(saved if isinstance(saved, dict) else {})}
+    return None
+
+
+def comparison_labels(folders: list[Path], settings: list[dict | None]) -> list[str]:
+    """A legend label per run: the training settings in which the runs differ (n_layer=4, n_embd=128), or
+    the folder's name for a run without a checkpoint or when nothing differs."""
+    compared = [name for group, name, _ in config_knobs() if name not in NOT_COMPARED
+                and group not in ("sampling, export and plotting", "evaluation")]
+    known = [s for s in settings if s is not None]
+    differing = [name for name in compared if len({repr(s.get(name)) for s in known}) > 1]
+    labels = [", ".join(f"{name}={s[name]}" for name in differing) if s and differing else folder.name
+              for folder, s in zip(folders, settings)]
+    if len(set(labels)) < len(labels):  # runs alike in every setting compared: their folders tell them apart
+        labels = [f"{folder.name}: {label}" if label != folder.name else label
+                  for folder, label in zip(folders, labels)]
+    return labels
+
+
+def run_comparison(cfg: SimpleNamespace, overrides: dict) -> None:
+    """--plot --compare=A,B,...: the train and val curves of the runs in folders A, B, ... on shared axes, as
+    compare.png in the first folder (or --out_dir). Every folder is read before anything is written."""
+    folders = [Path(name.strip()) for name in cfg.compare.split(",") if name.strip()]
+    runs = []
+    for folder in folders:
+        log_path = folder / "log.jsonl"
+        if not log_path.is_file():
+            raise FileNotFoundError(f"--compare: {folder} has no log.jsonl; name the out_dir folders of "
+                                    f"training runs")
+        records = [r for r in read_log(log_path) if r["kind"] in ("train", "eval")]
+        if not records:
+            raise ValueError(f"--compare: {log_path} holds no training or evaluation records")
+        runs.append(records)
+    labels = comparison_labels(folders, [run_settings(folder) for folder in folders])
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    fig = plot_comparison(plt, list(zip(labels, runs)))
+    out_dir = Path(cfg.out_dir) if "out_dir" in overrides else folders[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "compare.png"
+    write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    for folder, label in zip(folders, labels):
+        print(f"{folder}: {label}")
+    print(f"wrote {path}")
+
+
+def plot_comparison(plt, runs: list[tuple[str, list[dict]]]):
+    """Which run learns faster, and which overfits? A colour per run: train loss as a moving average (solid),
+    val loss at each evaluation (dashed, dots)."""
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    shown = []
+    for i, (label, records) in enumerate(runs):
+        train = [r for r in records if r["kind"] == "train"]
+        evals = [r for r in records if r["kind"] == "eval"]
+        losses = [r["loss"] for r in train]
+        if train:
+            ax.plot([r["step"] for r in train], moving_average(losses, max(1, len(losses) // 50)),
+                    color=f"C{i % 10}", lw=1.2, alpha=0.7, label=None if evals else label)
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o--", color=f"C{i % 10}",
+                    ms=3, label=label)
+        shown += sorted(losses)[:int(0.97 * len(losses))] + [r["val_loss"] for r in evals]
+    ax.set_ylim(0.97 * min(shown), max(shown) + 0.05)  # past the first steps' fall from ~ln(V)
+    ax.set(xlabel="step", ylabel="cross-entropy (nats / token)",
+           title="Loss: train (moving average, solid) and val (dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return fig
 
 
@@ -2479,7 +2570,7 @@ def check_config(cfg: SimpleNamespace) -> SimpleNamespace:
         raise FlagError(f"--top_p={cfg.top_p} must be in (0, 1]")
     if cfg.eval not in ("", "val", "hellaswag"):
         raise FlagError(f"--eval={cfg.eval!r} is not one of val, hellaswag")
-    for name, needs in (("output_file", "sample"),):
+    for name, needs in (("compare", "plot"), ("output_file", "sample")):
         if getattr(cfg, name) and not getattr(cfg, needs):
             raise FlagError(f"--{name} goes with --{needs}: add --{needs}")
     return cfg

@@ -2617,6 +2617,23 @@ def test_flow_samples_to_a_file_equal_what_each_seed_prints_alone(capsys, tmp_pa
     assert len(set(samples)) == 3
 
 
+def test_flow_compare_runs_on_one_figure(capsys, tmp_path):
+    data = train_make_dataset(tmp_path / "data")
+    for name, flags in (("a", []), ("b", ["--n_embd=48"]), ("c", ["--n_embd=48", "--learning_rate=5e-3"])):
+        train_run([f"--data_dir={data}", f"--out_dir={tmp_path / name}", "--max_steps=4", "--eval_interval=2", *flags])
+    capsys.readouterr()
+    runs = ",".join(str(tmp_path / name) for name in "abc")
+    gpt.main(["--plot", f"--compare={runs}"])
+    out = capsys.readouterr().out
+    assert out == (f"{tmp_path / 'a'}: n_embd=32, learning_rate=0.01\n{tmp_path / 'b'}: n_embd=48, learning_rate=0.01\n"
+                   f"{tmp_path / 'c'}: n_embd=48, learning_rate=0.005\nwrote {tmp_path / 'a' / 'compare.png'}\n")
+    image = tmp_path / "a" / "compare.png"
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 10_000
+    gpt.main(["--plot", f"--compare={tmp_path / 'a'},{tmp_path / 'b'}", f"--out_dir={tmp_path / 'figures'}"])
+    assert capsys.readouterr().out.endswith(f"b: n_embd=48\nwrote {tmp_path / 'figures' / 'compare.png'}\n")
+    assert gpt.comparison_labels([tmp_path / "x", tmp_path / "y"], [None, {"n_layer": 2}]) == ["x", "y"]
+
+
 # ==========================================================================================================
 # README.md: every command line in it parses, and the recipes run end to end (for a few steps)
 

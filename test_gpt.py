@@ -2634,6 +2634,50 @@ def test_flow_compare_runs_on_one_figure(capsys, tmp_path):
     assert gpt.comparison_labels([tmp_path / "x", tmp_path / "y"], [None, {"n_layer": 2}]) == ["x", "y"]
 
 
+def test_flow_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, train_checkpoint):
+    ckpt = f"--ckpt={train_checkpoint}"
+    before = sorted(p.name for p in train_checkpoint.parent.iterdir())
+    err = train_error(capsys, ["--eval=hellaswag", ckpt, f"--hellaswag_file={tmp_path / 'none.jsonl'}"])
+    assert err.startswith(f"error: --hellaswag_file={tmp_path / 'none.jsonl'}: no such file")
+    lines = [json.dumps(FLOW_HELLASWAG[0]), json.dumps(FLOW_HELLASWAG[1]), ""]
+    for line3, reason in [('{"ctx": "A man", "endings": ["a", "b", "c"], "label": 0}',
+                           '"endings" is missing or not a list of 4'),
+                          ('{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 4}',
+                           '"label" is 4, not 0, 1, 2 or 3'),
+                          ('{"ctx": "A man", "endings": ["a", "b", "c", "d"]', "Expecting ',' delimiter"),
+                          ('["not", "an", "object"]', "not a JSON object")]:
+        (tmp_path / "bad.jsonl").write_text("\n".join(lines + [line3]) + "\n", encoding="utf-8")
+        err = train_error(capsys, ["--eval=hellaswag", ckpt, f"--hellaswag_file={tmp_path / 'bad.jsonl'}"])
+        assert err.startswith(f"error: {tmp_path / 'bad.jsonl'}, line 4: {reason}"), err
+    (tmp_path / "latin1.txt").write_bytes("First Citizen: café\n".encode("latin-1"))
+    err = train_error(capsys, [f"--eval_text={tmp_path / 'latin1.txt'}", ckpt])
+    assert err.startswith(f"error: {tmp_path / 'latin1.txt'} is not UTF-8 text: byte 0xe9 at offset 18 "), err
+    assert "--early_stop=-1 must not be negative" in train_error(capsys, ["--early_stop=-1"], code=2)
+    assert "--eval='test' is not one of val, hellaswag" in train_error(capsys, ["--eval=test", ckpt], code=2)
+    (tmp_path / "empty_run").mkdir()
+    err = train_error(capsys, ["--plot", f"--compare={train_checkpoint.parent},{tmp_path / 'empty_run'}"])
+    assert err == f"error: --compare: {tmp_path / 'empty_run'} has no log.jsonl; name the out_dir folders of " \
+                  f"training runs\n"
+    assert "--compare goes with --plot" in train_error(capsys, [f"--compare={tmp_path}"], code=2)
+    assert "--output_file goes with --sample" in train_error(capsys, [f"--output_file={tmp_path / 's.txt'}"], code=2)
+    # Offline and no file given: the download fails in one line, and nothing is written.
+    def no_network(*args, **kwargs):
+        raise OSError("Name or service not known")
+    import urllib.request
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.chdir(tmp_path)
+    try:
+        err = train_error(capsys, ["--eval=hellaswag", ckpt])
+    finally:
+        monkeypatch.undo()
+    assert err == f"error: could not download {gpt.HELLASWAG_URL} (Name or service not known): download it " \
+                  f"elsewhere and pass --hellaswag_file=FILE\n"
+    assert not (tmp_path / "data").exists()
+    assert sorted(p.name for p in train_checkpoint.parent.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty_run", "latin1.txt"]
+
+
 # ==========================================================================================================
 # README.md: every command line in it parses, and the recipes run end to end (for a few steps)
 

@@ -14,7 +14,9 @@ sets of flags, with the losses they reach):
     python gpt.py --sample --init_from=gpt2                    # OpenAI's GPT-2 (or gpt2-medium/-large/-xl)
     torchrun --standalone --nproc_per_node=8 gpt.py ...        # 8 GPUs (DDP); multi-node: torchrun's --nnodes
     python gpt.py --plot --ckpt=out/ckpt.pt                    # curves, attention, weights as PNGs in out/
+    python gpt.py --plot --compare=out/a,out/b                 # several runs' curves on one figure
     python gpt.py --export_hf=DIR                              # the checkpoint as a Hugging Face GPT-2
+    python gpt.py --eval=val --ckpt=out/best.pt                # loss on the whole val split (or hellaswag)
     python gpt.py --help                                       # every knob with its default and meaning
 
 Part I, the lesson: stop at its end and you have read the whole program.
@@ -35,6 +37,8 @@ Part II, the workshop: what makes the lesson fast, safe, interoperable and visib
     9. GPT-2 / Hugging Face: import, export, GPT-2's tokenizer
    10. Plots (one function per figure)
    11. Command-line conveniences: --help, the flag checks, --prompt
+   12. Evaluation and workflow: the best weights kept (best.pt), early stopping, a checkpoint scored on a
+       whole split, on any text or on HellaSwag, samples written to a file
 """
 import codecs
 import difflib
@@ -80,14 +84,15 @@ from bpe import Tokenizer, load_tokenizer, write_atomically
 # the wrong model. The defaults are GPT-2 124M; the README's recipes are small models that were run.
 
 # I/O
-out_dir: Annotated[str, "ckpt.pt and log.jsonl (a JSON object per step and per evaluation) go here"] = "out"
+out_dir: Annotated[str, "ckpt.pt, best.pt, log.jsonl (a JSON record per step and evaluation) go here"] = "out"
 init_from: Annotated[str, "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl"] = "scratch"
-ckpt: Annotated[str, "checkpoint to resume, sample or export; empty means <out_dir>/ckpt.pt"] = ""
+ckpt: Annotated[str, "checkpoint to resume, sample, score or export; empty: out_dir's (weights_path)"] = ""
 gpt2_dir: Annotated[str, "HF's GPT-2 files (model.safetensors, merges.txt, vocab.json); empty: download"] = ""
 eval_interval: Annotated[int, "evaluate every this many steps (and checkpoint, see below)"] = 250
 eval_iters: Annotated[int, "batches per split in each evaluation"] = 20
 log_interval: Annotated[int, "print a training line every this many steps (log.jsonl gets every step)"] = 1
 always_save_checkpoint: Annotated[bool, "checkpoint at every evaluation, not only when val improves"] = False
+early_stop: Annotated[int, "stop after this many evaluations in a row without a lower val loss; 0: off"] = 0
 # data
 data_dir: Annotated[str, "shards, meta.json and tokenizer.bpe from prepare_fineweb.py"] = "data/fineweb"
 batch_size: Annotated[int, "sequences per micro-step in each process"] = 8
@@ -130,13 +135,21 @@ top_p: Annotated[float, "sample only from the most likely tokens holding this mu
 greedy: Annotated[bool, "always take the most likely token (the same as --temperature=0)"] = False
 beam: Annotated[int, "beam search with this many beams (deterministic; one sample); 0 samples"] = 0
 ignore_eot: Annotated[bool, "keep generating past <|endoftext|> instead of stopping there"] = False
+output_file: Annotated[str, "write the samples here, each under its settings; sample i uses seed + i"] = ""
 export_hf: Annotated[str, "write the checkpoint's model to this folder as a Hugging Face GPT-2 and exit"] = ""
 plot: Annotated[bool, "write PNG plots of --ckpt's run beside it (curves, attention, weights); exit"] = False
+compare: Annotated[str, "with --plot: run folders, comma-separated, whose curves share one figure"] = ""
 bench: Annotated[bool, "time training steps of the model the flags describe on random tokens; exit"] = False
+# evaluation
+eval: Annotated[str, "val: score --ckpt on the whole val split of --data_dir | hellaswag; exit"] = ""
+eval_text: Annotated[str, "score --ckpt on this UTF-8 text file: loss, perplexity, bits/byte; exit"] = ""
+eval_stride: Annotated[int, "tokens scored per window after the first; 0: block_size // 2"] = 0
+hellaswag_file: Annotated[str, "HellaSwag's val jsonl; empty: data/hellaswag_val.jsonl (downloaded)"] = ""
 
 KNOB_GROUPS = {"out_dir": "I/O", "data_dir": "data", "learning_rate": "optimiser and schedule",
                "n_layer": "model (the vocabulary size comes from the data's meta.json)", "device": "system",
-               "sample": "sampling, export and plotting"}  # --help's headings, by each group's first knob
+               "sample": "sampling, export and plotting",
+               "eval": "evaluation"}  # --help's headings, by each group's first knob
 MODEL_KNOBS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos_emb", "activation",
                "tie_weights", "attention")  # the knobs that are GPTConfig fields
 INIT_CHOICES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -802,6 +815,7 @@ def evaluate(model: torch.nn.Module, splits: dict[str, TokenWindows], cfg: Simpl
 #     model, optimizer, scaler    state_dicts (the model's taken from the module as built: never a compiled
 #                                 or DDP wrapper, whose keys would carry "_orig_mod." or "module.")
 #     step, best_val_loss         steps done so far; the best evaluation loss so far
+#     best_step, evals_since_best the best evaluation's step; evaluations since then (for --early_stop)
 #     config, model_config        every knob of the run; the GPTConfig fields
 #     tokenizer                   the tokenizer as text (Tokenizer.dumps), so sampling needs no other file
 #     rng                         the data generator's state (the position in the data) and each process's
@@ -810,7 +824,8 @@ def evaluate(model: torch.nn.Module, splits: dict[str, TokenWindows], cfg: Simpl
 # When: at an evaluation whose val loss is the best so far (every evaluation with always_save_checkpoint;
 # never at step 0, which has learned nothing), at the end of the run and when Ctrl-C stops it, so that
 # every run can be continued. A run that stops on a non-finite loss writes nothing: the last good
-# checkpoint stays.
+# checkpoint stays. The best evaluation's weights are never lost: before ckpt.pt moves on from them,
+# they go to best.pt (the weights and what sampling needs, no optimizer), which sampling then prefers.
 
 def checkpoint_path(cfg: SimpleNamespace) -> Path:
     return Path(cfg.ckpt) if cfg.ckpt else Path(cfg.out_dir) / "ckpt.pt"
@@ -896,6 +911,8 @@ class Run:
     step: int = 0                      # optimizer steps done
     best_val_loss: float = math.inf
     saved_step: int = -1               # the step the checkpoint on disk holds (-1: none yet)
+    best_step: int = -1                # the step of the best evaluation so far
+    evals_since_best: int = 0          # evaluations since then that did not improve on it (--early_stop)
 
 
 def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, runtime: Runtime, rank: int,
@@ -920,10 +937,11 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
     # MFU's numerator and denominator: Part II, flops_per_token and peak_flops_per_second. Trap: a timed
     # peak draws its matrix from dropout's generator, so it must come before a resume restores that generator.
     flops, peak_flops = flops_per_token(model, cfg.block_size), peak_flops_per_second(runtime, cfg.peak_flops)
-    step, best_val_loss, saved_step = 0, math.inf, -1
+    step, best_val_loss, saved_step, best = 0, math.inf, -1, (-1, 0)  # best: best_step, evals_since_best
     if checkpoint is not None:
         # the optimizer, the scaler and every random generator as they were: Part II, restore_training_state
-        step, best_val_loss = restore_training_state(checkpoint, optimizer, runtime, data_generator, rank)
+        step, best_val_loss, *best = restore_training_state(checkpoint, optimizer, runtime, data_generator,
+                                                            rank)
         saved_step = step
         checkpoint.clear()  # free the CPU copy of the weights and optimizer state (train() holds this dict)
     fast_model = torch.compile(model) if runtime.compile else model
@@ -939,7 +957,7 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
             train_model = torch.compile(train_model)
     run = Run(cfg, runtime, rank, world_size, meta, model, fast_model, train_model, optimizer,
               tokenizer_from_text(tokenizer_text), tokenizer_text, windows, data_generator,
-              accumulation_steps, tokens_per_step, flops, peak_flops, step, best_val_loss, saved_step)
+              accumulation_steps, tokens_per_step, flops, peak_flops, step, best_val_loss, saved_step, *best)
     if rank == 0:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         print_start(run)  # the model, the device, the step's tokens, the data: Part II
@@ -1004,8 +1022,10 @@ def save_run(run: Run) -> None:
     """Checkpoint where the run stands. Every process gathers its state (DDP needs them all); 0 writes."""
     state = training_state(run.model, run.optimizer, run.runtime, run.step, run.best_val_loss, run.cfg,
                            run.tokenizer_text, run.data_generator, run.world_size)
+    state.update(best_step=run.best_step, evals_since_best=run.evals_since_best)
     if run.rank == 0:
         path = Path(run.cfg.out_dir) / "ckpt.pt"
+        keep_best_weights(run, path, state)  # to best.pt, if ckpt.pt holds them and moves on: Part II
         save_checkpoint(path, state)
         print(f"saved {path} at step {run.step}")
     run.saved_step = run.step
@@ -1024,10 +1044,14 @@ def evaluate_and_checkpoint(run: Run, log: "RunLog") -> None:
         record["val_bits_per_byte"] = losses["val"] / math.log(2) * val_tokens / val_bytes
     if device.type == "cuda":
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    improved = losses["val"] < run.best_val_loss
+    if improved:
+        run.best_val_loss, run.best_step = losses["val"], run.step
+    run.evals_since_best = 0 if improved else run.evals_since_best + 1
+    if cfg.early_stop:
+        record["evals_without_improvement"] = run.evals_since_best
     print_eval(run, record)  # the losses and a short sample of the model's text: Part II, print_eval
     log.write(record)
-    improved = losses["val"] < run.best_val_loss
-    run.best_val_loss = min(run.best_val_loss, losses["val"])
     if run.step > 0 and (improved or cfg.always_save_checkpoint):  # nothing to keep before step 1
         save_run(run)
 
@@ -1047,7 +1071,8 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
             due = run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps
             if due and run.step != run.saved_step:
                 evaluate_and_checkpoint(run, log)
-            if run.step >= cfg.max_steps or stop.agreed:
+            # --early_stop: evaluations without a lower val loss, counted across resumes: Part II, stops_early
+            if run.step >= cfg.max_steps or stop.agreed or stops_early(run, log):
                 break
             record = optimizer_step(run, stop)
             log.write(record)
@@ -1095,8 +1120,9 @@ def load_for_sampling(cfg: SimpleNamespace, device: torch.device) -> tuple[GPT, 
     if cfg.init_from.startswith("gpt2"):  # OpenAI's weights and tokenizer: Part II, from_gpt2, gpt2_tokenizer
         model, tokenizer = from_gpt2(cfg.init_from, cfg.gpt2_dir or None), gpt2_tokenizer(cfg.gpt2_dir)
     else:
-        path = checkpoint_path(cfg)
+        path = weights_path(cfg)  # --ckpt, else best.pt if there is one, else ckpt.pt: Part II
         checkpoint = load_checkpoint(path)  # Part II, load_checkpoint
+        say_which_weights(cfg, path, checkpoint)  # Part II
         model = model_from_checkpoint(checkpoint, path)  # Part II, model_from_checkpoint
         tokenizer = tokenizer_from_text(checkpoint["tokenizer"])
     return model.to(device).eval(), tokenizer
@@ -1121,7 +1147,9 @@ def run_sampling(cfg: SimpleNamespace, overrides: dict) -> None:
                    top_p=None if cfg.top_p == 1.0 else cfg.top_p, stop_token=stop_token, generator=generator)
     shown_prompt = "" if cfg.prompt == "<|endoftext|>" else tokenizer.decode(prompt[0].tolist())
     with runtime.autocast():
-        if cfg.beam:
+        if cfg.output_file:  # every sample under its settings, sample i drawn with seed + i: Part II
+            write_samples(cfg, model, tokenizer, prompt, options, shown_prompt)
+        elif cfg.beam:
             out = beam_search(model, prompt, cfg.max_new_tokens, cfg.beam, stop_token=stop_token)
             print(shown_prompt + decode_until(out[0, prompt.size(1):].tolist(), tokenizer, stop_token))
         elif cfg.num_samples == 1:  # printed token by token as it is generated: Part II, stream_sample
@@ -1135,7 +1163,7 @@ def run_sampling(cfg: SimpleNamespace, overrides: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Train, sample, export, plot or benchmark, as the flags say. Bad input: one `error: ...` line."""
+    """Train, sample, export, plot, benchmark or score, as the flags say. Bad input: one `error: ...` line."""
     try:
         overrides = parse_flags(sys.argv[1:] if argv is None else argv)
         cfg = make_config(overrides)
@@ -1144,9 +1172,11 @@ def main(argv: list[str] | None = None) -> None:
         elif cfg.export_hf:
             run_export(cfg)  # Part II, run_export
         elif cfg.plot:
-            run_plot(cfg)  # Part II, run_plot
+            run_plot(cfg, overrides)  # Part II, run_plot
         elif cfg.bench:
             run_bench(cfg)  # Part II, run_bench
+        elif cfg.eval or cfg.eval_text:
+            run_evaluation(cfg, overrides)  # whole split, any text, HellaSwag: Part II, run_evaluation
         else:
             train(overrides)
     except (ValueError, OSError, FloatingPointError, KeyboardInterrupt) as e:
@@ -1735,7 +1765,7 @@ def model_from_checkpoint(checkpoint: dict, path: Path, dropout: float | None = 
 def check_model_for_sampling(model: GPT, cfg: SimpleNamespace) -> None:
     """Refuse weights that are NaN or infinite (an edited or damaged checkpoint: every draw would fail) and
     more beams than the vocabulary has tokens (the first step cannot fill them)."""
-    source = cfg.init_from if cfg.init_from.startswith("gpt2") else checkpoint_path(cfg)
+    source = cfg.init_from if cfg.init_from.startswith("gpt2") else weights_path(cfg)
     broken = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
     if broken is not None:
         raise ValueError(f"{source} holds non-finite weights (NaN or inf in {broken}): it cannot be sampled; "
@@ -1773,15 +1803,17 @@ def restore_rng_states(states: dict, device: torch.device) -> None:
 
 
 def restore_training_state(checkpoint: dict, optimizer: torch.optim.Optimizer, runtime: Runtime,
-                           data_generator: torch.Generator, rank: int) -> tuple[int, float]:
-    """Put the checkpoint's optimizer, scaler and random generators back; return (step, best_val_loss)."""
+                           data_generator: torch.Generator, rank: int) -> tuple[int, float, int, int]:
+    """Put the checkpoint's optimizer, scaler and random generators back; return (step, best_val_loss,
+    best_step, evals_since_best). Checkpoints from before --early_stop count from 0, best step unknown."""
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["scaler"]:  # empty when saved without float16 (the scaler was off)
         runtime.scaler.load_state_dict(checkpoint["scaler"])
     data_generator.set_state(checkpoint["rng"]["data"])
     saved_ranks = checkpoint["rng"]["processes"]
     restore_rng_states(saved_ranks[rank] if rank < len(saved_ranks) else saved_ranks[0], runtime.device)
-    return checkpoint["step"], checkpoint["best_val_loss"]
+    return (checkpoint["step"], checkpoint["best_val_loss"], checkpoint.get("best_step", -1),
+            checkpoint.get("evals_since_best", 0))
 
 
 class StopOnSignal:
@@ -1896,7 +1928,7 @@ class OutDirLock:
 
 
 # The names of write_atomically's temp files for a checkpoint and the log: .ckpt.pt.<pid>.<8 hex>.tmp
-STALE_TEMP_FILE = re.compile(r"\.(ckpt\.pt|log\.jsonl)\.\d+\.[0-9a-f]{8}\.tmp")
+STALE_TEMP_FILE = re.compile(r"\.(ckpt\.pt|best\.pt|log\.jsonl)\.\d+\.[0-9a-f]{8}\.tmp")
 
 
 def remove_stale_temp_files(out_dir: Path) -> None:
@@ -2240,11 +2272,15 @@ WEIGHT_KINDS = {"attn.c_attn": "attention q,k,v", "attn.c_proj": "attention outp
                 "mlp.c_fc": "MLP in", "mlp.c_proj": "MLP out"}
 
 
-def run_plot(cfg: SimpleNamespace) -> None:
-    """PNG plots of a run, written next to its checkpoint: training curves from the log.jsonl beside it,
-    attention heatmaps for --prompt, weight histograms and spectral norms."""
-    path = checkpoint_path(cfg)
+def run_plot(cfg: SimpleNamespace, overrides: dict) -> None:
+    """PNG plots of a run, written next to its checkpoint (weights_path: best.pt, else ckpt.pt): training
+    curves from the log.jsonl beside it, attention heatmaps for --prompt, weight histograms and spectral
+    norms. With --compare, the curves of several runs on one figure instead."""
+    if cfg.compare:
+        return run_comparison(cfg, overrides)
+    path = weights_path(cfg)
     checkpoint = load_checkpoint(path)
+    say_which_weights(cfg, path, checkpoint)
     model = model_from_checkpoint(checkpoint, path).eval()
     tokenizer = tokenizer_from_text(checkpoint["tokenizer"])
     log_path = path.parent / "log.jsonl"
@@ -2331,6 +2367,93 @@ def plot_throughput(plt, train: list[dict]):
     return fig
 
 
+# -- Several runs on one figure: --plot --compare=out/a,out/b ----------------------------------------------
+
+# Settings that do not change what a run learns (or only name where it ran), left out of the legend.
+NOT_COMPARED = {"out_dir", "init_from", "ckpt", "gpt2_dir", "log_interval", "always_save_checkpoint",
+                "device", "dtype", "compile", "peak_flops"}
+
+
+def run_settings(folder: Path) -> dict | None:
+    """The settings a run in folder trained with (every knob: the defaults, then its checkpoint's config), or
+    None when the folder holds no checkpoint."""
+    for name in ("ckpt.pt", BEST_FILE):
+        if (folder / name).is_file():
+            saved = read_checkpoint_lazily(folder / name).get("config")
+            defaults = {name: globals()[name] for _, name, _ in config_knobs()}
+            return {**defaults, **(saved if isinstance(saved, dict) else {})}
+    return None
+
+
+def comparison_labels(folders: list[Path], settings: list[dict | None]) -> list[str]:
+    """A legend label per run: the training settings in which the runs differ (n_layer=4, n_embd=128), or
+    the folder's name for a run without a checkpoint or when nothing differs."""
+    compared = [name for group, name, _ in config_knobs() if name not in NOT_COMPARED
+                and group not in ("sampling, export and plotting", "evaluation")]
+    known = [s for s in settings if s is not None]
+    differing = [name for name in compared if len({repr(s.get(name)) for s in known}) > 1]
+    labels = [", ".join(f"{name}={s[name]}" for name in differing) if s and differing else folder.name
+              for folder, s in zip(folders, settings)]
+    if len(set(labels)) < len(labels):  # runs alike in every setting compared: their folders tell them apart
+        labels = [f"{folder.name}: {label}" if label != folder.name else label
+                  for folder, label in zip(folders, labels)]
+    return labels
+
+
+def run_comparison(cfg: SimpleNamespace, overrides: dict) -> None:
+    """--plot --compare=A,B,...: the train and val curves of the runs in folders A, B, ... on shared axes, as
+    compare.png in the first folder (or --out_dir). Every folder is read before anything is written."""
+    folders = [Path(name.strip()) for name in cfg.compare.split(",") if name.strip()]
+    runs = []
+    for folder in folders:
+        log_path = folder / "log.jsonl"
+        if not log_path.is_file():
+            raise FileNotFoundError(f"--compare: {folder} has no log.jsonl; name the out_dir folders of "
+                                    f"training runs")
+        records = [r for r in read_log(log_path) if r["kind"] in ("train", "eval")]
+        if not records:
+            raise ValueError(f"--compare: {log_path} holds no training or evaluation records")
+        runs.append(records)
+    labels = comparison_labels(folders, [run_settings(folder) for folder in folders])
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    fig = plot_comparison(plt, list(zip(labels, runs)))
+    out_dir = Path(cfg.out_dir) if "out_dir" in overrides else folders[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "compare.png"
+    write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    for folder, label in zip(folders, labels):
+        print(f"{folder}: {label}")
+    print(f"wrote {path}")
+
+
+def plot_comparison(plt, runs: list[tuple[str, list[dict]]]):
+    """Which run learns faster, and which overfits? A colour per run: train loss as a moving average (solid),
+    val loss at each evaluation (dashed, dots)."""
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    shown = []
+    for i, (label, records) in enumerate(runs):
+        train = [r for r in records if r["kind"] == "train"]
+        evals = [r for r in records if r["kind"] == "eval"]
+        losses = [r["loss"] for r in train]
+        if train:
+            ax.plot([r["step"] for r in train], moving_average(losses, max(1, len(losses) // 50)),
+                    color=f"C{i % 10}", lw=1.2, alpha=0.7, label=None if evals else label)
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o--", color=f"C{i % 10}",
+                    ms=3, label=label)
+        shown += sorted(losses)[:int(0.97 * len(losses))] + [r["val_loss"] for r in evals]
+    ax.set_ylim(0.97 * min(shown), max(shown) + 0.05)  # past the first steps' fall from ~ln(V)
+    ax.set(xlabel="step", ylabel="cross-entropy (nats / token)",
+           title="Loss: train (moving average, solid) and val (dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
 @torch.no_grad()
 def attention_maps(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     """Attention weights for one prompt idx (1, T): (n_layer, n_head, T, T), row i = where token i looks.
@@ -2414,7 +2537,8 @@ def help_text() -> str:
     """--help: the commands, then every knob with its default (as typed on the command line) and comment."""
     lines = ["usage: python gpt.py [--key=value ...]      train (the default)",
              "       python gpt.py --sample [--ckpt=out/ckpt.pt] [--prompt=TEXT] ...",
-             "       python gpt.py --export_hf=DIR [--ckpt=...]   |   python gpt.py --plot [--out_dir=...]"]
+             "       python gpt.py --export_hf=DIR [--ckpt=...]   |   python gpt.py --plot [--out_dir=...]",
+             "       python gpt.py --eval=val|hellaswag [--ckpt=...]   |   python gpt.py --eval_text=FILE"]
     group = None
     for knob_group, name, comment in config_knobs():
         if knob_group != group:
@@ -2437,13 +2561,18 @@ def check_config(cfg: SimpleNamespace) -> SimpleNamespace:
         if getattr(cfg, name) < 1:
             raise FlagError(f"--{name}={getattr(cfg, name)} must be at least 1")
     for name in ("max_steps", "warmup_steps", "lr_decay_steps", "total_batch_tokens", "beam", "top_k",
-                 "grad_clip"):
+                 "grad_clip", "early_stop", "eval_stride"):
         if getattr(cfg, name) < 0:
             raise FlagError(f"--{name}={getattr(cfg, name)} must not be negative")
     if not 0 <= cfg.temperature < math.inf:  # nan fails this too
         raise FlagError(f"--temperature={cfg.temperature} must be a finite number >= 0 (0 is greedy)")
     if not 0 < cfg.top_p <= 1:
         raise FlagError(f"--top_p={cfg.top_p} must be in (0, 1]")
+    if cfg.eval not in ("", "val", "hellaswag"):
+        raise FlagError(f"--eval={cfg.eval!r} is not one of val, hellaswag")
+    for name, needs in (("compare", "plot"), ("output_file", "sample")):
+        if getattr(cfg, name) and not getattr(cfg, needs):
+            raise FlagError(f"--{name} goes with --{needs}: add --{needs}")
     return cfg
 
 
@@ -2512,6 +2641,371 @@ def encode_prompt(prompt_flag: str, tokenizer: Tokenizer) -> list[int]:
         raise ValueError("--prompt encodes to no tokens: give some text, or leave it out to start a new "
                          "document")
     return ids
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 12. Evaluation and workflow: the best weights kept, early stopping, a checkpoint scored on a whole split,
+#     on any text or on HellaSwag, and samples written to a file with their settings
+
+BEST_FILE = "best.pt"
+
+
+def weights_path(cfg: SimpleNamespace) -> Path:
+    """The checkpoint whose weights --sample, --export_hf, --plot and --eval use: --ckpt when given, else
+    <out_dir>/best.pt when there is one (the best evaluation's weights), else <out_dir>/ckpt.pt."""
+    if cfg.ckpt:
+        return Path(cfg.ckpt)
+    best = Path(cfg.out_dir) / BEST_FILE
+    return best if best.is_file() else Path(cfg.out_dir) / "ckpt.pt"
+
+
+def say_which_weights(cfg: SimpleNamespace, path: Path, checkpoint: dict) -> None:
+    """Say whose weights are used. --sample says it on stderr (stdout is the sample), and only when it chose
+    the file itself: with --ckpt its output stays exactly the sample."""
+    if cfg.sample and cfg.ckpt:
+        return
+    what = f"step {checkpoint['step']}"
+    if "val_loss" in checkpoint:  # best.pt
+        what += f", val loss {checkpoint['val_loss']:.4f}: the best evaluation; ckpt.pt has the latest state"
+    print(f"weights: {path} ({what})", file=sys.stderr if cfg.sample else sys.stdout)
+
+
+def read_checkpoint_lazily(path: Path) -> dict:
+    """A checkpoint whose tensors are read from the file only when used (mmap): for its settings or step, or
+    to copy its weights, without loading the optimizer state."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many kinds here (pickle, zip, unsupported global)
+        raise ValueError(f"{path} is not a readable checkpoint ({str(e).strip()[:150]})") from None
+
+
+def best_weights(state: dict, val_loss: float) -> dict:
+    """What best.pt holds: a checkpoint's weights and what sampling needs, and the evaluation's val loss."""
+    return {**{key: state[key] for key in ("model", "model_config", "config", "tokenizer", "step")},
+            "val_loss": val_loss}
+
+
+def keep_best_weights(run: Run, path: Path, state: dict) -> None:
+    """Called before ckpt.pt (path) is overwritten with state: the best evaluation's weights stay on disk.
+
+    While ckpt.pt holds the best evaluation's weights they need no other copy. When a later state that is
+    not the best is about to replace them, they are first copied to best.pt (read back from ckpt.pt, so no
+    copy is kept in memory); from then on best.pt is rewritten at every better evaluation. A run whose last
+    evaluation is its best (most short runs) has no best.pt: its ckpt.pt is both."""
+    best_path = path.with_name(BEST_FILE)
+    if run.step == run.best_step:  # state is the best so far: ckpt.pt will hold it
+        if best_path.is_file():  # best.pt holds an earlier, worse evaluation
+            save_checkpoint(best_path, best_weights(state, run.best_val_loss))
+        return
+    if run.best_step < 1 or run.saved_step != run.best_step or not path.is_file():
+        return  # the best is step 0 (never saved), or ckpt.pt does not hold it
+    if best_path.is_file():
+        try:
+            if read_checkpoint_lazily(best_path).get("step") == run.best_step:
+                return  # kept already
+        except ValueError:
+            pass  # an unreadable best.pt: write it anew
+    on_disk = read_checkpoint_lazily(path)
+    if on_disk.get("step") == run.best_step:
+        save_checkpoint(best_path, best_weights(on_disk, run.best_val_loss))
+
+
+def stops_early(run: Run, log: RunLog) -> bool:
+    """--early_stop=N: true once N evaluations in a row have not lowered the val loss. The count is saved in
+    the checkpoint, so a resumed run goes on counting (and one that stopped early stops again at once)."""
+    patience = run.cfg.early_stop
+    if not patience or run.evals_since_best < patience:
+        return False
+    if run.rank == 0:
+        kept = ", whose weights go to best.pt" if run.best_step > 0 else ""
+        print(f"early stop at step {run.step}: {run.evals_since_best} evaluations without a val loss below "
+              f"{run.best_val_loss:.4f} (step {run.best_step}{kept})")
+        log.write({"kind": "early_stop", "step": run.step, "evals_without_improvement": run.evals_since_best,
+                   "best_step": run.best_step, "best_val_loss": run.best_val_loss})
+    return True
+
+
+# -- Scoring a checkpoint: every token once, with as much context as the window allows ----------------------
+
+class SplitTokens:
+    """The tokens of a split's shards as one sequence, read a slice at a time through fresh memmaps (as
+    TokenWindows reads them), so memory stays flat on a large split."""
+
+    def __init__(self, data_dir: Path, shard_names: list[str]):
+        self.paths = [data_dir / name for name in shard_names]
+        self.counts = [shard_token_count(path) for path in self.paths]
+        self.firsts = [sum(self.counts[:i]) for i in range(len(self.counts))]
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def __getitem__(self, where: slice) -> np.ndarray:
+        start, stop, _ = where.indices(len(self))
+        pieces = [np.zeros(0, dtype=np.uint16)]
+        for path, first, count in zip(self.paths, self.firsts, self.counts):
+            low, high = max(start, first), min(stop, first + count)
+            if low < high:
+                shard = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(count,))
+                pieces.append(np.array(shard[low - first:high - first]))
+        return np.concatenate(pieces)
+
+
+def scoring_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, first) per window over a sequence of n_tokens: the window reads tokens start..end-1,
+    predicts tokens start+1..end, and scores its predictions of tokens first..end.
+
+    The first window scores everything it predicts; each later one moves on by `stride` tokens and scores
+    only the new ones, which so see at least block_size - stride tokens of context. Every token but the
+    first is scored exactly once (the first has nothing before it to be predicted from)."""
+    if n_tokens < 2:
+        return []
+    end = min(block_size, n_tokens - 1)
+    windows = [(0, end, 1)]
+    while end < n_tokens - 1:
+        next_end = min(end + stride, n_tokens - 1)
+        windows.append((next_end - block_size, next_end, end + 1))
+        end = next_end
+    return windows
+
+
+@torch.no_grad()
+def score_tokens(model: GPT, tokens, block_size: int, stride: int, batch_size: int,
+                 runtime: Runtime) -> tuple[float, int]:
+    """(summed loss in nats, tokens scored) over a token sequence (an array, or SplitTokens), in the windows
+    scoring_windows cuts, batch_size windows per forward pass. Targets a window does not score are -1,
+    which the loss ignores, so the mean it returns times the scored count is their sum."""
+    model.eval()
+    windows = scoring_windows(len(tokens), block_size, stride)
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i:i + batch_size]
+        rows = torch.from_numpy(np.stack([tokens[start:end + 1] for start, end, _ in batch]).astype(np.int64))
+        x, y = rows[:, :-1], rows[:, 1:].clone()  # (B, T) inputs and targets
+        for row, (start, _, first) in enumerate(batch):
+            y[row, :first - start - 1] = -1  # predicted by an earlier window
+        scored = int((y != -1).sum())
+        with runtime.autocast():
+            _, loss = model(x.to(runtime.device), y.to(runtime.device))
+        total, count = total + loss.item() * scored, count + scored
+        if (i // batch_size) % 500 == 499:
+            print(f"  {count:,} of {len(tokens) - 1:,} tokens scored", flush=True)
+    return total, count
+
+
+def print_score(source, what: str, total: float, count: int, n_tokens: int, n_bytes: int, block_size: int,
+                stride: int) -> None:
+    """The result line of --eval=val and --eval_text. Bits per byte use the formula training prints (loss
+    / ln 2 * tokens / bytes), so the figures compare."""
+    if not count:
+        raise ValueError(f"{what} holds fewer than 2 tokens: nothing to score")
+    loss = total / count
+    bits = f", {loss / math.log(2) * n_tokens / n_bytes:.3f} bits/byte" if n_bytes else ""
+    print(f"{source} on {what}: {count:,} tokens, each scored once (windows of {block_size}, stride "
+          f"{stride}): loss {loss:.4f}, perplexity {math.exp(min(loss, 50.0)):.2f}{bits}")
+
+
+def read_utf8(path: Path) -> str:
+    """--eval_text's file as text; a byte that is not UTF-8 is an error naming the file and its offset."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--eval_text={path}: no such file")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} "
+                         f"({e.reason}); convert it to UTF-8 (e.g. iconv -t UTF-8)") from None
+
+
+def run_evaluation(cfg: SimpleNamespace, overrides: dict) -> None:
+    """--eval=val, --eval=hellaswag, --eval_text=FILE: score --ckpt's weights (best.pt, else ckpt.pt; or
+    --init_from=gpt2's) and print the result. Bad input is refused before the model is loaded."""
+    if cfg.eval and cfg.eval_text:
+        raise FlagError("--eval and --eval_text each score something: give one of them")
+    text = read_utf8(Path(cfg.eval_text)) if cfg.eval_text else None
+    items = read_hellaswag(hellaswag_path(cfg)) if cfg.eval == "hellaswag" else None
+    runtime = setup_device(cfg.device, cfg.dtype)
+    model, tokenizer = load_for_sampling(cfg, runtime.device)
+    gpt2 = cfg.init_from.startswith("gpt2")
+    source = cfg.init_from if gpt2 else weights_path(cfg)
+    check_model_for_sampling(model, cfg)  # NaN weights
+    block = min(cfg.block_size, model.config.block_size) if "block_size" in overrides \
+        else model.config.block_size
+    if items is not None:
+        return run_hellaswag(model, tokenizer, items, hellaswag_path(cfg), source, block, runtime)
+    stride = cfg.eval_stride or max(1, block // 2)
+    if stride > block:
+        raise FlagError(f"--eval_stride={stride} is longer than the context ({block} tokens): tokens would "
+                        f"go unscored; use at most {block}")
+    if text is not None:
+        tokens = np.array(([tokenizer.eot_token] if tokenizer.eot_token is not None else [])
+                          + tokenizer.encode_ordinary(text), dtype=np.int64)  # a document, as in the shards
+        total, count = score_tokens(model, tokens, block, stride, cfg.batch_size, runtime)
+        return print_score(source, cfg.eval_text, total, count, len(tokens), len(text.encode("utf-8")), block,
+                           stride)
+    data_dir = cfg.data_dir
+    if "data_dir" not in overrides and not gpt2:  # the data the checkpoint was trained on
+        saved = read_checkpoint_lazily(source).get("config")
+        data_dir = saved.get("data_dir", data_dir) if isinstance(saved, dict) else data_dir
+    data_dir = Path(data_dir)
+    meta = load_meta(data_dir)
+    check_model_fits_data(model, meta, SimpleNamespace(data_dir=str(data_dir), block_size=block))
+    if (data_dir / meta["tokenizer"]).read_text(encoding="utf-8") != tokenizer.dumps():
+        print(f"warning: {data_dir} was tokenized with another tokenizer than {source}'s: the loss measures "
+              f"a token stream the model was not trained on", file=sys.stderr)
+    tokens = SplitTokens(data_dir, meta["splits"]["val"]["shards"])
+    total, count = score_tokens(model, tokens, block, stride, cfg.batch_size, runtime)
+    val = meta["splits"]["val"]
+    print_score(source, f"the whole val split of {data_dir}", total, count, val.get("tokens", 0),
+                val.get("bytes", 0), block, stride)
+
+
+# -- HellaSwag: which of 4 endings does the model find likeliest? ------------------------------------------
+#
+# Each item of HellaSwag's validation set (10,042 of them) is a context ("A man is sitting on a roof. he")
+# and 4 endings, one right ("label"). Scored as build-nanogpt scores it (completion style): each ending's
+# tokens, after the context, get the model's loss; the prediction is the ending with the lowest mean loss
+# per token ("acc_norm": long endings are not penalised for being long), or the lowest summed loss ("acc").
+# build-nanogpt reports, for OpenAI's GPT-2 124M, acc_norm 0.2955 and acc 0.2859; random guessing is 0.25.
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+HELLASWAG_DEFAULT = Path("data") / "hellaswag_val.jsonl"
+
+
+def hellaswag_path(cfg: SimpleNamespace) -> Path:
+    """--hellaswag_file, else data/hellaswag_val.jsonl, downloaded the first time."""
+    if cfg.hellaswag_file:
+        return Path(cfg.hellaswag_file)
+    if not HELLASWAG_DEFAULT.is_file():
+        download_hellaswag(HELLASWAG_DEFAULT)
+    return HELLASWAG_DEFAULT
+
+
+def download_hellaswag(path: Path) -> None:
+    """HellaSwag's validation jsonl from its authors' repository, written atomically (nothing on failure)."""
+    import urllib.request
+
+    print(f"downloading {HELLASWAG_URL} to {path}")
+    try:
+        with urllib.request.urlopen(HELLASWAG_URL, timeout=60) as response:
+            data = response.read()
+    except Exception as e:  # no network, a proxy, an HTTP error: urllib raises several kinds
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise ValueError(f"could not download {HELLASWAG_URL} ({reason}): download it elsewhere and pass "
+                         f"--hellaswag_file=FILE") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def hellaswag_item(item: object) -> tuple[str, list[str], int]:
+    """(context, 4 endings, index of the right one) from one parsed line; ValueError says what is wrong."""
+    if not isinstance(item, dict):
+        raise ValueError("not a JSON object")
+    ctx, endings, label = item.get("ctx"), item.get("endings"), item.get("label")
+    if not isinstance(ctx, str) or not ctx:
+        raise ValueError('"ctx" is missing or not a non-empty string')
+    if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
+        raise ValueError('"endings" is missing or not a list of 4 strings')
+    if isinstance(label, str) and label.isdigit():  # some copies of the data store it as text
+        label = int(label)
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label <= 3:
+        raise ValueError(f'"label" is {label!r}, not 0, 1, 2 or 3')
+    return ctx, endings, label
+
+
+def read_hellaswag(path: Path) -> list[tuple[str, list[str], int]]:
+    """The items of a HellaSwag jsonl file (a JSON object per line with "ctx", "endings", "label", as in the
+    official files); a line that is not one is an error naming the file and line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--hellaswag_file={path}: no such file (HellaSwag's validation set is "
+                                f"{HELLASWAG_URL})")
+    items = []
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append(hellaswag_item(json.loads(line)))  # bytes: json decodes UTF-8 (or says it is not)
+        except ValueError as e:
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            raise ValueError(f"{path}, line {number}: {reason}; each line must be a HellaSwag item (ctx, "
+                             f"endings: 4 strings, label: 0-3)") from None
+    if not items:
+        raise ValueError(f"{path} holds no items: expected HellaSwag's jsonl, one item per line")
+    return items
+
+
+@torch.no_grad()
+def hellaswag_losses(model: GPT, tokenizer: Tokenizer, ctx: str, endings: list[str], block_size: int,
+                     device: torch.device) -> tuple[list[float], list[float]]:
+    """(summed, mean) loss in nats of each ending's tokens after the context, the 4 endings as one batch.
+
+    An ending is encoded with a space before it, as it follows the context's last word. A row longer than
+    the context window keeps its last block_size + 1 tokens: the ending, and as much context as fits."""
+    context = tokenizer.encode_ordinary(ctx)
+    rows, ending_lengths = [], []
+    for ending in endings:
+        ending_ids = tokenizer.encode_ordinary(" " + ending)
+        row = (context + ending_ids)[-(block_size + 1):]
+        rows.append(row)
+        ending_lengths.append(min(len(ending_ids), len(row) - 1))
+    width = max(map(len, rows)) - 1
+    x = torch.zeros(len(rows), width, dtype=torch.long)  # right-padded: causal, so padding changes nothing
+    y = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: not an ending token, not scored
+    for i, (row, n) in enumerate(zip(rows, ending_lengths)):
+        x[i, :len(row) - 1] = torch.tensor(row[:-1])
+        y[i, len(row) - 1 - n:len(row) - 1] = torch.tensor(row[-n:])
+    logits, _ = model(x.to(device))  # (4, T, V)
+    losses = F.cross_entropy(logits.float().transpose(1, 2), y.to(device), ignore_index=-1, reduction="none")
+    sums = losses.sum(dim=1)  # (4,)
+    return sums.tolist(), (sums / torch.tensor(ending_lengths, device=device)).tolist()
+
+
+def run_hellaswag(model: GPT, tokenizer: Tokenizer, items: list, path: Path, source, block_size: int,
+                  runtime: Runtime) -> None:
+    """Accuracy on HellaSwag's items, by the lowest mean loss (acc_norm) and the lowest summed loss (acc)."""
+    model.eval()
+    right_by_mean = right_by_sum = 0
+    for n, (ctx, endings, label) in enumerate(items, start=1):
+        with runtime.autocast():
+            sums, means = hellaswag_losses(model, tokenizer, ctx, endings, block_size, runtime.device)
+        right_by_mean += min(range(4), key=means.__getitem__) == label  # ties: the first ending
+        right_by_sum += min(range(4), key=sums.__getitem__) == label
+        if n % 1000 == 0:
+            print(f"  {n:,} of {len(items):,} items: acc_norm {right_by_mean / n:.4f}", flush=True)
+    n = len(items)
+    print(f"{source} on HellaSwag ({path}, {n:,} items): acc_norm {right_by_mean / n:.4f} "
+          f"({right_by_mean}/{n}, lowest mean loss per ending token), acc {right_by_sum / n:.4f} "
+          f"({right_by_sum}/{n}, lowest summed loss)")
+
+
+# -- Samples to a file ---------------------------------------------------------------------------------------
+
+def write_samples(cfg: SimpleNamespace, model: GPT, tokenizer: Tokenizer, prompt: torch.Tensor, options: dict,
+                  shown_prompt: str) -> None:
+    """--output_file: num_samples samples, each under a line of the settings that made it. Sample i is drawn
+    alone with the generator seeded seed + i, so it is exactly what --seed=<seed + i> prints; the file is
+    written atomically, once every sample is drawn."""
+    source = cfg.init_from if cfg.init_from.startswith("gpt2") else weights_path(cfg)
+    stop_token, n = options["stop_token"], cfg.num_samples
+    samples = []
+    for i in range(n):
+        seed = cfg.seed + i
+        if cfg.beam:
+            out = beam_search(model, prompt, cfg.max_new_tokens, cfg.beam, stop_token=stop_token)
+            settings = f"beam {cfg.beam}"
+        else:
+            options["generator"].manual_seed(seed)
+            out = model.generate(prompt, cfg.max_new_tokens, **options)
+            settings = (f"seed {seed} | temperature {options['temperature']} | top_k {cfg.top_k} | "
+                        f"top_p {cfg.top_p}")
+        text = shown_prompt + decode_until(out[0, prompt.size(1):].tolist(), tokenizer, stop_token)
+        settings += f" | max_new_tokens {cfg.max_new_tokens}" + (" | ignore_eot" if cfg.ignore_eot else "")
+        samples.append(f"==> sample {i + 1} of {n} | checkpoint {source} | prompt {cfg.prompt!r} | "
+                       f"{settings}\n{text}\n")
+    path = Path(cfg.output_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file(path, lambda tmp: Path(tmp).write_text("\n".join(samples), encoding="utf-8"))
+    seeds = "" if cfg.beam else f" (seeds {cfg.seed} to {cfg.seed + n - 1})"
+    print(f"wrote {n} sample(s) to {path}{seeds}")
 
 
 if __name__ == "__main__":

@@ -2570,6 +2570,325 @@ def test_train_cli_errors_are_one_line(tmp_path):
     assert result.stderr == "error: unknown flag --n_layers: did you mean --n_layer?\n"
 
 
+# -- the workflow: best weights, early stopping, scoring a checkpoint, samples to a file, comparisons -------
+
+def flow_overfitting_run(tmp_path: Path, out_name: str, *flags: str) -> Path:
+    """A run made to overfit: 300 characters of training text, a high learning rate, an evaluation every 5
+    steps. Its val loss is lowest at step 5 and rises from there."""
+    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    tok = train_tokenizer()
+    data = tmp_path / "data"
+    if not data.exists():
+        train_make_dataset(data, train_tokens=tok.encode_ordinary(text[:300]),
+                           val_tokens=tok.encode_ordinary(text[-3000:]))
+    out = tmp_path / out_name
+    train_run([f"--data_dir={data}", f"--out_dir={out}", "--eval_interval=5", "--log_interval=1000", *flags])
+    return out
+
+
+def flow_val_loss(checkpoint_path: Path, data: Path) -> float:
+    """The evaluation training does (the same eval_iters batches of the val split) for a saved model."""
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    model = gpt.model_from_checkpoint(checkpoint, checkpoint_path)
+    cfg = gpt.make_config(gpt.parse_flags(TRAIN_TINY + [f"--data_dir={data}"]))
+    meta = json.loads((data / "meta.json").read_text())
+    windows = {"val": gpt.TokenWindows(data, meta["splits"]["val"]["shards"], 32, "val")}
+    return gpt.evaluate(model, windows, cfg, gpt.setup_device("cpu"))["val"]
+
+
+def test_flow_best_weights_and_early_stop_on_an_overfitting_run(capsys, tmp_path):
+    out = flow_overfitting_run(tmp_path, "straight", "--max_steps=100", "--early_stop=3")
+    evals = train_log(out, "eval")
+    val = {r["step"]: r["val_loss"] for r in evals}
+    best_step = min(val, key=val.get)
+    assert best_step > 0 and val[best_step] < val[0]
+    # Early stop fires at the third evaluation in a row that is not below the best before it.
+    expected, best, since = None, math.inf, 0
+    for step, loss in val.items():
+        since = 0 if loss < best else since + 1
+        best = min(best, loss)
+        if since == 3:
+            expected = step
+            break
+    assert expected is not None and max(val) == expected < 100
+    assert [r["evals_without_improvement"] for r in evals][-1] == 3
+    stop = train_log(out, "early_stop")
+    assert stop == [{"kind": "early_stop", "step": expected, "evals_without_improvement": 3, "best_step": best_step,
+                     "best_val_loss": val[best_step]}]
+    assert f"early stop at step {expected}: 3 evaluations without a val loss below" in capsys.readouterr().out
+    # ckpt.pt: the latest full state; best.pt: the best evaluation's weights, and no optimizer state.
+    last, kept = (torch.load(out / name, weights_only=True) for name in ("ckpt.pt", "best.pt"))
+    assert last["step"] == expected and "optimizer" in last
+    assert kept["step"] == best_step and kept["val_loss"] == val[best_step] and "optimizer" not in kept
+    assert set(kept) == {"model", "model_config", "config", "tokenizer", "step", "val_loss"}
+    assert flow_val_loss(out / "best.pt", tmp_path / "data") == pytest.approx(val[best_step], abs=1e-6)
+    assert flow_val_loss(out / "ckpt.pt", tmp_path / "data") == pytest.approx(val[expected], abs=1e-6)
+    # Sampling, export and plots default to best.pt, and say so.
+    gpt.main(["--sample", f"--out_dir={out}", "--max_new_tokens=5"])
+    assert f"weights: {out / 'best.pt'} (step {best_step}, val loss" in capsys.readouterr().err
+    gpt.main(["--export_hf", str(tmp_path / "hf"), f"--out_dir={out}"])
+    assert f"weights: {out / 'best.pt'} (step {best_step}" in capsys.readouterr().out
+    gpt.main(["--sample", f"--ckpt={out / 'ckpt.pt'}", "--max_new_tokens=5"])
+    assert capsys.readouterr().err == ""  # --ckpt given: the output is the sample alone
+
+
+def test_flow_a_resumed_run_keeps_counting_towards_the_early_stop(tmp_path):
+    # The same schedule (lr_decay_steps) for the run that stops at step 15 and is continued.
+    straight = flow_overfitting_run(tmp_path, "straight", "--max_steps=100", "--lr_decay_steps=100", "--early_stop=3")
+    halves = flow_overfitting_run(tmp_path, "halves", "--max_steps=15", "--lr_decay_steps=100", "--early_stop=3")
+    assert torch.load(halves / "ckpt.pt", weights_only=True)["evals_since_best"] == 2
+    assert not train_log(halves, "early_stop")
+    gpt.main([f"--out_dir={halves}", "--init_from=resume", "--max_steps=100"])
+    assert train_log(halves, "early_stop") == train_log(straight, "early_stop")
+    assert train_log(halves) == [dict(r, ms=s["ms"], tokens_per_s=s["tokens_per_s"], mfu=s["mfu"])
+                                 for r, s in zip(train_log(straight), train_log(halves))]
+    for name in ("best.pt", "ckpt.pt"):
+        a, b = (torch.load(folder / name, weights_only=True) for folder in (straight, halves))
+        assert a["step"] == b["step"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # A checkpoint from before early stopping (no count in it) starts counting at 0 when resumed.
+    old_run = flow_overfitting_run(tmp_path, "old", "--max_steps=15", "--lr_decay_steps=100", "--early_stop=3")
+    old = torch.load(old_run / "ckpt.pt", weights_only=True)
+    for name in ("evals_since_best", "best_step"):
+        del old[name]
+    torch.save(old, old_run / "ckpt.pt")
+    gpt.main([f"--out_dir={old_run}", "--init_from=resume", "--max_steps=100"])
+    assert [r["evals_without_improvement"] for r in train_log(old_run, "eval") if r["step"] > 15] == [1, 2, 3]
+
+
+def test_flow_no_best_pt_while_ckpt_pt_holds_the_best(tmp_path):
+    out = flow_overfitting_run(tmp_path, "short", "--max_steps=5")  # its last evaluation is its best
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]
+    # Continued past its best (at a learning rate that makes it worse), the best weights go to best.pt
+    # before ckpt.pt moves on.
+    first = torch.load(out / "ckpt.pt", weights_only=True)
+    gpt.main([f"--out_dir={out}", "--init_from=resume", "--max_steps=10", "--learning_rate=0.5", "--min_lr=0.05"])
+    assert train_log(out, "eval")[-1]["val_loss"] > train_log(out, "eval")[-2]["val_loss"]
+    kept = torch.load(out / "best.pt", weights_only=True)
+    assert kept["step"] == 5 and all(torch.equal(kept["model"][k], first["model"][k]) for k in first["model"])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 10
+
+
+def flow_data_with_two_val_shards(folder: Path) -> Path:
+    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    tok = train_tokenizer()
+    data = train_make_dataset(folder, val_tokens=tok.encode_ordinary(text[-1500:-700]))
+    second = tok.encode_ordinary(text[-700:])
+    train_write_shard(data / "tiny_val_000001.bin", second)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["splits"]["val"]["shards"].append("tiny_val_000001.bin")
+    meta["splits"]["val"]["tokens"] += len(second)
+    (data / "meta.json").write_text(json.dumps(meta))
+    return data
+
+
+def flow_direct_losses(model: GPT, tokens: list[int], block: int, stride: int) -> list[float]:
+    """Each token's loss from a plain forward pass of its own context: the whole window when the token is in
+    the first block, else the tokens since the start of the window that scores it."""
+    losses = []
+    with torch.no_grad():
+        for i in range(1, len(tokens)):
+            if i <= block:
+                start = 0
+            else:
+                end = min(block + math.ceil((i - block) / stride) * stride, len(tokens) - 1)
+                start = end - block
+            logits = model(torch.tensor([tokens[start:i]]))[0][0, -1]
+            losses.append(F.cross_entropy(logits, torch.tensor(tokens[i])).item())
+    return losses
+
+
+@pytest.mark.parametrize("stride", [1, 7, 16, 32])
+def test_flow_whole_split_scores_every_token_once_as_a_direct_loop_does(tmp_path, train_checkpoint, stride):
+    data = flow_data_with_two_val_shards(tmp_path / "data")
+    model = gpt.model_from_checkpoint(torch.load(train_checkpoint, weights_only=True), train_checkpoint).eval()
+    split = gpt.SplitTokens(data, ["tiny_val_000000.bin", "tiny_val_000001.bin"])
+    tokens = split[0:len(split)].tolist()
+    assert len(tokens) > 300 and split[250:260].tolist() == tokens[250:260]
+    windows = gpt.scoring_windows(len(tokens), 32, stride)
+    scored = [j for _, end, first in windows for j in range(first, end + 1)]
+    assert scored == list(range(1, len(tokens)))  # every token but the first, once, in order
+    total, count = gpt.score_tokens(model, split, 32, stride, 3, gpt.setup_device("cpu"))
+    direct = flow_direct_losses(model, tokens, 32, stride)
+    assert count == len(direct) == len(tokens) - 1
+    assert total / count == pytest.approx(sum(direct) / len(direct), abs=1e-5)
+
+
+def test_flow_eval_val_and_eval_text_from_the_command_line(capsys, tmp_path, train_checkpoint):
+    model = gpt.model_from_checkpoint(torch.load(train_checkpoint, weights_only=True), train_checkpoint).eval()
+    # --data_dir comes from the checkpoint's settings: the run's own data.
+    gpt.main(["--eval=val", f"--ckpt={train_checkpoint}"])
+    out = capsys.readouterr().out
+    data = train_checkpoint.parent.parent / "data"
+    meta = json.loads((data / "meta.json").read_text())
+    tokens = np.fromfile(data / "tiny_val_000000.bin", dtype=np.uint16, offset=1024).tolist()
+    loss = np.mean(flow_direct_losses(model, tokens, 32, 16))
+    bits = loss / math.log(2) * meta["splits"]["val"]["tokens"] / meta["splits"]["val"]["bytes"]
+    assert f"{train_checkpoint} on the whole val split of {data}: {len(tokens) - 1:,} tokens, each scored once " \
+           f"(windows of 32, stride 16): loss {loss:.4f}, perplexity {math.exp(loss):.2f}, {bits:.3f} bits/byte" in out
+    # Any UTF-8 text, with the checkpoint's tokenizer, as one document after <|endoftext|>.
+    text = "Ré ✓ First Citizen:\nBefore we proceed any further, hear me speak.\n" * 3
+    (tmp_path / "notes.txt").write_text(text, encoding="utf-8")
+    gpt.main([f"--eval_text={tmp_path / 'notes.txt'}", f"--ckpt={train_checkpoint}", "--eval_stride=8"])
+    ids = [train_tokenizer().eot_token] + train_tokenizer().encode_ordinary(text)
+    loss = np.mean(flow_direct_losses(model, ids, 32, 8))
+    bits = loss / math.log(2) * len(ids) / len(text.encode("utf-8"))
+    assert f"{tmp_path / 'notes.txt'}: {len(ids) - 1:,} tokens, each scored once (windows of 32, stride 8): " \
+           f"loss {loss:.4f}, perplexity {math.exp(loss):.2f}, {bits:.3f} bits/byte" in capsys.readouterr().out
+
+
+# HellaSwag's validation jsonl, one item per line, with every field of the official files.
+FLOW_HELLASWAG = [
+    {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3,
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."],
+     "source_id": "activitynet~v_-JhWjGDPHMY"},
+    {"ind": 92, "activity_label": "Baking cookies", "ctx_a": "A woman pours flour into a bowl.", "ctx_b": "she",
+     "ctx": "A woman pours flour into a bowl. she", "split": "val", "split_type": "zeroshot", "label": 0,
+     "endings": ["adds two eggs and stirs the mixture.", "throws the bowl out of the window.",
+                 "paints the ceiling a bright shade of blue.", "sings loudly to the neighbour's cat."],
+     "source_id": "wikihow~12345"},
+    {"ind": 7, "activity_label": "Playing violin", "ctx_a": "A boy lifts a violin to his chin.", "ctx_b": "",
+     "ctx": "A boy lifts a violin to his chin.", "split": "val", "split_type": "indomain", "label": 2,
+     "endings": ["He eats it.", "The violin flies away over the hills and far away.", "He draws the bow and plays.",
+                 "It rains."], "source_id": "activitynet~v_abc"},
+]
+
+
+def flow_hellaswag_file(path: Path, items: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
+    return path
+
+
+def test_flow_hellaswag_losses_equal_transformers_on_a_random_gpt2(capsys, tmp_path, train_tiny_gpt2_dir):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(train_tiny_gpt2_dir).eval()
+    ours = gpt.from_gpt2(gpt2_dir=train_tiny_gpt2_dir).eval()
+    tokenizer = Tokenizer.from_gpt2(DATA / "gpt2" / "vocab.bpe", DATA / "gpt2" / "encoder.json")
+    right = {"acc_norm": 0, "acc": 0}
+    for item in FLOW_HELLASWAG:
+        sums, means = gpt.hellaswag_losses(ours, tokenizer, item["ctx"], item["endings"], 64, torch.device("cpu"))
+        context = tokenizer.encode(item["ctx"])
+        hf_sums, hf_means = [], []
+        for ending in item["endings"]:
+            ending_ids = tokenizer.encode(" " + ending)
+            with torch.no_grad():
+                logits = hf(torch.tensor([context + ending_ids])).logits[0]
+            losses = F.cross_entropy(logits[len(context) - 1:-1], torch.tensor(ending_ids), reduction="none")
+            hf_sums.append(losses.sum().item())
+            hf_means.append(losses.mean().item())
+        torch.testing.assert_close(torch.tensor(sums), torch.tensor(hf_sums), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(means), torch.tensor(hf_means), atol=1e-5, rtol=1e-5)
+        right["acc_norm"] += int(np.argmin(hf_means) == item["label"])
+        right["acc"] += int(np.argmin(hf_sums) == item["label"])
+    path = flow_hellaswag_file(tmp_path / "hellaswag_val.jsonl", FLOW_HELLASWAG)
+    gpt.main(["--eval=hellaswag", "--init_from=gpt2", f"--gpt2_dir={train_tiny_gpt2_dir}", f"--hellaswag_file={path}"])
+    out = capsys.readouterr().out
+    assert f"gpt2 on HellaSwag ({path}, 3 items): acc_norm {right['acc_norm'] / 3:.4f} ({right['acc_norm']}/3, " \
+           f"lowest mean loss per ending token), acc {right['acc'] / 3:.4f} ({right['acc']}/3, lowest summed loss)" \
+           in out
+
+
+def test_flow_hellaswag_a_model_that_prefers_the_right_ending_scores_100_percent(capsys, tmp_path):
+    # Byte-level tokens, and a model whose every prediction is "x" is likely: its hidden state is LayerNorm's
+    # shift alone (every other weight is 0), which the output layer maps to a high logit for "x".
+    tokenizer = Tokenizer.train("abc", 257)
+    model = GPT(GPTConfig(block_size=16, vocab_size=257, n_layer=1, n_head=1, n_embd=8, tie_weights=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.lm_head.weight[ord("x"), 0] = 5.0
+    checkpoint = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "config": {},
+                  "tokenizer": tokenizer.dumps(), "step": 0}
+    torch.save(checkpoint, tmp_path / "bigram.pt")
+    wrong = ["abcdefg", "qrstuvw", "mnopabc", "zzzzzzz"]
+    items = [dict(FLOW_HELLASWAG[0], label=label, endings=["xxxxxxx" if i == label else w for i, w in enumerate(wrong)])
+             for label in (0, 1, 2, 3, 2)]
+    path = flow_hellaswag_file(tmp_path / "items.jsonl", items)
+    gpt.main(["--eval=hellaswag", f"--ckpt={tmp_path / 'bigram.pt'}", f"--hellaswag_file={path}"])
+    assert "acc_norm 1.0000 (5/5, lowest mean loss per ending token), acc 1.0000 (5/5" in capsys.readouterr().out
+
+
+def test_flow_samples_to_a_file_equal_what_each_seed_prints_alone(capsys, tmp_path, train_checkpoint):
+    flags = ["--sample", f"--ckpt={train_checkpoint}", "--max_new_tokens=30", "--prompt=the", "--top_k=50",
+             "--top_p=0.9"]
+    path = tmp_path / "samples" / "run1.txt"
+    gpt.main(flags + ["--seed=7", "--num_samples=3", f"--output_file={path}"])
+    assert capsys.readouterr().out == f"wrote 3 sample(s) to {path} (seeds 7 to 9)\n"
+    content = path.read_text(encoding="utf-8")
+    headers = re.findall(r"^==> sample .*$", content, flags=re.M)
+    assert headers == [f"==> sample {i + 1} of 3 | checkpoint {train_checkpoint} | prompt 'the' | seed {7 + i} | "
+                       f"temperature 0.8 | top_k 50 | top_p 0.9 | max_new_tokens 30" for i in range(3)]
+    samples = re.split(r"^==> sample .*\n", content, flags=re.M)[1:]
+    for i, sample in enumerate(samples):
+        gpt.main(flags + [f"--seed={7 + i}"])
+        alone = capsys.readouterr().out
+        assert (sample if i == 2 else sample.removesuffix("\n")) == alone
+    assert len(set(samples)) == 3
+
+
+def test_flow_compare_runs_on_one_figure(capsys, tmp_path):
+    data = train_make_dataset(tmp_path / "data")
+    for name, flags in (("a", []), ("b", ["--n_embd=48"]), ("c", ["--n_embd=48", "--learning_rate=5e-3"])):
+        train_run([f"--data_dir={data}", f"--out_dir={tmp_path / name}", "--max_steps=4", "--eval_interval=2", *flags])
+    capsys.readouterr()
+    runs = ",".join(str(tmp_path / name) for name in "abc")
+    gpt.main(["--plot", f"--compare={runs}"])
+    out = capsys.readouterr().out
+    assert out == (f"{tmp_path / 'a'}: n_embd=32, learning_rate=0.01\n{tmp_path / 'b'}: n_embd=48, learning_rate=0.01\n"
+                   f"{tmp_path / 'c'}: n_embd=48, learning_rate=0.005\nwrote {tmp_path / 'a' / 'compare.png'}\n")
+    image = tmp_path / "a" / "compare.png"
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 10_000
+    gpt.main(["--plot", f"--compare={tmp_path / 'a'},{tmp_path / 'b'}", f"--out_dir={tmp_path / 'figures'}"])
+    assert capsys.readouterr().out.endswith(f"b: n_embd=48\nwrote {tmp_path / 'figures' / 'compare.png'}\n")
+    assert gpt.comparison_labels([tmp_path / "x", tmp_path / "y"], [None, {"n_layer": 2}]) == ["x", "y"]
+
+
+def test_flow_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, train_checkpoint):
+    ckpt = f"--ckpt={train_checkpoint}"
+    before = sorted(p.name for p in train_checkpoint.parent.iterdir())
+    err = train_error(capsys, ["--eval=hellaswag", ckpt, f"--hellaswag_file={tmp_path / 'none.jsonl'}"])
+    assert err.startswith(f"error: --hellaswag_file={tmp_path / 'none.jsonl'}: no such file")
+    lines = [json.dumps(FLOW_HELLASWAG[0]), json.dumps(FLOW_HELLASWAG[1]), ""]
+    for line3, reason in [('{"ctx": "A man", "endings": ["a", "b", "c"], "label": 0}',
+                           '"endings" is missing or not a list of 4'),
+                          ('{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 4}',
+                           '"label" is 4, not 0, 1, 2 or 3'),
+                          ('{"ctx": "A man", "endings": ["a", "b", "c", "d"]', "Expecting ',' delimiter"),
+                          ('["not", "an", "object"]', "not a JSON object")]:
+        (tmp_path / "bad.jsonl").write_text("\n".join(lines + [line3]) + "\n", encoding="utf-8")
+        err = train_error(capsys, ["--eval=hellaswag", ckpt, f"--hellaswag_file={tmp_path / 'bad.jsonl'}"])
+        assert err.startswith(f"error: {tmp_path / 'bad.jsonl'}, line 4: {reason}"), err
+    (tmp_path / "latin1.txt").write_bytes("First Citizen: café\n".encode("latin-1"))
+    err = train_error(capsys, [f"--eval_text={tmp_path / 'latin1.txt'}", ckpt])
+    assert err.startswith(f"error: {tmp_path / 'latin1.txt'} is not UTF-8 text: byte 0xe9 at offset 18 "), err
+    assert "--early_stop=-1 must not be negative" in train_error(capsys, ["--early_stop=-1"], code=2)
+    assert "--eval='test' is not one of val, hellaswag" in train_error(capsys, ["--eval=test", ckpt], code=2)
+    (tmp_path / "empty_run").mkdir()
+    err = train_error(capsys, ["--plot", f"--compare={train_checkpoint.parent},{tmp_path / 'empty_run'}"])
+    assert err == f"error: --compare: {tmp_path / 'empty_run'} has no log.jsonl; name the out_dir folders of " \
+                  f"training runs\n"
+    assert "--compare goes with --plot" in train_error(capsys, [f"--compare={tmp_path}"], code=2)
+    assert "--output_file goes with --sample" in train_error(capsys, [f"--output_file={tmp_path / 's.txt'}"], code=2)
+    # Offline and no file given: the download fails in one line, and nothing is written.
+    def no_network(*args, **kwargs):
+        raise OSError("Name or service not known")
+    import urllib.request
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.chdir(tmp_path)
+    try:
+        err = train_error(capsys, ["--eval=hellaswag", ckpt])
+    finally:
+        monkeypatch.undo()
+    assert err == f"error: could not download {gpt.HELLASWAG_URL} (Name or service not known): download it " \
+                  f"elsewhere and pass --hellaswag_file=FILE\n"
+    assert not (tmp_path / "data").exists()
+    assert sorted(p.name for p in train_checkpoint.parent.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty_run", "latin1.txt"]
+
+
 # ==========================================================================================================
 # README.md: every command line in it parses, and the recipes run end to end (for a few steps)
 

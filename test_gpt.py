@@ -1137,13 +1137,15 @@ def test_prepare_sigterm_to_the_process_group_stops_at_once_without_orphans_and_
         assert process.poll() is None, "finished before the signal"
         if how == "SIGTERM to the group":
             os.killpg(process.pid, signal.SIGTERM)
-            _, stderr = process.communicate(timeout=10)  # exits within seconds, not never
+            # Exits within seconds, not never; the margin is for a loaded machine, where the workers
+            # finish their chunk slowly and the pool's own stop is capped at 10 s.
+            _, stderr = process.communicate(timeout=30)
             assert process.returncode == 130 and "rerun the same command" in stderr, stderr
             assert "Traceback" not in stderr
         else:
             process.kill()
             process.communicate(timeout=10)
-        assert prepare_wait_for_group_to_end(process.pid) == [], f"{how}: workers outlive the main process"
+        assert prepare_wait_for_group_to_end(process.pid, seconds=30) == [], f"{how}: workers outlive the main"
         meta = json.loads((out / "meta.json").read_text())
         assert all((out / name).read_bytes() == expected[name] for name in meta["shards"])
     finished = prepare_cli(*flags, f"--out_dir={out}")

@@ -1198,6 +1198,18 @@ def test_compile_traces_the_training_forward_and_loss_as_one_graph(autocast):
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
 
 
+def test_rmsnorm_scales_by_the_root_mean_square_and_keeps_the_mean():
+    norm = gpt.RMSNorm(8)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
+    x = 3.0 + torch.randn(4, 8)
+    expected = x / x.square().mean(-1, keepdim=True).add(1e-5).sqrt() * norm.weight
+    torch.testing.assert_close(norm(x), expected)
+    model = tiny_model(norm="rmsnorm")
+    assert all(isinstance(m, gpt.RMSNorm) for m in (model.transformer.ln_f, model.transformer.h[0].ln_1))
+    assert not any(name.endswith(("ln_1.bias", "ln_f.bias")) for name, _ in model.named_parameters())
+
+
 def test_precision_is_chosen_from_the_device_itself(monkeypatch):
     cuda = torch.device("cuda", 0)
     for capability, expected in [((7, 0), "float16"), ((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16")]:
@@ -1968,6 +1980,40 @@ def test_train_ddp_equals_gradient_accumulation(tmp_path):
     np.testing.assert_allclose([r["loss"] for r in one], [r["loss"] for r in two], rtol=1e-5)
     np.testing.assert_allclose([r["val_loss"] for r in train_log(tmp_path / "one", "eval")],
                                [r["val_loss"] for r in train_log(tmp_path / "two", "eval")], rtol=1e-5)
+
+
+# Each switch of the modern recipe on its own, as flags and the GPTConfig field it sets.
+MODERN_SWITCHES = {"rmsnorm": (["--norm=rmsnorm"], "norm", "rmsnorm")}
+
+
+@pytest.mark.parametrize("switch", MODERN_SWITCHES)
+def test_train_each_modern_switch_trains_samples_and_resumes_exactly(capsys, tmp_path, switch):
+    flags, field, value = MODERN_SWITCHES[switch]
+    data = train_make_dataset(tmp_path / "data")
+    common = [f"--data_dir={data}", "--eval_interval=10", "--lr_decay_steps=20", *flags]
+    train_run(common + [f"--out_dir={tmp_path / 'straight'}", "--max_steps=20"])
+    train_run(common + [f"--out_dir={tmp_path / 'halves'}", "--max_steps=10"])
+    gpt.main([f"--out_dir={tmp_path / 'halves'}", "--init_from=resume", "--max_steps=20"])  # flags from ckpt
+    straight, halves = train_log(tmp_path / "straight"), train_log(tmp_path / "halves")
+    assert [r["loss"] for r in straight] == [r["loss"] for r in halves]
+    val = [r["val_loss"] for r in train_log(tmp_path / "straight", "eval")]
+    assert val == [r["val_loss"] for r in train_log(tmp_path / "halves", "eval")]
+    assert val[-1] < val[0] - 1.0, val  # it learns
+    checkpoint = torch.load(tmp_path / "halves" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["model_config"][field] == value
+    capsys.readouterr()
+    gpt.main(["--sample", f"--ckpt={tmp_path / 'halves' / 'ckpt.pt'}", "--max_new_tokens=30", "--ignore_eot"])
+    assert len(capsys.readouterr().out.strip()) > 10
+
+
+def test_train_checkpoints_from_before_the_modern_switches_load_with_defaults(tmp_path, train_checkpoint):
+    checkpoint = torch.load(train_checkpoint, map_location="cpu", weights_only=True)
+    old_fields = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "pos_emb",
+                  "activation", "tie_weights", "attention", "vocab_multiple")
+    checkpoint["model_config"] = {k: checkpoint["model_config"][k] for k in old_fields}
+    model = gpt.model_from_checkpoint(checkpoint, tmp_path / "old.pt")
+    assert model.config == gpt.GPTConfig(**checkpoint["model_config"])
+    assert model.config.norm == "layernorm"
 
 
 def test_train_checkpoint_loads_with_weights_only(train_checkpoint):

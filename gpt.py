@@ -102,6 +102,7 @@ dropout: Annotated[float, "~0.1 for small models on little data; on a CPU it unf
 bias: Annotated[bool, "biases in Linear and LayerNorm layers, as in GPT-2"] = True
 pos_emb: Annotated[str, "learned | sinusoidal | rope"] = "learned"
 norm: Annotated[str, "layernorm (GPT-2) | rmsnorm (scale only: no mean subtracted, no shift)"] = "layernorm"
+qk_norm: Annotated[bool, "scale each head's queries and keys to unit RMS before their dot product"] = False
 activation: Annotated[str, "gelu | relu"] = "gelu"
 tie_weights: Annotated[bool, "the output layer shares the token embedding matrix"] = True
 attention: Annotated[str, "sdpa (fused kernel) | manual (the same computation written out)"] = "sdpa"
@@ -140,7 +141,7 @@ KNOB_GROUPS = {"out_dir": "I/O", "data_dir": "data", "learning_rate": "optimiser
                "n_layer": "model (the vocabulary size comes from the data's meta.json)", "device": "system",
                "sample": "sampling, export and plotting"}  # --help's headings, by each group's first knob
 MODEL_KNOBS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos_emb", "norm",
-               "activation", "tie_weights", "attention")  # the knobs that are GPTConfig fields
+               "qk_norm", "activation", "tie_weights", "attention")  # the knobs that are GPTConfig fields
 INIT_CHOICES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}
@@ -233,6 +234,7 @@ class GPTConfig:
     bias: bool = True           # biases in Linear and LayerNorm layers, as GPT-2 has them
     pos_emb: str = "learned"    # learned (GPT-2) | sinusoidal (fixed, "Attention is all you need") | rope
     norm: str = "layernorm"     # layernorm (GPT-2) | rmsnorm
+    qk_norm: bool = False       # queries and keys normalised per head before attention
     activation: str = "gelu"    # gelu (GPT-2's tanh approximation) | relu
     tie_weights: bool = True    # the output layer reuses the token embedding matrix (GPT-2 does)
     attention: str = "sdpa"     # sdpa (fused kernel) | manual (the same maths written out)
@@ -364,12 +366,18 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.manual = config.attention == "manual"
+        self.qk_norm = config.qk_norm
 
     def queries_keys_values(self, x: torch.Tensor, rotary=None) -> tuple[torch.Tensor, ...]:
         """(B, T, C) -> q, k, v, each (B, nh, T, hs): each head attends on its own hs-wide channel slice."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm:
+            # A score q.k / sqrt(hs) grows with the lengths of q and k; once scores are large the softmax is
+            # one-hot and passes back almost no gradient, a way training stalls or diverges at high learning
+            # rates. Unit-RMS queries and keys keep every score within +-sqrt(hs).
+            q, k = F.rms_norm(q, (q.size(-1),), eps=1e-5), F.rms_norm(k, (k.size(-1),), eps=1e-5)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         return q, k, v
@@ -2136,8 +2144,8 @@ def exit_quietly_on_broken_pipe() -> None:
 
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # The GPTConfig fields HF's GPT2LMHeadModel has no way to express: a model must have these values to export.
-GPT2_ARCHITECTURE = {"pos_emb": "learned", "norm": "layernorm", "activation": "gelu", "tie_weights": True,
-                     "bias": True}
+GPT2_ARCHITECTURE = {"pos_emb": "learned", "norm": "layernorm", "qk_norm": False, "activation": "gelu",
+                     "tie_weights": True, "bias": True}
 GPT2_SIZES = {  # model_type: (n_layer, n_head, n_embd)
     "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
     "gpt2-xl": (48, 25, 1600),

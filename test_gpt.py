@@ -1210,6 +1210,18 @@ def test_rmsnorm_scales_by_the_root_mean_square_and_keeps_the_mean():
     assert not any(name.endswith(("ln_1.bias", "ln_f.bias")) for name, _ in model.named_parameters())
 
 
+def test_qk_norm_gives_unit_rms_queries_and_keys_whatever_the_weights():
+    model = tiny_model(qk_norm=True)
+    attn = model.transformer.h[0].attn
+    with torch.no_grad():
+        attn.c_attn.weight.mul_(100.0)
+    q, k, v = attn.queries_keys_values(torch.randn(2, 5, 16))
+    for t in (q, k):
+        torch.testing.assert_close(t.square().mean(-1), torch.ones(2, 2, 5), atol=1e-4, rtol=0)
+    assert v.square().mean() > 10  # values are left alone
+    assert model(torch.randint(0, 64, (2, 16)))[0].isfinite().all()
+
+
 def test_precision_is_chosen_from_the_device_itself(monkeypatch):
     cuda = torch.device("cuda", 0)
     for capability, expected in [((7, 0), "float16"), ((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16")]:
@@ -1983,7 +1995,8 @@ def test_train_ddp_equals_gradient_accumulation(tmp_path):
 
 
 # Each switch of the modern recipe on its own, as flags and the GPTConfig field it sets.
-MODERN_SWITCHES = {"rmsnorm": (["--norm=rmsnorm"], "norm", "rmsnorm")}
+MODERN_SWITCHES = {"rmsnorm": (["--norm=rmsnorm"], "norm", "rmsnorm"),
+                   "qk_norm": (["--qk_norm"], "qk_norm", True)}
 
 
 @pytest.mark.parametrize("switch", MODERN_SWITCHES)

@@ -1222,6 +1222,15 @@ def test_qk_norm_gives_unit_rms_queries_and_keys_whatever_the_weights():
     assert model(torch.randint(0, 64, (2, 16)))[0].isfinite().all()
 
 
+def test_relu2_is_relu_squared():
+    model = tiny_model(activation="relu2")
+    mlp = model.transformer.h[0].mlp
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(mlp(x), mlp.c_proj(F.relu(mlp.c_fc(x)) ** 2))
+    with pytest.raises(ValueError, match="activation='swiglu' is not one of gelu, relu, relu2"):
+        tiny_config(activation="swiglu")
+
+
 def test_precision_is_chosen_from_the_device_itself(monkeypatch):
     cuda = torch.device("cuda", 0)
     for capability, expected in [((7, 0), "float16"), ((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16")]:
@@ -1996,7 +2005,8 @@ def test_train_ddp_equals_gradient_accumulation(tmp_path):
 
 # Each switch of the modern recipe on its own, as flags and the GPTConfig field it sets.
 MODERN_SWITCHES = {"rmsnorm": (["--norm=rmsnorm"], "norm", "rmsnorm"),
-                   "qk_norm": (["--qk_norm"], "qk_norm", True)}
+                   "qk_norm": (["--qk_norm"], "qk_norm", True),
+                   "relu2": (["--activation=relu2"], "activation", "relu2")}
 
 
 @pytest.mark.parametrize("switch", MODERN_SWITCHES)

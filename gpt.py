@@ -104,6 +104,7 @@ pos_emb: Annotated[str, "learned | sinusoidal | rope"] = "learned"
 norm: Annotated[str, "layernorm (GPT-2) | rmsnorm (scale only: no mean subtracted, no shift)"] = "layernorm"
 qk_norm: Annotated[bool, "scale each head's queries and keys to unit RMS before their dot product"] = False
 activation: Annotated[str, "gelu | relu | relu2 (ReLU squared)"] = "gelu"
+logit_softcap: Annotated[float, "output scores become cap * tanh(score / cap), within +-cap; 0: off"] = 0.0
 tie_weights: Annotated[bool, "the output layer shares the token embedding matrix"] = True
 attention: Annotated[str, "sdpa (fused kernel) | manual (the same computation written out)"] = "sdpa"
 # optimiser and schedule
@@ -140,8 +141,8 @@ bench: Annotated[bool, "time training steps of the model the flags describe on r
 KNOB_GROUPS = {"out_dir": "I/O", "data_dir": "data", "learning_rate": "optimiser and schedule",
                "n_layer": "model (the vocabulary size comes from the data's meta.json)", "device": "system",
                "sample": "sampling, export and plotting"}  # --help's headings, by each group's first knob
-MODEL_KNOBS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos_emb", "norm",
-               "qk_norm", "activation", "tie_weights", "attention")  # the knobs that are GPTConfig fields
+MODEL_KNOBS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos_emb", "norm", "qk_norm",
+               "activation", "logit_softcap", "tie_weights", "attention")  # the GPTConfig fields
 INIT_CHOICES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}
@@ -236,6 +237,7 @@ class GPTConfig:
     norm: str = "layernorm"     # layernorm (GPT-2) | rmsnorm
     qk_norm: bool = False       # queries and keys normalised per head before attention
     activation: str = "gelu"    # gelu (GPT-2's tanh approximation) | relu | relu2 (ReLU squared)
+    logit_softcap: float = 0.0  # output scores squashed into +-logit_softcap; 0: off (GPT-2)
     tie_weights: bool = True    # the output layer reuses the token embedding matrix (GPT-2 does)
     attention: str = "sdpa"     # sdpa (fused kernel) | manual (the same maths written out)
     vocab_multiple: int = 64    # embedding and output rows padded to a multiple of this (see below)
@@ -407,8 +409,8 @@ class MLP(nn.Module):
             h = F.gelu(h, approximate="tanh")  # GPT-2 used the tanh approximation
         elif self.activation == "relu":
             h = F.relu(h)
-        else:  # ReLU squared, found by the Primer paper's architecture search: as sparse as ReLU (most units
-            h = F.relu(h).square()  # exactly 0) but smooth at 0, and in GPTs it reaches a lower loss than GELU
+        else:  # ReLU squared, found by the Primer paper's architecture search: as sparse as ReLU (most
+            h = F.relu(h).square()  # units exactly 0) but smooth at 0; GPTs reach a lower loss than with GELU
         return self.dropout(self.c_proj(h))
 
 
@@ -613,11 +615,18 @@ class GPT(nn.Module):
         x, targets = x.view(-1, x.size(-1)), targets.reshape(-1)  # (B*T, C), (B*T,)
         # F.cross_entropy(self.logits(x), targets, ignore_index=-1), without ever holding the (B*T, V)
         # logits: Part II, chunked_cross_entropy.
-        return None, chunked_cross_entropy(x, output_rows(self, x.device), targets, self.config.vocab_size)
+        return None, chunked_cross_entropy(x, output_rows(self, x.device), targets, self.config.vocab_size,
+                                           self.config.logit_softcap)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., C) hidden states -> (..., V) scores of the real vocabulary (Part II: linear, output_rows)."""
-        return linear(x, output_rows(self, x.device))[..., :self.config.vocab_size]
+        """(..., C) hidden states -> (..., V) scores of the real vocabulary (Part II: linear, output_rows).
+
+        logit_softcap: cap * tanh(logits / cap) leaves small scores as they are (tanh(z) ~ z) but keeps every
+        one within +-cap, so the model cannot grow ever more confident by inflating its logits, a runaway
+        that destabilises late training (Gemma 2 caps at 30). The loss applies the same cap."""
+        logits = linear(x, output_rows(self, x.device))[..., :self.config.vocab_size]
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     # -- generation -----------------------------------------------------------------------------------------
 
@@ -1356,13 +1365,16 @@ def loss_chunk_rows(vocab_size: int, device: torch.device) -> int:
 
 @torch.library.custom_op("gpt::cross_entropy_and_grads", mutates_args=())
 def cross_entropy_and_grads(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                            chunk_rows: int, need_grads: bool) -> tuple[Tensor, Tensor, Tensor]:
+                            chunk_rows: int, need_grads: bool,
+                            softcap: float) -> tuple[Tensor, Tensor, Tensor]:
     """Summed cross-entropy of the logits x @ weight.T (N, V_padded) against targets (N,), -1 = ignore, and
     the gradients of that sum with respect to x (N, C) and weight (V_padded, C), a chunk of rows at a time.
 
     x and weight come in the compute dtype (float32, or bfloat16/float16 under autocast): the matmuls run in
     it, while the logsumexp, the softmax and the loss are float32. Logit columns from vocab_size on are
-    padding rows of weight: they are set to -inf, so they take no probability and get no gradient. Being a
+    padding rows of weight: they are set to -inf, so they take no probability and get no gradient. softcap > 0
+    scores softcap * tanh(logits / softcap) instead (GPT.logits), whose derivative 1 - tanh^2 then multiplies
+    the logits' gradient before it reaches x and weight. Being a
     custom op, it is one opaque node to torch.compile: the chunk loop runs as written instead of being
     unrolled into the graph."""
     with torch.autocast(x.device.type, enabled=False):
@@ -1375,6 +1387,9 @@ def cross_entropy_and_grads(x: torch.Tensor, weight: torch.Tensor, targets: torc
             xs, ts = x[start:start + chunk_rows], targets[start:start + chunk_rows].clamp(min=0)
             keep = counted[start:start + chunk_rows]
             logits = (xs @ weight.t()).float()                          # (rows, V_padded), float32
+            if softcap:
+                squashed = torch.tanh(logits / softcap)                 # kept for the derivative below
+                logits = squashed * softcap
             if vocab_size < logits.size(1):
                 logits[:, vocab_size:] = float("-inf")                  # padding ids are never predicted
             logsumexp = torch.logsumexp(logits, dim=-1, keepdim=True)   # (rows, 1)
@@ -1385,6 +1400,8 @@ def cross_entropy_and_grads(x: torch.Tensor, weight: torch.Tensor, targets: torc
             grad_logits = logits.sub_(logsumexp).exp_()                 # softmax, in place of the logits
             grad_logits[row, ts] -= 1.0                                 # minus the one-hot target
             grad_logits *= keep[:, None]                                # ignored rows contribute nothing
+            if softcap:
+                grad_logits *= squashed.square_().neg_().add_(1.0)      # d(cap * tanh(z / cap))/dz
             grad_logits = grad_logits.to(x.dtype)                       # (a no-op in float32)
             torch.mm(grad_logits, weight, out=grad_x[start:start + chunk_rows])
             if x.dtype == torch.float32:
@@ -1395,7 +1412,7 @@ def cross_entropy_and_grads(x: torch.Tensor, weight: torch.Tensor, targets: torc
 
 
 @cross_entropy_and_grads.register_fake
-def _(x, weight, targets, vocab_size, chunk_rows, need_grads):
+def _(x, weight, targets, vocab_size, chunk_rows, need_grads, softcap):
     # Shapes only, for torch.compile's tracing.
     n = x.new_empty((), dtype=torch.float32)
     if not need_grads:
@@ -1418,11 +1435,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                compute_dtype: torch.dtype, need_grads: bool) -> torch.Tensor:
+                compute_dtype: torch.dtype, need_grads: bool, softcap: float) -> torch.Tensor:
         n_counted = (targets != -1).sum().clamp(min=1)
         loss, grad_x, grad_weight = cross_entropy_and_grads(
             x.to(compute_dtype), weight.to(compute_dtype), targets, vocab_size,
-            loss_chunk_rows(weight.size(0), x.device), need_grads)
+            loss_chunk_rows(weight.size(0), x.device), need_grads, softcap)
         ctx.save_for_backward(grad_x.to(x.dtype), grad_weight.to(weight.dtype), n_counted)
         return loss / n_counted
 
@@ -1430,18 +1447,20 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         grad_x, grad_weight, n_counted = ctx.saved_tensors
         scale = grad_loss / n_counted
-        return grad_x * scale, grad_weight * scale, None, None, None, None
+        return grad_x * scale, grad_weight * scale, None, None, None, None, None
 
 
-def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          vocab_size: int) -> torch.Tensor:
-    """Mean cross-entropy of x (N, C) @ weight.T against targets (N,), without ever holding the (N, V)
-    logits: in the autocast dtype when autocast is on, and with gradients only when they are needed."""
+def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                          softcap: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy of x (N, C) @ weight.T (soft-capped if softcap > 0) against targets (N,), without
+    ever holding the (N, V) logits: in the autocast dtype when autocast is on, and with gradients only when
+    they are needed."""
     device_type = x.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) \
         else torch.float32
     need_grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, compute_dtype, need_grads)
+    return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, compute_dtype, need_grads,
+                                     float(softcap))
 
 
 def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
@@ -2150,7 +2169,7 @@ def exit_quietly_on_broken_pipe() -> None:
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # The GPTConfig fields HF's GPT2LMHeadModel has no way to express: a model must have these values to export.
 GPT2_ARCHITECTURE = {"pos_emb": "learned", "norm": "layernorm", "qk_norm": False, "activation": "gelu",
-                     "tie_weights": True, "bias": True}
+                     "logit_softcap": 0.0, "tie_weights": True, "bias": True}
 GPT2_SIZES = {  # model_type: (n_layer, n_head, n_embd)
     "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
     "gpt2-xl": (48, 25, 1600),
@@ -2501,6 +2520,8 @@ def check_model_config(config: "GPTConfig") -> None:
             raise ValueError(f"{name}={getattr(config, name)!r} is not one of {', '.join(allowed)}")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"dropout={config.dropout} must be in [0, 1)")
+    if not 0.0 <= config.logit_softcap < math.inf:
+        raise ValueError(f"logit_softcap={config.logit_softcap} must be a finite number >= 0 (0 is off)")
 
 
 def check_sampling_flags(cfg: SimpleNamespace, overrides: dict) -> None:

@@ -1165,6 +1165,47 @@ def test_chunked_loss_under_bfloat16_autocast_matches_plain_within_bf16_toleranc
         assert (a - b).norm() <= 2e-2 * b.norm() + 1e-6, name  # bfloat16 has an 8-bit mantissa
 
 
+def softcapped_model(vocab_size: int) -> GPT:
+    """A model whose logits reach well past its cap of 1.5, so the cap (and its derivative) matter."""
+    model = tiny_model(vocab_size=vocab_size, block_size=64, logit_softcap=1.5).train()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100.0)
+    return model
+
+
+@pytest.mark.parametrize("vocab_size", [64, 5000])
+def test_softcapped_loss_and_gradients_equal_plain_cross_entropy_on_capped_logits(vocab_size):
+    model = softcapped_model(vocab_size)
+    idx, targets = torch.randint(0, vocab_size, (2, 8, 64))
+    targets[0, :5] = -1
+    raw = model.lm_head(model.hidden_states(idx))[..., :vocab_size]
+    assert raw.abs().max() > 3.0  # the cap bites
+    capped = 1.5 * torch.tanh(raw / 1.5)
+    torch.testing.assert_close(model(idx)[0], capped)  # sampling sees the capped logits too
+    plain = F.cross_entropy(capped.reshape(-1, vocab_size), targets.view(-1), ignore_index=-1)
+    plain_grads = torch.autograd.grad(plain, list(model.parameters()))
+    _, chunked = model(idx, targets)
+    chunked_grads = torch.autograd.grad(chunked, list(model.parameters()))
+    torch.testing.assert_close(chunked, plain)
+    for (name, _), a, b in zip(model.named_parameters(), chunked_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_softcapped_loss_under_bfloat16_autocast_matches_plain_within_bf16_tolerance():
+    model = softcapped_model(5000)
+    idx, targets = torch.randint(0, 5000, (2, 8, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        raw = model.lm_head(model.hidden_states(idx))[..., :5000].float()
+        plain = F.cross_entropy((1.5 * torch.tanh(raw / 1.5)).view(-1, 5000), targets.view(-1))
+    plain_grads = torch.autograd.grad(plain, list(model.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, chunked = model(idx, targets)
+    chunked_grads = torch.autograd.grad(chunked, list(model.parameters()))
+    torch.testing.assert_close(chunked, plain, atol=0, rtol=5e-3)
+    for (name, _), a, b in zip(model.named_parameters(), chunked_grads, plain_grads):
+        assert (a - b).norm() <= 2e-2 * b.norm() + 1e-6, name
+
+
 def test_chunked_loss_never_holds_the_logits_at_gpt2_vocabulary():
     # 8,192 rows x V=50257 of float32 log-probabilities alone would be 1.6 GB (F.cross_entropy holds them,
     # plus the bfloat16 logits and their float32 copy). One forward + backward of the chunked loss stays far
@@ -1591,6 +1632,16 @@ def test_export_refuses_models_that_are_not_gpt2_shaped(tmp_path):
     assert not (tmp_path / "export" / "model.safetensors").exists()
 
 
+def test_export_refuses_the_modern_switches_in_one_line(tmp_path):
+    model = tiny_model(norm="rmsnorm", qk_norm=True, logit_softcap=30.0, activation="relu2")
+    with pytest.raises(ValueError, match=r"^cannot export to HF GPT-2: norm='rmsnorm' \(GPT-2 has 'layernorm'\), "
+                                         r"qk_norm=True \(GPT-2 has False\), activation='relu2' \(GPT-2 has 'gelu'\), "
+                                         r"logit_softcap=30.0 \(GPT-2 has 0.0\)$"):
+        gpt.export_to_hf(model, tmp_path / "export")
+    with pytest.raises(ValueError, match=r"logit_softcap=-1.0 must be a finite number >= 0"):
+        tiny_config(logit_softcap=-1.0)
+
+
 # ==========================================================================================================
 # gpt.py: flags, data, the training loop, checkpoints, DDP, the command line
 
@@ -2006,7 +2057,8 @@ def test_train_ddp_equals_gradient_accumulation(tmp_path):
 # Each switch of the modern recipe on its own, as flags and the GPTConfig field it sets.
 MODERN_SWITCHES = {"rmsnorm": (["--norm=rmsnorm"], "norm", "rmsnorm"),
                    "qk_norm": (["--qk_norm"], "qk_norm", True),
-                   "relu2": (["--activation=relu2"], "activation", "relu2")}
+                   "relu2": (["--activation=relu2"], "activation", "relu2"),
+                   "softcap": (["--logit_softcap=2.5"], "logit_softcap", 2.5)}
 
 
 @pytest.mark.parametrize("switch", MODERN_SWITCHES)
@@ -2027,6 +2079,9 @@ def test_train_each_modern_switch_trains_samples_and_resumes_exactly(capsys, tmp
     capsys.readouterr()
     gpt.main(["--sample", f"--ckpt={tmp_path / 'halves' / 'ckpt.pt'}", "--max_new_tokens=30", "--ignore_eot"])
     assert len(capsys.readouterr().out.strip()) > 10
+    if field in gpt.GPT2_ARCHITECTURE:  # HF's GPT-2 cannot express it: one line, nothing written
+        err = train_error(capsys, ["--export_hf", str(tmp_path / "hf"), f"--ckpt={tmp_path / 'halves' / 'ckpt.pt'}"])
+        assert f"cannot export to HF GPT-2: {field}=" in err and not (tmp_path / "hf").exists()
 
 
 def test_train_checkpoints_from_before_the_modern_switches_load_with_defaults(tmp_path, train_checkpoint):

@@ -105,6 +105,7 @@ norm: Annotated[str, "layernorm (GPT-2) | rmsnorm (scale only: no mean subtracte
 qk_norm: Annotated[bool, "scale each head's queries and keys to unit RMS before their dot product"] = False
 activation: Annotated[str, "gelu | relu | relu2 (ReLU squared)"] = "gelu"
 logit_softcap: Annotated[float, "output scores become cap * tanh(score / cap), within +-cap; 0: off"] = 0.0
+zero_init_proj: Annotated[bool, "the projections that write into the residual stream start at 0"] = False
 tie_weights: Annotated[bool, "the output layer shares the token embedding matrix"] = True
 attention: Annotated[str, "sdpa (fused kernel) | manual (the same computation written out)"] = "sdpa"
 # optimiser and schedule
@@ -142,7 +143,7 @@ KNOB_GROUPS = {"out_dir": "I/O", "data_dir": "data", "learning_rate": "optimiser
                "n_layer": "model (the vocabulary size comes from the data's meta.json)", "device": "system",
                "sample": "sampling, export and plotting"}  # --help's headings, by each group's first knob
 MODEL_KNOBS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos_emb", "norm", "qk_norm",
-               "activation", "logit_softcap", "tie_weights", "attention")  # the GPTConfig fields
+               "activation", "logit_softcap", "zero_init_proj", "tie_weights", "attention")  # in GPTConfig
 INIT_CHOICES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}
@@ -238,6 +239,7 @@ class GPTConfig:
     qk_norm: bool = False       # queries and keys normalised per head before attention
     activation: str = "gelu"    # gelu (GPT-2's tanh approximation) | relu | relu2 (ReLU squared)
     logit_softcap: float = 0.0  # output scores squashed into +-logit_softcap; 0: off (GPT-2)
+    zero_init_proj: bool = False  # c_proj weights start at 0 (only the initialisation: GPT-2-shaped)
     tie_weights: bool = True    # the output layer reuses the token embedding matrix (GPT-2 does)
     attention: str = "sdpa"     # sdpa (fused kernel) | manual (the same maths written out)
     vocab_multiple: int = 64    # embedding and output rows padded to a multiple of this (see below)
@@ -519,13 +521,16 @@ class GPT(nn.Module):
         transformer.wpe (learned positions)         N(0, 0.02)                          first prediction
         attn.c_attn, mlp.c_fc weights               N(0, 0.02)
         attn.c_proj, mlp.c_proj weights             N(0, 0.02 / sqrt(2 * n_layer))    see below
+                                     (zero_init_proj)   0
         lm_head (the same matrix as wte if tied)    N(0, 0.02)
         their padding rows (padded_vocab_size)      0                                 never used
         every Linear bias                           0
         LayerNorm (RMSNorm) gains, shifts           1, 0
         sinusoidal and rotary tables                fixed buffers, not parameters
     c_proj writes into the residual stream, twice per block: scaling it by 1 / sqrt(2 * n_layer) keeps the
-    stream's variance from growing with depth."""
+    stream's variance from growing with depth. zero_init_proj goes all the way: every block starts as x + 0,
+    so the model starts shallow and each block's share grows as it learns (c_proj's gradient is not 0: its
+    input is not)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -557,7 +562,9 @@ class GPT(nn.Module):
             self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)  # the table above
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith("c_proj.weight") and config.zero_init_proj:
+                nn.init.zeros_(p)
+            elif name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -571,16 +578,6 @@ class GPT(nn.Module):
             nn.init.normal_(weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Parameters, counting a tied matrix once. non_embedding drops the position table, as the
-        scaling-law papers do (the token embedding stays: it doubles as the output layer)."""
-        n = sum(p.numel() for p in self.parameters())
-        c = self.config
-        n -= (c.padded_vocab_size - c.vocab_size) * c.n_embd * (1 if c.tie_weights else 2)  # padding rows
-        if non_embedding and self.config.pos_emb == "learned":
-            n -= self.transformer.wpe.weight.numel()
-        return n
 
     # -- forward --------------------------------------------------------------------------------------------
 
@@ -1479,11 +1476,22 @@ def output_rows(model: "GPT", device: torch.device) -> torch.Tensor:
 
 # -- MFU: the share of the device's peak FLOP/s that training uses -----------------------------------------
 
+def num_params(model: GPT, non_embedding: bool = True) -> int:
+    """Parameters, counting a tied matrix once and no padding row. non_embedding drops the position table, as
+    the scaling-law papers do (the token embedding stays: it doubles as the output layer)."""
+    n = sum(p.numel() for p in model.parameters())
+    c = model.config
+    n -= (c.padded_vocab_size - c.vocab_size) * c.n_embd * (1 if c.tie_weights else 2)  # padding rows
+    if non_embedding and c.pos_emb == "learned":
+        n -= model.transformer.wpe.weight.numel()
+    return n
+
+
 def flops_per_token(model: GPT, seq_len: int | None = None) -> float:
     """Training FLOPs per token (forward + backward): 6 per parameter (2 forward, 4 backward) plus the
     attention scores and weighted sums, 12 * n_layer * n_embd * T (PaLM paper, appendix B)."""
     c = model.config
-    return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * (seq_len or c.block_size)
+    return 6 * num_params(model) + 12 * c.n_layer * c.n_embd * (seq_len or c.block_size)
 
 
 def synchronize(device: torch.device) -> None:
@@ -1558,7 +1566,7 @@ def run_bench(cfg: SimpleNamespace) -> None:
     batch = torch.randint(0, BENCH_VOCAB_SIZE, (cfg.batch_size, cfg.block_size + 1), device=device)
     x, y = batch[:, :-1], batch[:, 1:]
     peak_flops = peak_flops_per_second(runtime, cfg.peak_flops)
-    print(f"bench: {model.num_params() / 1e6:.2f}M parameters, batch {cfg.batch_size} x {cfg.block_size}, "
+    print(f"bench: {num_params(model) / 1e6:.2f}M parameters, batch {cfg.batch_size} x {cfg.block_size}, "
           f"{device}, {str(runtime.autocast_dtype).removeprefix('torch.')} ({runtime.why})"
           f"{', compiled' if runtime.compile else ''}; {BENCH_WARMUP_STEPS} warm-up + {BENCH_TIMED_STEPS} "
           f"timed steps; peak {peak_flops / 1e12:.2f} TFLOP/s for MFU "
@@ -2060,7 +2068,7 @@ def eval_sample(model: GPT, tokenizer: Tokenizer, cfg: SimpleNamespace, runtime:
 def print_start(run: Run) -> None:
     """The start-up lines: the model, the device and precision (and why), what a step holds, the data."""
     cfg, runtime, model = run.cfg, run.runtime, run.model
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}")
+    print(f"model: {num_params(model) / 1e6:.2f}M parameters, {model.config}")
     print(f"device {runtime.device}, autocast {str(runtime.autocast_dtype).removeprefix('torch.')} "
           f"({runtime.why}), {run.world_size} process(es); {run.tokens_per_step:,} tokens per step = "
           f"{cfg.batch_size} x {cfg.block_size} x {run.world_size} x {run.accumulation_steps} micro-step(s); "

@@ -1272,6 +1272,19 @@ def test_relu2_is_relu_squared():
         tiny_config(activation="swiglu")
 
 
+def test_zero_init_proj_zeroes_only_the_residual_projections_and_draws_the_rest_as_before():
+    plain, zeroed = tiny_model(seed=3), tiny_model(seed=3, zero_init_proj=True)
+    for (name, a), b in zip(plain.state_dict().items(), zeroed.state_dict().values()):
+        if name.endswith("c_proj.weight"):
+            assert a.abs().sum() > 0 and not b.any(), name
+        else:
+            assert torch.equal(a, b), name  # the same random numbers for every other weight
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():  # every block starts as the identity: the logits are those of the embeddings alone
+        embedded = zeroed.transformer.wte(idx) + zeroed.transformer.wpe.weight[:16]
+        torch.testing.assert_close(zeroed(idx)[0], zeroed.logits(zeroed.transformer.ln_f(embedded)))
+
+
 def test_precision_is_chosen_from_the_device_itself(monkeypatch):
     cuda = torch.device("cuda", 0)
     for capability, expected in [((7, 0), "float16"), ((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16")]:
@@ -1593,7 +1606,7 @@ def test_padding_rows_take_no_probability_and_no_gradient():
         logits = model.lm_head(model.hidden_states(idx))[..., :70]
     expected = F.cross_entropy(logits.reshape(-1, 70), idx.roll(-1, dims=1).reshape(-1))
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=0)
-    assert model.num_params(non_embedding=False) == sum(p.numel() for p in model.parameters()) - 58 * 16
+    assert gpt.num_params(model, non_embedding=False) == sum(p.numel() for p in model.parameters()) - 58 * 16
 
 
 def test_checkpoints_from_before_padding_load_unpadded(tmp_path):
@@ -2058,7 +2071,8 @@ def test_train_ddp_equals_gradient_accumulation(tmp_path):
 MODERN_SWITCHES = {"rmsnorm": (["--norm=rmsnorm"], "norm", "rmsnorm"),
                    "qk_norm": (["--qk_norm"], "qk_norm", True),
                    "relu2": (["--activation=relu2"], "activation", "relu2"),
-                   "softcap": (["--logit_softcap=2.5"], "logit_softcap", 2.5)}
+                   "softcap": (["--logit_softcap=2.5"], "logit_softcap", 2.5),
+                   "zero_init_proj": (["--zero_init_proj"], "zero_init_proj", True)}
 
 
 @pytest.mark.parametrize("switch", MODERN_SWITCHES)

@@ -520,17 +520,16 @@ class GPT(nn.Module):
         transformer.wte (token embedding)           N(0, 0.02)                        small: a near-uniform
         transformer.wpe (learned positions)         N(0, 0.02)                          first prediction
         attn.c_attn, mlp.c_fc weights               N(0, 0.02)
-        attn.c_proj, mlp.c_proj weights             N(0, 0.02 / sqrt(2 * n_layer))    see below
-                                     (zero_init_proj)   0
+        attn.c_proj, mlp.c_proj weights             N(0, 0.02 / sqrt(2 * n_layer))    see below (0 with
+                                                                                      zero_init_proj)
         lm_head (the same matrix as wte if tied)    N(0, 0.02)
         their padding rows (padded_vocab_size)      0                                 never used
         every Linear bias                           0
         LayerNorm (RMSNorm) gains, shifts           1, 0
         sinusoidal and rotary tables                fixed buffers, not parameters
     c_proj writes into the residual stream, twice per block: scaling it by 1 / sqrt(2 * n_layer) keeps the
-    stream's variance from growing with depth. zero_init_proj goes all the way: every block starts as x + 0,
-    so the model starts shallow and each block's share grows as it learns (c_proj's gradient is not 0: its
-    input is not)."""
+    stream's variance from growing with depth. zero_init_proj goes all the way: each block starts as x + 0,
+    so the model starts shallow and grows its blocks' share as it learns (c_proj's gradient is not 0)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -541,14 +540,13 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=norm_layer(config),
         ))
-        head_size = config.n_embd // config.n_head
         if config.pos_emb == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         elif config.pos_emb == "sinusoidal":
             table = sinusoidal_table(config.block_size, config.n_embd)
             self.register_buffer("sinusoidal", table, persistent=False)
         else:
-            cos, sin = rotary_tables(head_size, config.block_size)
+            cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size)  # (hs, positions)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
@@ -586,8 +584,7 @@ class GPT(nn.Module):
         B, T = idx.size()
         start = caches[0].length if caches else 0
         if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than "
-                             f"block_size={self.config.block_size}")
+            raise ValueError(f"{start + T} tokens are longer than block_size={self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
         rotary = None
         if self.config.pos_emb == "learned":
@@ -617,10 +614,9 @@ class GPT(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(..., C) hidden states -> (..., V) scores of the real vocabulary (Part II: linear, output_rows).
-
-        logit_softcap: cap * tanh(logits / cap) leaves small scores as they are (tanh(z) ~ z) but keeps every
-        one within +-cap, so the model cannot grow ever more confident by inflating its logits, a runaway
-        that destabilises late training (Gemma 2 caps at 30). The loss applies the same cap."""
+        logit_softcap keeps every score within +-cap but small ones as they are (tanh(z) ~ z): the model
+        cannot grow more confident by inflating its logits, a runaway that destabilises training (Gemma 2
+        caps at 30). The loss applies the same cap."""
         logits = linear(x, output_rows(self, x.device))[..., :self.config.vocab_size]
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits

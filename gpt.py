@@ -118,6 +118,8 @@ weight_decay: Annotated[float, "AdamW decay of the 2-D weights; biases and norm 
 beta1: Annotated[float, "AdamW's momentum"] = 0.9
 beta2: Annotated[float, "AdamW's second-moment decay; < 0.999, so a large gradient spike fades fast"] = 0.95
 grad_clip: Annotated[float, "clip the global gradient norm to this; 0 turns clipping off"] = 1.0
+optimizer: Annotated[str, "adamw | muon (Muon for the blocks' matrices, AdamW for the rest)"] = "adamw"
+muon_lr: Annotated[float, "Muon's peak learning rate; --learning_rate's warmup and cosine scale it"] = 0.02
 # system
 device: Annotated[str, "auto (cuda, then mps, then cpu) | cuda | cuda:N | mps | cpu"] = "auto"
 dtype: Annotated[str, "auto (see setup_device) | float32 | bfloat16 | float16"] = "auto"
@@ -782,16 +784,48 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
-def make_optimizer(model: GPT, cfg: SimpleNamespace, runtime: Runtime) -> torch.optim.AdamW:
-    """AdamW with weight decay on the 2-D weights only.
+def make_optimizer(model: GPT, cfg: SimpleNamespace, runtime: Runtime) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the 2-D weights only; with --optimizer=muon, Muon (below) takes the
+    matrices inside the blocks and AdamW the rest: embeddings, the output layer, gains and biases.
 
     Decay pulls weights towards zero; it regularises the matmuls and embeddings, while biases and
     LayerNorm gains (1-D) are few, and pulling a gain towards 0 would just fight the normalisation."""
-    params = [p for p in model.parameters() if p.requires_grad]  # a tied matrix appears once
+    muon = cfg.optimizer == "muon"
+    matrices = {id(p) for p in model.transformer.h.parameters() if p.dim() == 2 and muon}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in matrices]  # tied: once
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=True if runtime.fused_adamw else None)
+    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                              fused=True if runtime.fused_adamw else None)
+    # Muon's momentum state and AdamW's, stepped and saved as one optimizer: Part II, MuonWithAdamW
+    return MuonWithAdamW(model, adamw, cfg.muon_lr) if muon else adamw
+
+
+# Muon (Keller Jordan, 2024; the optimizer of the GPT-2 speedrun records). A weight matrix's gradient, and
+# its momentum, is dominated by a few directions: its singular values fall off steeply, so a step along it
+# mostly grows what is already large. Muon replaces the update G = U S V^T by U V^T: the same directions,
+# each at strength 1, so the rare ones learn as fast as the common ones. An SVD per step would be slow; a
+# few Newton-Schulz iterations (matmuls only) come close enough. Embedding and output rows are tokens,
+# updated as they occur, and 1-D gains and biases have no directions: those stay with AdamW. Muon's
+# momentum is Nesterov's, warmed up from 0.85 to 0.95 over the first 300 steps, and each update is scaled
+# by sqrt(max(1, rows / cols)) so that its RMS matches across shapes: Part II, Muon.
+
+def orthogonalize(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """(..., rows, cols) -> about U V^T, where U S V^T is its SVD: singular values near 1, vectors kept.
+
+    Dividing by the Frobenius norm puts every singular value s in (0, 1]; each iteration then maps s to
+    a s + b s^3 + c s^5 and keeps the singular vectors. These coefficients make the map steep at 0 (slope
+    3.4), so in 5 steps every value above 1/500 of the norm ends between 0.68 and 1.21: near 1, not at it,
+    which trains as well (what matters is that no direction dominates), in far fewer steps."""
+    x = update.float()
+    tall = x.size(-2) > x.size(-1)
+    x = x.mT if tall else x  # then x @ x.mT is the smaller of the two Gram matrices
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.mT if tall else x).to(update.dtype)
 
 
 def learning_rate_at(step: int, cfg: SimpleNamespace) -> float:
@@ -1009,8 +1043,8 @@ def optimizer_step(run: Run, stop: "StopOnSignal") -> dict:
     cfg, runtime, optimizer, device = run.cfg, run.runtime, run.optimizer, run.runtime.device
     t0 = time.perf_counter()
     lr = learning_rate_at(run.step, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    for group in optimizer.param_groups:  # Muon's groups take the same schedule, scaled to --muon_lr
+        group["lr"] = lr * cfg.muon_lr / cfg.learning_rate if group.get("muon") and lr else lr
     windows = run.windows["train"].draw(run.data_generator, run.accumulation_steps * run.world_size,
                                         cfg.batch_size)
     loss_sum = forward_backward(run, windows)
@@ -1470,6 +1504,74 @@ def output_rows(model: "GPT", device: torch.device) -> torch.Tensor:
     return weight if device.type != "cpu" else weight[:model.config.vocab_size]
 
 
+# -- Muon: its state and momentum warm-up, and AdamW beside it as one optimizer ------------------------------
+
+MUON_MOMENTUM = (0.85, 0.95, 300)  # Nesterov momentum from 0.85 up to 0.95 over the first 300 steps
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD with Nesterov momentum whose every update is orthogonalised (Part I, orthogonalize): 2-D only.
+
+    Its state per matrix, the momentum buffer and the steps taken (which set the momentum's warm-up), is
+    in state_dict(), so a resumed run continues exactly. With several processes each one applies the same
+    update to the same all-reduced gradient: the weights stay identical with no further communication. A
+    group's "pieces" cuts its matrices into that many stacked blocks, each orthogonalised on its own
+    (c_attn stacks the query, key and value matrices). No weight decay: the update's size is fixed."""
+
+    def __init__(self, groups: list[dict], lr: float):
+        super().__init__(groups, dict(lr=lr, pieces=1, muon=True))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        first, last, warmup_steps = MUON_MOMENTUM
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"], state["momentum_buffer"] = 0, torch.zeros_like(p)
+                momentum = first + (last - first) * min(state["step"] / warmup_steps, 1.0)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(p.grad, 1 - momentum)        # the average of recent gradients
+                update = p.grad.lerp(buffer, momentum)    # Nesterov: the gradient, pushed along the average
+                pieces = update.view(group["pieces"], -1, p.size(1))  # (pieces, rows, cols)
+                scale = max(1.0, pieces.size(1) / pieces.size(2)) ** 0.5  # the same RMS for every shape
+                p.add_(orthogonalize(pieces).view_as(p), alpha=-group["lr"] * scale)
+                state["step"] += 1
+
+
+class MuonWithAdamW:
+    """Muon for the 2-D matrices inside the blocks, AdamW (already built) for every other parameter, as one
+    optimizer: param_groups, step, zero_grad and state_dict cover both, which is all the training loop and
+    GradScaler use."""
+
+    def __init__(self, model: "GPT", adamw: torch.optim.AdamW, lr: float):
+        matrices = [(name, p) for name, p in model.transformer.h.named_parameters() if p.dim() == 2]
+        stacked = [p for name, p in matrices if name.endswith("attn.c_attn.weight")]
+        others = [p for name, p in matrices if not name.endswith("attn.c_attn.weight")]
+        self.muon, self.adamw = Muon([{"params": stacked, "pieces": 3}, {"params": others}], lr), adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.adamw.param_groups + self.muon.param_groups  # fresh lists after load_state_dict
+
+    def step(self) -> None:
+        self.adamw.step()
+        self.muon.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.adamw.zero_grad(set_to_none)
+        self.muon.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adamw.load_state_dict(state["adamw"])
+        self.muon.load_state_dict(state["muon"])
+
+
 # -- MFU: the share of the device's peak FLOP/s that training uses -----------------------------------------
 
 def num_params(model: GPT, non_embedding: bool = True) -> int:
@@ -1832,6 +1934,11 @@ def restore_rng_states(states: dict, device: torch.device) -> None:
 def restore_training_state(checkpoint: dict, optimizer: torch.optim.Optimizer, runtime: Runtime,
                            data_generator: torch.Generator, rank: int) -> tuple[int, float]:
     """Put the checkpoint's optimizer, scaler and random generators back; return (step, best_val_loss)."""
+    saved = checkpoint["config"].get("optimizer", "adamw")
+    current = "muon" if isinstance(optimizer, MuonWithAdamW) else "adamw"
+    if saved != current:  # the two keep different state
+        raise FlagError(f"--optimizer={current} but the checkpoint was trained with {saved}, whose state "
+                        f"cannot continue in {current}: resume without --optimizer, or start a new run")
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["scaler"]:  # empty when saved without float16 (the scaler was off)
         runtime.scaler.load_state_dict(checkpoint["scaler"])
@@ -2503,6 +2610,10 @@ def check_config(cfg: SimpleNamespace) -> SimpleNamespace:
         raise FlagError(f"--temperature={cfg.temperature} must be a finite number >= 0 (0 is greedy)")
     if not 0 < cfg.top_p <= 1:
         raise FlagError(f"--top_p={cfg.top_p} must be in (0, 1]")
+    if cfg.optimizer not in ("adamw", "muon"):
+        raise FlagError(f"--optimizer={cfg.optimizer!r} is not one of adamw, muon")
+    if not 0 <= cfg.muon_lr < math.inf:
+        raise FlagError(f"--muon_lr={cfg.muon_lr} must be a finite number >= 0")
     return cfg
 
 

@@ -1285,6 +1285,58 @@ def test_zero_init_proj_zeroes_only_the_residual_projections_and_draws_the_rest_
         torch.testing.assert_close(zeroed(idx)[0], zeroed.logits(zeroed.transformer.ln_f(embedded)))
 
 
+@pytest.mark.parametrize("shape", [(32, 128), (128, 32), (3, 48, 96), (768, 192)])
+def test_muon_orthogonalize_gives_singular_values_close_to_1_and_keeps_the_vectors(shape):
+    torch.manual_seed(0)
+    g = torch.randn(*shape) * 5.0
+    o = gpt.orthogonalize(g)
+    assert o.shape == g.shape and o.dtype == g.dtype
+    values = torch.linalg.svdvals(o)
+    # The quintic iteration lands near 1, not at 1 (0.68 to 1.21 for every value above 1/500 of the norm).
+    assert values.min() > 0.6 and values.max() < 1.25, (values.min(), values.max())
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    exact = u @ vh  # U V^T: what the iteration approximates
+    cosine = (o * exact).sum((-2, -1)) / (o.norm(dim=(-2, -1)) * exact.norm(dim=(-2, -1)))
+    assert (cosine > 0.97).all(), cosine
+
+
+def test_muon_orthogonalize_square_random_matrices_mostly_near_1():
+    # A square Gaussian matrix has a few singular values near 0 that no 5-step polynomial lifts: most do.
+    torch.manual_seed(0)
+    values = torch.linalg.svdvals(gpt.orthogonalize(torch.randn(128, 128)))
+    assert ((values > 0.5) & (values < 1.5)).float().mean() > 0.95 and values.max() < 1.25
+
+
+def test_muon_step_is_nesterov_momentum_then_orthogonalised_and_scaled():
+    weight = torch.nn.Parameter(torch.randn(64, 16))
+    muon = gpt.Muon([{"params": [weight]}], lr=0.1)
+    grads, buffer = [torch.randn(64, 16) for _ in range(2)], torch.zeros(64, 16)
+    expected = weight.detach().clone()
+    for step, grad in enumerate(grads):
+        momentum = 0.85 + 0.1 * step / 300  # warms up from 0.85 to 0.95 over 300 steps
+        buffer = momentum * buffer + (1 - momentum) * grad
+        nesterov = (1 - momentum) * grad + momentum * buffer
+        expected = expected - 0.1 * 2.0 * gpt.orthogonalize(nesterov)  # sqrt(64 / 16) = 2
+        weight.grad = grad.clone()
+        muon.step()
+    torch.testing.assert_close(weight.detach(), expected)
+    assert muon.state_dict()["state"][0]["step"] == 2
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = GPT(tiny_config(tie_weights=False))
+    optimizer = gpt.make_optimizer(model, gpt.make_config({"optimizer": "muon"}), gpt.setup_device("cpu"))
+    names = {id(p): name for name, p in model.named_parameters()}
+    muon = [names[id(p)] for group in optimizer.muon.param_groups for p in group["params"]]
+    adamw = [names[id(p)] for group in optimizer.adamw.param_groups for p in group["params"]]
+    assert sorted(muon + adamw) == sorted(names.values())  # each parameter once
+    in_blocks = [n for n in names.values() if n.startswith("transformer.h.") and n.endswith("weight")]
+    assert sorted(muon) == sorted(n for n in in_blocks if ".ln_" not in n)
+    assert "lm_head.weight" in adamw and "transformer.wte.weight" in adamw
+    assert [g["pieces"] for g in optimizer.muon.param_groups] == [3, 1]  # q, k, v orthogonalised apart
+    assert optimizer.param_groups == optimizer.adamw.param_groups + optimizer.muon.param_groups
+
+
 def test_precision_is_chosen_from_the_device_itself(monkeypatch):
     cuda = torch.device("cuda", 0)
     for capability, expected in [((7, 0), "float16"), ((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16")]:
@@ -2044,9 +2096,11 @@ def test_train_gradient_accumulation_equals_a_bigger_batch(tmp_path):
                                [r["grad_norm"] for r in train_log(tmp_path / "big")], rtol=1e-4)
 
 
-def test_train_ddp_equals_gradient_accumulation(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_train_ddp_equals_gradient_accumulation(tmp_path, optimizer):
     data = train_make_dataset(tmp_path / "data")
-    common = TRAIN_TINY + [f"--data_dir={data}", "--max_steps=4", "--eval_interval=2", "--total_batch_tokens=256"]
+    common = TRAIN_TINY + [f"--data_dir={data}", "--max_steps=4", "--eval_interval=2", "--total_batch_tokens=256",
+                           f"--optimizer={optimizer}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     code = f"import sys; sys.path.insert(0, {str(REPO)!r}); import torch; torch.set_num_threads(1); " \
            f"import {TRAIN_SCRIPT.stem} as g; g.main(sys.argv[1:])"
@@ -2072,7 +2126,8 @@ MODERN_SWITCHES = {"rmsnorm": (["--norm=rmsnorm"], "norm", "rmsnorm"),
                    "qk_norm": (["--qk_norm"], "qk_norm", True),
                    "relu2": (["--activation=relu2"], "activation", "relu2"),
                    "softcap": (["--logit_softcap=2.5"], "logit_softcap", 2.5),
-                   "zero_init_proj": (["--zero_init_proj"], "zero_init_proj", True)}
+                   "zero_init_proj": (["--zero_init_proj"], "zero_init_proj", True),
+                   "muon": (["--optimizer=muon", "--muon_lr=0.05"], "optimizer", "muon")}
 
 
 @pytest.mark.parametrize("switch", MODERN_SWITCHES)
@@ -2089,13 +2144,22 @@ def test_train_each_modern_switch_trains_samples_and_resumes_exactly(capsys, tmp
     assert val == [r["val_loss"] for r in train_log(tmp_path / "halves", "eval")]
     assert val[-1] < val[0] - 1.0, val  # it learns
     checkpoint = torch.load(tmp_path / "halves" / "ckpt.pt", map_location="cpu", weights_only=True)
-    assert checkpoint["model_config"][field] == value
+    assert {**checkpoint["config"], **checkpoint["model_config"]}[field] == value
     capsys.readouterr()
     gpt.main(["--sample", f"--ckpt={tmp_path / 'halves' / 'ckpt.pt'}", "--max_new_tokens=30", "--ignore_eot"])
     assert len(capsys.readouterr().out.strip()) > 10
     if field in gpt.GPT2_ARCHITECTURE:  # HF's GPT-2 cannot express it: one line, nothing written
         err = train_error(capsys, ["--export_hf", str(tmp_path / "hf"), f"--ckpt={tmp_path / 'halves' / 'ckpt.pt'}"])
         assert f"cannot export to HF GPT-2: {field}=" in err and not (tmp_path / "hf").exists()
+
+
+def test_train_resume_with_another_optimizer_is_one_line(capsys, tmp_path, train_checkpoint):
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(train_checkpoint, out / "ckpt.pt")
+    err = train_error(capsys, [f"--out_dir={out}", "--init_from=resume", "--max_steps=8", "--optimizer=muon"],
+                      code=2)
+    assert "--optimizer=muon but the checkpoint was trained with adamw" in err
 
 
 def test_train_checkpoints_from_before_the_modern_switches_load_with_defaults(tmp_path, train_checkpoint):

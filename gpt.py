@@ -2,7 +2,9 @@
 gpt.py: a GPT-2 in one file that reads top to bottom: the model, the training loop and the sampler.
 
 The model is GPT-2 exactly (OpenAI's weights load into it and give the same logits as HF transformers),
-plus a few switches a learner wants to try: sinusoidal or rotary positions, ReLU, untied embeddings.
+plus a few switches a learner wants to try: sinusoidal or rotary positions, ReLU, untied embeddings, and
+the changes behind the GPT-2 speedrun (RMSNorm, QK-norm, ReLU squared, a logit soft-cap, zero-initialised
+projections, the Muon optimizer), each off by default.
 The loop trains it on CUDA (one GPU, or many with torchrun), Apple's MPS or the CPU, and a stopped run
 continues from its checkpoint exactly as if it had never stopped.
 
@@ -23,13 +25,14 @@ Part I, the lesson: stop at its end and you have read the whole program.
        MLP, block, from logits to a token (temperature, top-k, top-p), the KV cache, GPT (init, forward,
        generation)
     3. Data: the shard format, and random windows read from it
-    4. Training: device and precision, optimiser, schedule, evaluation, checkpoints, and the loop in steps
-       (start, one optimizer step, evaluate and checkpoint, log)
+    4. Training: device and precision, optimiser (AdamW, or Muon), schedule, evaluation, checkpoints, and
+       the loop in steps (start, one optimizer step, evaluate and checkpoint, log)
     5. Sampling from the command line, and main
 Part II, the workshop: what makes the lesson fast, safe, interoperable and visible.
     6. Beam search, on the same advance-or-recompute step as generation
     7. Devices and speed routes: choosing the device and precision, Linear's CPU route for generation,
-       the chunked loss, padded vocabulary rows, MFU and the device's peak FLOPs, --bench
+       the chunked loss (and its soft-cap), padded vocabulary rows, Muon's state beside AdamW, MFU and the
+       device's peak FLOPs, --bench
     8. Safety and resume plumbing: shards, meta.json, token ids and checkpoints checked before use,
        random-generator states, stopping on a signal, one run per out_dir, the run log, the console, and
        file-system errors as one line

@@ -811,7 +811,8 @@ def make_optimizer(model: GPT, cfg: SimpleNamespace, runtime: Runtime) -> torch.
 # few Newton-Schulz iterations (matmuls only) come close enough. Embedding and output rows are tokens,
 # updated as they occur, and 1-D gains and biases have no directions: those stay with AdamW. Muon's
 # momentum is Nesterov's, warmed up from 0.85 to 0.95 over the first 300 steps, and each update is scaled
-# by sqrt(max(1, rows / cols)) so that its RMS matches across shapes: Part II, Muon.
+# by sqrt(max(1, rows / cols)) so that its RMS matches across shapes: Part II, Muon. In recipe 1 it lowers
+# the val loss more than any other switch here, in the same steps (the README's ablation).
 
 def orthogonalize(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """(..., rows, cols) -> about U V^T, where U S V^T is its SVD: singular values near 1, vectors kept.

@@ -2,7 +2,9 @@
 gpt.py: a GPT-2 in one file that reads top to bottom: the model, the training loop and the sampler.
 
 The model is GPT-2 exactly (OpenAI's weights load into it and give the same logits as HF transformers),
-plus a few switches a learner wants to try: sinusoidal or rotary positions, ReLU, untied embeddings.
+plus a few switches a learner wants to try: sinusoidal or rotary positions, ReLU, untied embeddings, and
+the changes behind the GPT-2 speedrun (RMSNorm, QK-norm, ReLU squared, a logit soft-cap, zero-initialised
+projections, the Muon optimizer), each off by default.
 The loop trains it on CUDA (one GPU, or many with torchrun), Apple's MPS or the CPU, and a stopped run
 continues from its checkpoint exactly as if it had never stopped.
 
@@ -21,16 +23,18 @@ sets of flags, with the losses they reach):
 
 Part I, the lesson: stop at its end and you have read the whole program.
     1. Configuration: every knob a plain global, and the flag parser that overrides them
-    2. The model: config, LayerNorm, positions, attention (written out, then the fused kernel), MLP, block,
-       from logits to a token (temperature, top-k, top-p), the KV cache, GPT (init, forward, generation)
+    2. The model: config, LayerNorm (or RMSNorm), positions, attention (written out, then the fused kernel),
+       MLP, block, from logits to a token (temperature, top-k, top-p), the KV cache, GPT (init, forward,
+       generation)
     3. Data: the shard format, and random windows read from it
-    4. Training: device and precision, optimiser, schedule, evaluation, checkpoints, and the loop in steps
-       (start, one optimizer step, evaluate and checkpoint, log)
+    4. Training: device and precision, optimiser (AdamW, or Muon), schedule, evaluation, checkpoints, and
+       the loop in steps (start, one optimizer step, evaluate and checkpoint, log)
     5. Sampling from the command line, and main
 Part II, the workshop: what makes the lesson fast, safe, interoperable and visible.
     6. Beam search, on the same advance-or-recompute step as generation
     7. Devices and speed routes: choosing the device and precision, Linear's CPU route for generation,
-       the chunked loss, padded vocabulary rows, MFU and the device's peak FLOPs, --bench
+       the chunked loss (and its soft-cap), padded vocabulary rows, Muon's state beside AdamW, MFU and the
+       device's peak FLOPs, --bench
     8. Safety and resume plumbing: shards, meta.json, token ids and checkpoints checked before use,
        random-generator states, stopping on a signal, one run per out_dir, the run log, the console, and
        file-system errors as one line
@@ -105,7 +109,11 @@ block_size: Annotated[int, "context length in tokens"] = 1024
 dropout: Annotated[float, "~0.1 for small models on little data; on a CPU it unfuses attention"] = 0.0
 bias: Annotated[bool, "biases in Linear and LayerNorm layers, as in GPT-2"] = True
 pos_emb: Annotated[str, "learned | sinusoidal | rope"] = "learned"
-activation: Annotated[str, "gelu | relu"] = "gelu"
+norm: Annotated[str, "layernorm (GPT-2) | rmsnorm (scale only: no mean subtracted, no shift)"] = "layernorm"
+qk_norm: Annotated[bool, "scale each head's queries and keys to unit RMS before their dot product"] = False
+activation: Annotated[str, "gelu | relu | relu2 (ReLU squared)"] = "gelu"
+logit_softcap: Annotated[float, "output scores become cap * tanh(score / cap), within +-cap; 0: off"] = 0.0
+zero_init_proj: Annotated[bool, "the projections that write into the residual stream start at 0"] = False
 tie_weights: Annotated[bool, "the output layer shares the token embedding matrix"] = True
 attention: Annotated[str, "sdpa (fused kernel) | manual (the same computation written out)"] = "sdpa"
 # optimiser and schedule
@@ -118,6 +126,8 @@ weight_decay: Annotated[float, "AdamW decay of the 2-D weights; biases and norm 
 beta1: Annotated[float, "AdamW's momentum"] = 0.9
 beta2: Annotated[float, "AdamW's second-moment decay; < 0.999, so a large gradient spike fades fast"] = 0.95
 grad_clip: Annotated[float, "clip the global gradient norm to this; 0 turns clipping off"] = 1.0
+optimizer: Annotated[str, "adamw | muon (Muon for the blocks' matrices, AdamW for the rest)"] = "adamw"
+muon_lr: Annotated[float, "Muon's peak learning rate; --learning_rate's warmup and cosine scale it"] = 0.02
 # system
 device: Annotated[str, "auto (cuda, then mps, then cpu) | cuda | cuda:N | mps | cpu"] = "auto"
 dtype: Annotated[str, "auto (see setup_device) | float32 | bfloat16 | float16"] = "auto"
@@ -150,8 +160,8 @@ KNOB_GROUPS = {"out_dir": "I/O", "data_dir": "data", "learning_rate": "optimiser
                "n_layer": "model (the vocabulary size comes from the data's meta.json)", "device": "system",
                "sample": "sampling, export and plotting",
                "eval": "evaluation"}  # --help's headings, by each group's first knob
-MODEL_KNOBS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos_emb", "activation",
-               "tie_weights", "attention")  # the knobs that are GPTConfig fields
+MODEL_KNOBS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos_emb", "norm", "qk_norm",
+               "activation", "logit_softcap", "zero_init_proj", "tie_weights", "attention")  # in GPTConfig
 INIT_CHOICES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}
@@ -243,7 +253,11 @@ class GPTConfig:
     dropout: float = 0.0        # 0 for pretraining big models; ~0.1 helps small models on little data
     bias: bool = True           # biases in Linear and LayerNorm layers, as GPT-2 has them
     pos_emb: str = "learned"    # learned (GPT-2) | sinusoidal (fixed, "Attention is all you need") | rope
-    activation: str = "gelu"    # gelu (GPT-2's tanh approximation) | relu
+    norm: str = "layernorm"     # layernorm (GPT-2) | rmsnorm
+    qk_norm: bool = False       # queries and keys normalised per head before attention
+    activation: str = "gelu"    # gelu (GPT-2's tanh approximation) | relu | relu2 (ReLU squared)
+    logit_softcap: float = 0.0  # output scores squashed into +-logit_softcap; 0: off (GPT-2)
+    zero_init_proj: bool = False  # c_proj weights start at 0 (only the initialisation: GPT-2-shaped)
     tie_weights: bool = True    # the output layer reuses the token embedding matrix (GPT-2 does)
     attention: str = "sdpa"     # sdpa (fused kernel) | manual (the same maths written out)
     vocab_multiple: int = 64    # embedding and output rows padded to a multiple of this (see below)
@@ -275,6 +289,24 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class RMSNorm(nn.Module):
+    """LayerNorm without its mean and shift: x / rms(x) * gain. Only the scale of the residual stream needs
+    taming before a branch reads it; dropping the mean costs nothing in quality (Zhang & Sennrich, 2019),
+    and one reduction fewer is a little faster. --norm=rmsnorm; modern models (Llama, nanochat) use it."""
+
+    def __init__(self, ndim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, 1e-5)
+
+
+def norm_layer(config: "GPTConfig") -> nn.Module:
+    """The normalisation that --norm chooses, for the blocks and the final one."""
+    return RMSNorm(config.n_embd) if config.norm == "rmsnorm" else LayerNorm(config.n_embd, config.bias)
 
 
 # -- Positions: attention alone cannot tell where a token is, so its position is added or rotated in -------
@@ -356,12 +388,18 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.manual = config.attention == "manual"
+        self.qk_norm = config.qk_norm
 
     def queries_keys_values(self, x: torch.Tensor, rotary=None) -> tuple[torch.Tensor, ...]:
         """(B, T, C) -> q, k, v, each (B, nh, T, hs): each head attends on its own hs-wide channel slice."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm:
+            # A score q.k / sqrt(hs) grows with the lengths of q and k; once scores are large the softmax is
+            # one-hot and passes back almost no gradient, a way training stalls or diverges at high learning
+            # rates. Unit-RMS queries and keys keep every score within +-sqrt(hs).
+            q, k = F.rms_norm(q, (q.size(-1),), eps=1e-5), F.rms_norm(k, (k.size(-1),), eps=1e-5)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         return q, k, v
@@ -383,11 +421,16 @@ class MLP(nn.Module):
         self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.relu = config.activation == "relu"
+        self.activation = config.activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)  # (B, T, 4C): widen, apply the nonlinearity, project back
-        h = F.relu(h) if self.relu else F.gelu(h, approximate="tanh")  # GPT-2 used the tanh approximation
+        if self.activation == "gelu":
+            h = F.gelu(h, approximate="tanh")  # GPT-2 used the tanh approximation
+        elif self.activation == "relu":
+            h = F.relu(h)
+        else:  # ReLU squared, found by the Primer paper's architecture search: as sparse as ReLU (most
+            h = F.relu(h).square()  # units exactly 0) but smooth at 0; GPTs reach a lower loss than with GELU
         return self.dropout(self.c_proj(h))
 
 
@@ -399,9 +442,9 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm_layer(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm_layer(config)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rotary=None, cache: "KVCache | None" = None) -> torch.Tensor:
@@ -495,14 +538,16 @@ class GPT(nn.Module):
         transformer.wte (token embedding)           N(0, 0.02)                        small: a near-uniform
         transformer.wpe (learned positions)         N(0, 0.02)                          first prediction
         attn.c_attn, mlp.c_fc weights               N(0, 0.02)
-        attn.c_proj, mlp.c_proj weights             N(0, 0.02 / sqrt(2 * n_layer))    see below
+        attn.c_proj, mlp.c_proj weights             N(0, 0.02 / sqrt(2 * n_layer))    see below (0 with
+                                                                                      zero_init_proj)
         lm_head (the same matrix as wte if tied)    N(0, 0.02)
         their padding rows (padded_vocab_size)      0                                 never used
         every Linear bias                           0
-        LayerNorm gains, shifts                     1, 0
+        LayerNorm (RMSNorm) gains, shifts           1, 0
         sinusoidal and rotary tables                fixed buffers, not parameters
     c_proj writes into the residual stream, twice per block: scaling it by 1 / sqrt(2 * n_layer) keeps the
-    stream's variance from growing with depth."""
+    stream's variance from growing with depth. zero_init_proj goes all the way: each block starts as x + 0,
+    so the model starts shallow and grows its blocks' share as it learns (c_proj's gradient is not 0)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -511,16 +556,15 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token id -> vector
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=norm_layer(config),
         ))
-        head_size = config.n_embd // config.n_head
         if config.pos_emb == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         elif config.pos_emb == "sinusoidal":
             table = sinusoidal_table(config.block_size, config.n_embd)
             self.register_buffer("sinusoidal", table, persistent=False)
         else:
-            cos, sin = rotary_tables(head_size, config.block_size)
+            cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size)  # (hs, positions)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
@@ -534,7 +578,9 @@ class GPT(nn.Module):
             self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)  # the table above
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith("c_proj.weight") and config.zero_init_proj:
+                nn.init.zeros_(p)
+            elif name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -549,16 +595,6 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Parameters, counting a tied matrix once. non_embedding drops the position table, as the
-        scaling-law papers do (the token embedding stays: it doubles as the output layer)."""
-        n = sum(p.numel() for p in self.parameters())
-        c = self.config
-        n -= (c.padded_vocab_size - c.vocab_size) * c.n_embd * (1 if c.tie_weights else 2)  # padding rows
-        if non_embedding and self.config.pos_emb == "learned":
-            n -= self.transformer.wpe.weight.numel()
-        return n
-
     # -- forward --------------------------------------------------------------------------------------------
 
     def hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
@@ -566,8 +602,7 @@ class GPT(nn.Module):
         B, T = idx.size()
         start = caches[0].length if caches else 0
         if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than "
-                             f"block_size={self.config.block_size}")
+            raise ValueError(f"{start + T} tokens are longer than block_size={self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
         rotary = None
         if self.config.pos_emb == "learned":
@@ -592,11 +627,17 @@ class GPT(nn.Module):
         x, targets = x.view(-1, x.size(-1)), targets.reshape(-1)  # (B*T, C), (B*T,)
         # F.cross_entropy(self.logits(x), targets, ignore_index=-1), without ever holding the (B*T, V)
         # logits: Part II, chunked_cross_entropy.
-        return None, chunked_cross_entropy(x, output_rows(self, x.device), targets, self.config.vocab_size)
+        return None, chunked_cross_entropy(x, output_rows(self, x.device), targets, self.config.vocab_size,
+                                           self.config.logit_softcap)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., C) hidden states -> (..., V) scores of the real vocabulary (Part II: linear, output_rows)."""
-        return linear(x, output_rows(self, x.device))[..., :self.config.vocab_size]
+        """(..., C) hidden states -> (..., V) scores of the real vocabulary (Part II: linear, output_rows).
+        logit_softcap keeps every score within +-cap but small ones as they are (tanh(z) ~ z): the model
+        cannot grow more confident by inflating its logits, a runaway that destabilises training (Gemma 2
+        caps at 30). The loss applies the same cap."""
+        logits = linear(x, output_rows(self, x.device))[..., :self.config.vocab_size]
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     # -- generation -----------------------------------------------------------------------------------------
 
@@ -759,16 +800,49 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
-def make_optimizer(model: GPT, cfg: SimpleNamespace, runtime: Runtime) -> torch.optim.AdamW:
-    """AdamW with weight decay on the 2-D weights only.
+def make_optimizer(model: GPT, cfg: SimpleNamespace, runtime: Runtime) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the 2-D weights only; with --optimizer=muon, Muon (below) takes the
+    matrices inside the blocks and AdamW the rest: embeddings, the output layer, gains and biases.
 
     Decay pulls weights towards zero; it regularises the matmuls and embeddings, while biases and
     LayerNorm gains (1-D) are few, and pulling a gain towards 0 would just fight the normalisation."""
-    params = [p for p in model.parameters() if p.requires_grad]  # a tied matrix appears once
+    muon = cfg.optimizer == "muon"
+    matrices = {id(p) for p in model.transformer.h.parameters() if p.dim() == 2 and muon}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in matrices]  # tied: once
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=True if runtime.fused_adamw else None)
+    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                              fused=True if runtime.fused_adamw else None)
+    # Muon's momentum state and AdamW's, stepped and saved as one optimizer: Part II, MuonWithAdamW
+    return MuonWithAdamW(model, adamw, cfg.muon_lr) if muon else adamw
+
+
+# Muon (Keller Jordan, 2024; the optimizer of the GPT-2 speedrun records). A weight matrix's gradient, and
+# its momentum, is dominated by a few directions: its singular values fall off steeply, so a step along it
+# mostly grows what is already large. Muon replaces the update G = U S V^T by U V^T: the same directions,
+# each at strength 1, so the rare ones learn as fast as the common ones. An SVD per step would be slow; a
+# few Newton-Schulz iterations (matmuls only) come close enough. Embedding and output rows are tokens,
+# updated as they occur, and 1-D gains and biases have no directions: those stay with AdamW. Muon's
+# momentum is Nesterov's, warmed up from 0.85 to 0.95 over the first 300 steps, and each update is scaled
+# by sqrt(max(1, rows / cols)) so that its RMS matches across shapes: Part II, Muon. In recipe 1 it lowers
+# the val loss more than any other switch here, in the same steps (the README's ablation).
+
+def orthogonalize(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """(..., rows, cols) -> about U V^T, where U S V^T is its SVD: singular values near 1, vectors kept.
+
+    Dividing by the Frobenius norm puts every singular value s in (0, 1]; each iteration then maps s to
+    a s + b s^3 + c s^5 and keeps the singular vectors. These coefficients make the map steep at 0 (slope
+    3.4), so in 5 steps every value above 1/500 of the norm ends between 0.68 and 1.21: near 1, not at it,
+    which trains as well (what matters is that no direction dominates), in far fewer steps."""
+    x = update.float()
+    tall = x.size(-2) > x.size(-1)
+    x = x.mT if tall else x  # then x @ x.mT is the smaller of the two Gram matrices
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.mT if tall else x).to(update.dtype)
 
 
 def learning_rate_at(step: int, cfg: SimpleNamespace) -> float:
@@ -991,8 +1065,8 @@ def optimizer_step(run: Run, stop: "StopOnSignal") -> dict:
     cfg, runtime, optimizer, device = run.cfg, run.runtime, run.optimizer, run.runtime.device
     t0 = time.perf_counter()
     lr = learning_rate_at(run.step, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    for group in optimizer.param_groups:  # Muon's groups take the same schedule, scaled to --muon_lr
+        group["lr"] = lr * cfg.muon_lr / cfg.learning_rate if group.get("muon") and lr else lr
     windows = run.windows["train"].draw(run.data_generator, run.accumulation_steps * run.world_size,
                                         cfg.batch_size)
     loss_sum = forward_backward(run, windows)
@@ -1352,13 +1426,16 @@ def loss_chunk_rows(vocab_size: int, device: torch.device) -> int:
 
 @torch.library.custom_op("gpt::cross_entropy_and_grads", mutates_args=())
 def cross_entropy_and_grads(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                            chunk_rows: int, need_grads: bool) -> tuple[Tensor, Tensor, Tensor]:
+                            chunk_rows: int, need_grads: bool,
+                            softcap: float) -> tuple[Tensor, Tensor, Tensor]:
     """Summed cross-entropy of the logits x @ weight.T (N, V_padded) against targets (N,), -1 = ignore, and
     the gradients of that sum with respect to x (N, C) and weight (V_padded, C), a chunk of rows at a time.
 
     x and weight come in the compute dtype (float32, or bfloat16/float16 under autocast): the matmuls run in
     it, while the logsumexp, the softmax and the loss are float32. Logit columns from vocab_size on are
-    padding rows of weight: they are set to -inf, so they take no probability and get no gradient. Being a
+    padding rows of weight: they are set to -inf, so they take no probability and get no gradient. softcap > 0
+    scores softcap * tanh(logits / softcap) instead (GPT.logits), whose derivative 1 - tanh^2 then multiplies
+    the logits' gradient before it reaches x and weight. Being a
     custom op, it is one opaque node to torch.compile: the chunk loop runs as written instead of being
     unrolled into the graph."""
     with torch.autocast(x.device.type, enabled=False):
@@ -1371,6 +1448,9 @@ def cross_entropy_and_grads(x: torch.Tensor, weight: torch.Tensor, targets: torc
             xs, ts = x[start:start + chunk_rows], targets[start:start + chunk_rows].clamp(min=0)
             keep = counted[start:start + chunk_rows]
             logits = (xs @ weight.t()).float()                          # (rows, V_padded), float32
+            if softcap:
+                squashed = torch.tanh(logits / softcap)                 # kept for the derivative below
+                logits = squashed * softcap
             if vocab_size < logits.size(1):
                 logits[:, vocab_size:] = float("-inf")                  # padding ids are never predicted
             logsumexp = torch.logsumexp(logits, dim=-1, keepdim=True)   # (rows, 1)
@@ -1381,6 +1461,8 @@ def cross_entropy_and_grads(x: torch.Tensor, weight: torch.Tensor, targets: torc
             grad_logits = logits.sub_(logsumexp).exp_()                 # softmax, in place of the logits
             grad_logits[row, ts] -= 1.0                                 # minus the one-hot target
             grad_logits *= keep[:, None]                                # ignored rows contribute nothing
+            if softcap:
+                grad_logits *= squashed.square_().neg_().add_(1.0)      # d(cap * tanh(z / cap))/dz
             grad_logits = grad_logits.to(x.dtype)                       # (a no-op in float32)
             torch.mm(grad_logits, weight, out=grad_x[start:start + chunk_rows])
             if x.dtype == torch.float32:
@@ -1391,7 +1473,7 @@ def cross_entropy_and_grads(x: torch.Tensor, weight: torch.Tensor, targets: torc
 
 
 @cross_entropy_and_grads.register_fake
-def _(x, weight, targets, vocab_size, chunk_rows, need_grads):
+def _(x, weight, targets, vocab_size, chunk_rows, need_grads, softcap):
     # Shapes only, for torch.compile's tracing.
     n = x.new_empty((), dtype=torch.float32)
     if not need_grads:
@@ -1414,11 +1496,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                compute_dtype: torch.dtype, need_grads: bool) -> torch.Tensor:
+                compute_dtype: torch.dtype, need_grads: bool, softcap: float) -> torch.Tensor:
         n_counted = (targets != -1).sum().clamp(min=1)
         loss, grad_x, grad_weight = cross_entropy_and_grads(
             x.to(compute_dtype), weight.to(compute_dtype), targets, vocab_size,
-            loss_chunk_rows(weight.size(0), x.device), need_grads)
+            loss_chunk_rows(weight.size(0), x.device), need_grads, softcap)
         ctx.save_for_backward(grad_x.to(x.dtype), grad_weight.to(weight.dtype), n_counted)
         return loss / n_counted
 
@@ -1426,18 +1508,20 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         grad_x, grad_weight, n_counted = ctx.saved_tensors
         scale = grad_loss / n_counted
-        return grad_x * scale, grad_weight * scale, None, None, None, None
+        return grad_x * scale, grad_weight * scale, None, None, None, None, None
 
 
-def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          vocab_size: int) -> torch.Tensor:
-    """Mean cross-entropy of x (N, C) @ weight.T against targets (N,), without ever holding the (N, V)
-    logits: in the autocast dtype when autocast is on, and with gradients only when they are needed."""
+def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                          softcap: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy of x (N, C) @ weight.T (soft-capped if softcap > 0) against targets (N,), without
+    ever holding the (N, V) logits: in the autocast dtype when autocast is on, and with gradients only when
+    they are needed."""
     device_type = x.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) \
         else torch.float32
     need_grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, compute_dtype, need_grads)
+    return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, compute_dtype, need_grads,
+                                     float(softcap))
 
 
 def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
@@ -1454,13 +1538,92 @@ def output_rows(model: "GPT", device: torch.device) -> torch.Tensor:
     return weight if device.type != "cpu" else weight[:model.config.vocab_size]
 
 
+# -- Muon: its state and momentum warm-up, and AdamW beside it as one optimizer ------------------------------
+
+MUON_MOMENTUM = (0.85, 0.95, 300)  # Nesterov momentum from 0.85 up to 0.95 over the first 300 steps
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD with Nesterov momentum whose every update is orthogonalised (Part I, orthogonalize): 2-D only.
+
+    Its state per matrix, the momentum buffer and the steps taken (which set the momentum's warm-up), is
+    in state_dict(), so a resumed run continues exactly. With several processes each one applies the same
+    update to the same all-reduced gradient: the weights stay identical with no further communication. A
+    group's "pieces" cuts its matrices into that many stacked blocks, each orthogonalised on its own
+    (c_attn stacks the query, key and value matrices). No weight decay: the update's size is fixed."""
+
+    def __init__(self, groups: list[dict], lr: float):
+        super().__init__(groups, dict(lr=lr, pieces=1, muon=True))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        first, last, warmup_steps = MUON_MOMENTUM
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"], state["momentum_buffer"] = 0, torch.zeros_like(p)
+                momentum = first + (last - first) * min(state["step"] / warmup_steps, 1.0)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(p.grad, 1 - momentum)        # the average of recent gradients
+                update = p.grad.lerp(buffer, momentum)    # Nesterov: the gradient, pushed along the average
+                pieces = update.view(group["pieces"], -1, p.size(1))  # (pieces, rows, cols)
+                scale = max(1.0, pieces.size(1) / pieces.size(2)) ** 0.5  # the same RMS for every shape
+                p.add_(orthogonalize(pieces).view_as(p), alpha=-group["lr"] * scale)
+                state["step"] += 1
+
+
+class MuonWithAdamW:
+    """Muon for the 2-D matrices inside the blocks, AdamW (already built) for every other parameter, as one
+    optimizer: param_groups, step, zero_grad and state_dict cover both, which is all the training loop and
+    GradScaler use."""
+
+    def __init__(self, model: "GPT", adamw: torch.optim.AdamW, lr: float):
+        matrices = [(name, p) for name, p in model.transformer.h.named_parameters() if p.dim() == 2]
+        stacked = [p for name, p in matrices if name.endswith("attn.c_attn.weight")]
+        others = [p for name, p in matrices if not name.endswith("attn.c_attn.weight")]
+        self.muon, self.adamw = Muon([{"params": stacked, "pieces": 3}, {"params": others}], lr), adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.adamw.param_groups + self.muon.param_groups  # fresh lists after load_state_dict
+
+    def step(self) -> None:
+        self.adamw.step()
+        self.muon.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.adamw.zero_grad(set_to_none)
+        self.muon.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adamw.load_state_dict(state["adamw"])
+        self.muon.load_state_dict(state["muon"])
+
+
 # -- MFU: the share of the device's peak FLOP/s that training uses -----------------------------------------
+
+def num_params(model: GPT, non_embedding: bool = True) -> int:
+    """Parameters, counting a tied matrix once and no padding row. non_embedding drops the position table, as
+    the scaling-law papers do (the token embedding stays: it doubles as the output layer)."""
+    n = sum(p.numel() for p in model.parameters())
+    c = model.config
+    n -= (c.padded_vocab_size - c.vocab_size) * c.n_embd * (1 if c.tie_weights else 2)  # padding rows
+    if non_embedding and c.pos_emb == "learned":
+        n -= model.transformer.wpe.weight.numel()
+    return n
+
 
 def flops_per_token(model: GPT, seq_len: int | None = None) -> float:
     """Training FLOPs per token (forward + backward): 6 per parameter (2 forward, 4 backward) plus the
     attention scores and weighted sums, 12 * n_layer * n_embd * T (PaLM paper, appendix B)."""
     c = model.config
-    return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * (seq_len or c.block_size)
+    return 6 * num_params(model) + 12 * c.n_layer * c.n_embd * (seq_len or c.block_size)
 
 
 def synchronize(device: torch.device) -> None:
@@ -1535,7 +1698,7 @@ def run_bench(cfg: SimpleNamespace) -> None:
     batch = torch.randint(0, BENCH_VOCAB_SIZE, (cfg.batch_size, cfg.block_size + 1), device=device)
     x, y = batch[:, :-1], batch[:, 1:]
     peak_flops = peak_flops_per_second(runtime, cfg.peak_flops)
-    print(f"bench: {model.num_params() / 1e6:.2f}M parameters, batch {cfg.batch_size} x {cfg.block_size}, "
+    print(f"bench: {num_params(model) / 1e6:.2f}M parameters, batch {cfg.batch_size} x {cfg.block_size}, "
           f"{device}, {str(runtime.autocast_dtype).removeprefix('torch.')} ({runtime.why})"
           f"{', compiled' if runtime.compile else ''}; {BENCH_WARMUP_STEPS} warm-up + {BENCH_TIMED_STEPS} "
           f"timed steps; peak {peak_flops / 1e12:.2f} TFLOP/s for MFU "
@@ -1806,6 +1969,11 @@ def restore_training_state(checkpoint: dict, optimizer: torch.optim.Optimizer, r
                            data_generator: torch.Generator, rank: int) -> tuple[int, float, int, int]:
     """Put the checkpoint's optimizer, scaler and random generators back; return (step, best_val_loss,
     best_step, evals_since_best). Checkpoints from before --early_stop count from 0, best step unknown."""
+    saved = checkpoint["config"].get("optimizer", "adamw")
+    current = "muon" if isinstance(optimizer, MuonWithAdamW) else "adamw"
+    if saved != current:  # the two keep different state
+        raise FlagError(f"--optimizer={current} but the checkpoint was trained with {saved}, whose state "
+                        f"cannot continue in {current}: resume without --optimizer, or start a new run")
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["scaler"]:  # empty when saved without float16 (the scaler was off)
         runtime.scaler.load_state_dict(checkpoint["scaler"])
@@ -2039,7 +2207,7 @@ def eval_sample(model: GPT, tokenizer: Tokenizer, cfg: SimpleNamespace, runtime:
 def print_start(run: Run) -> None:
     """The start-up lines: the model, the device and precision (and why), what a step holds, the data."""
     cfg, runtime, model = run.cfg, run.runtime, run.model
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}")
+    print(f"model: {num_params(model) / 1e6:.2f}M parameters, {model.config}")
     print(f"device {runtime.device}, autocast {str(runtime.autocast_dtype).removeprefix('torch.')} "
           f"({runtime.why}), {run.world_size} process(es); {run.tokens_per_step:,} tokens per step = "
           f"{cfg.batch_size} x {cfg.block_size} x {run.world_size} x {run.accumulation_steps} micro-step(s); "
@@ -2146,6 +2314,9 @@ def exit_quietly_on_broken_pipe() -> None:
 # nn.Linear's (out, in). Everything else has the same name and shape as here.
 
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# The GPTConfig fields HF's GPT2LMHeadModel has no way to express: a model must have these values to export.
+GPT2_ARCHITECTURE = {"pos_emb": "learned", "norm": "layernorm", "qk_norm": False, "activation": "gelu",
+                     "logit_softcap": 0.0, "tie_weights": True, "bias": True}
 GPT2_SIZES = {  # model_type: (n_layer, n_head, n_embd)
     "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
     "gpt2-xl": (48, 25, 1600),
@@ -2225,8 +2396,7 @@ def export_to_hf(model: GPT, out_dir: str | os.PathLike) -> None:
 
     c = model.config
     differences = [f"{name}={getattr(c, name)!r} (GPT-2 has {want!r})"
-                   for name, want in (("pos_emb", "learned"), ("activation", "gelu"), ("tie_weights", True),
-                                      ("bias", True)) if getattr(c, name) != want]
+                   for name, want in GPT2_ARCHITECTURE.items() if getattr(c, name) != want]
     if differences:
         raise ValueError(f"cannot export to HF GPT-2: {', '.join(differences)}")
     state = {}
@@ -2573,6 +2743,10 @@ def check_config(cfg: SimpleNamespace) -> SimpleNamespace:
     for name, needs in (("compare", "plot"), ("output_file", "sample")):
         if getattr(cfg, name) and not getattr(cfg, needs):
             raise FlagError(f"--{name} goes with --{needs}: add --{needs}")
+    if cfg.optimizer not in ("adamw", "muon"):
+        raise FlagError(f"--optimizer={cfg.optimizer!r} is not one of adamw, muon")
+    if not 0 <= cfg.muon_lr < math.inf:
+        raise FlagError(f"--muon_lr={cfg.muon_lr} must be a finite number >= 0")
     return cfg
 
 
@@ -2587,13 +2761,15 @@ def check_model_config(config: "GPTConfig") -> None:
     if config.pos_emb == "rope" and (config.n_embd // config.n_head) % 2:
         raise ValueError(f"rope needs an even head size, got n_embd/n_head = "
                          f"{config.n_embd // config.n_head}")
-    choices = {"pos_emb": ("learned", "sinusoidal", "rope"), "activation": ("gelu", "relu"),
-               "attention": ("sdpa", "manual")}
+    choices = {"pos_emb": ("learned", "sinusoidal", "rope"), "norm": ("layernorm", "rmsnorm"),
+               "activation": ("gelu", "relu", "relu2"), "attention": ("sdpa", "manual")}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name}={getattr(config, name)!r} is not one of {', '.join(allowed)}")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"dropout={config.dropout} must be in [0, 1)")
+    if not 0.0 <= config.logit_softcap < math.inf:
+        raise ValueError(f"logit_softcap={config.logit_softcap} must be a finite number >= 0 (0 is off)")
 
 
 def check_sampling_flags(cfg: SimpleNamespace, overrides: dict) -> None:

@@ -1378,6 +1378,47 @@ def test_chunked_loss_under_bfloat16_autocast_matches_plain_within_bf16_toleranc
         assert (a - b).norm() <= 2e-2 * b.norm() + 1e-6, name  # bfloat16 has an 8-bit mantissa
 
 
+def softcapped_model(vocab_size: int) -> GPT:
+    """A model whose logits reach well past its cap of 1.5, so the cap (and its derivative) matter."""
+    model = tiny_model(vocab_size=vocab_size, block_size=64, logit_softcap=1.5).train()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100.0)
+    return model
+
+
+@pytest.mark.parametrize("vocab_size", [64, 5000])
+def test_softcapped_loss_and_gradients_equal_plain_cross_entropy_on_capped_logits(vocab_size):
+    model = softcapped_model(vocab_size)
+    idx, targets = torch.randint(0, vocab_size, (2, 8, 64))
+    targets[0, :5] = -1
+    raw = model.lm_head(model.hidden_states(idx))[..., :vocab_size]
+    assert raw.abs().max() > 3.0  # the cap bites
+    capped = 1.5 * torch.tanh(raw / 1.5)
+    torch.testing.assert_close(model(idx)[0], capped)  # sampling sees the capped logits too
+    plain = F.cross_entropy(capped.reshape(-1, vocab_size), targets.view(-1), ignore_index=-1)
+    plain_grads = torch.autograd.grad(plain, list(model.parameters()))
+    _, chunked = model(idx, targets)
+    chunked_grads = torch.autograd.grad(chunked, list(model.parameters()))
+    torch.testing.assert_close(chunked, plain)
+    for (name, _), a, b in zip(model.named_parameters(), chunked_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_softcapped_loss_under_bfloat16_autocast_matches_plain_within_bf16_tolerance():
+    model = softcapped_model(5000)
+    idx, targets = torch.randint(0, 5000, (2, 8, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        raw = model.lm_head(model.hidden_states(idx))[..., :5000].float()
+        plain = F.cross_entropy((1.5 * torch.tanh(raw / 1.5)).view(-1, 5000), targets.view(-1))
+    plain_grads = torch.autograd.grad(plain, list(model.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, chunked = model(idx, targets)
+    chunked_grads = torch.autograd.grad(chunked, list(model.parameters()))
+    torch.testing.assert_close(chunked, plain, atol=0, rtol=5e-3)
+    for (name, _), a, b in zip(model.named_parameters(), chunked_grads, plain_grads):
+        assert (a - b).norm() <= 2e-2 * b.norm() + 1e-6, name
+
+
 def test_chunked_loss_never_holds_the_logits_at_gpt2_vocabulary():
     # 8,192 rows x V=50257 of float32 log-probabilities alone would be 1.6 GB (F.cross_entropy holds them,
     # plus the bfloat16 logits and their float32 copy). One forward + backward of the chunked loss stays far
@@ -1409,6 +1450,104 @@ def test_compile_traces_the_training_forward_and_loss_as_one_graph(autocast):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         explanation = torch._dynamo.explain(lambda x, y: model(x, y)[1])(idx, targets)
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_rmsnorm_scales_by_the_root_mean_square_and_keeps_the_mean():
+    norm = gpt.RMSNorm(8)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
+    x = 3.0 + torch.randn(4, 8)
+    expected = x / x.square().mean(-1, keepdim=True).add(1e-5).sqrt() * norm.weight
+    torch.testing.assert_close(norm(x), expected)
+    model = tiny_model(norm="rmsnorm")
+    assert all(isinstance(m, gpt.RMSNorm) for m in (model.transformer.ln_f, model.transformer.h[0].ln_1))
+    assert not any(name.endswith(("ln_1.bias", "ln_f.bias")) for name, _ in model.named_parameters())
+
+
+def test_qk_norm_gives_unit_rms_queries_and_keys_whatever_the_weights():
+    model = tiny_model(qk_norm=True)
+    attn = model.transformer.h[0].attn
+    with torch.no_grad():
+        attn.c_attn.weight.mul_(100.0)
+    q, k, v = attn.queries_keys_values(torch.randn(2, 5, 16))
+    for t in (q, k):
+        torch.testing.assert_close(t.square().mean(-1), torch.ones(2, 2, 5), atol=1e-4, rtol=0)
+    assert v.square().mean() > 10  # values are left alone
+    assert model(torch.randint(0, 64, (2, 16)))[0].isfinite().all()
+
+
+def test_relu2_is_relu_squared():
+    model = tiny_model(activation="relu2")
+    mlp = model.transformer.h[0].mlp
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(mlp(x), mlp.c_proj(F.relu(mlp.c_fc(x)) ** 2))
+    with pytest.raises(ValueError, match="activation='swiglu' is not one of gelu, relu, relu2"):
+        tiny_config(activation="swiglu")
+
+
+def test_zero_init_proj_zeroes_only_the_residual_projections_and_draws_the_rest_as_before():
+    plain, zeroed = tiny_model(seed=3), tiny_model(seed=3, zero_init_proj=True)
+    for (name, a), b in zip(plain.state_dict().items(), zeroed.state_dict().values()):
+        if name.endswith("c_proj.weight"):
+            assert a.abs().sum() > 0 and not b.any(), name
+        else:
+            assert torch.equal(a, b), name  # the same random numbers for every other weight
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():  # every block starts as the identity: the logits are those of the embeddings alone
+        embedded = zeroed.transformer.wte(idx) + zeroed.transformer.wpe.weight[:16]
+        torch.testing.assert_close(zeroed(idx)[0], zeroed.logits(zeroed.transformer.ln_f(embedded)))
+
+
+@pytest.mark.parametrize("shape", [(32, 128), (128, 32), (3, 48, 96), (768, 192)])
+def test_muon_orthogonalize_gives_singular_values_close_to_1_and_keeps_the_vectors(shape):
+    torch.manual_seed(0)
+    g = torch.randn(*shape) * 5.0
+    o = gpt.orthogonalize(g)
+    assert o.shape == g.shape and o.dtype == g.dtype
+    values = torch.linalg.svdvals(o)
+    # The quintic iteration lands near 1, not at 1 (0.68 to 1.21 for every value above 1/500 of the norm).
+    assert values.min() > 0.6 and values.max() < 1.25, (values.min(), values.max())
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    exact = u @ vh  # U V^T: what the iteration approximates
+    cosine = (o * exact).sum((-2, -1)) / (o.norm(dim=(-2, -1)) * exact.norm(dim=(-2, -1)))
+    assert (cosine > 0.97).all(), cosine
+
+
+def test_muon_orthogonalize_square_random_matrices_mostly_near_1():
+    # A square Gaussian matrix has a few singular values near 0 that no 5-step polynomial lifts: most do.
+    torch.manual_seed(0)
+    values = torch.linalg.svdvals(gpt.orthogonalize(torch.randn(128, 128)))
+    assert ((values > 0.5) & (values < 1.5)).float().mean() > 0.95 and values.max() < 1.25
+
+
+def test_muon_step_is_nesterov_momentum_then_orthogonalised_and_scaled():
+    weight = torch.nn.Parameter(torch.randn(64, 16))
+    muon = gpt.Muon([{"params": [weight]}], lr=0.1)
+    grads, buffer = [torch.randn(64, 16) for _ in range(2)], torch.zeros(64, 16)
+    expected = weight.detach().clone()
+    for step, grad in enumerate(grads):
+        momentum = 0.85 + 0.1 * step / 300  # warms up from 0.85 to 0.95 over 300 steps
+        buffer = momentum * buffer + (1 - momentum) * grad
+        nesterov = (1 - momentum) * grad + momentum * buffer
+        expected = expected - 0.1 * 2.0 * gpt.orthogonalize(nesterov)  # sqrt(64 / 16) = 2
+        weight.grad = grad.clone()
+        muon.step()
+    torch.testing.assert_close(weight.detach(), expected)
+    assert muon.state_dict()["state"][0]["step"] == 2
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = GPT(tiny_config(tie_weights=False))
+    optimizer = gpt.make_optimizer(model, gpt.make_config({"optimizer": "muon"}), gpt.setup_device("cpu"))
+    names = {id(p): name for name, p in model.named_parameters()}
+    muon = [names[id(p)] for group in optimizer.muon.param_groups for p in group["params"]]
+    adamw = [names[id(p)] for group in optimizer.adamw.param_groups for p in group["params"]]
+    assert sorted(muon + adamw) == sorted(names.values())  # each parameter once
+    in_blocks = [n for n in names.values() if n.startswith("transformer.h.") and n.endswith("weight")]
+    assert sorted(muon) == sorted(n for n in in_blocks if ".ln_" not in n)
+    assert "lm_head.weight" in adamw and "transformer.wte.weight" in adamw
+    assert [g["pieces"] for g in optimizer.muon.param_groups] == [3, 1]  # q, k, v orthogonalised apart
+    assert optimizer.param_groups == optimizer.adamw.param_groups + optimizer.muon.param_groups
 
 
 def test_precision_is_chosen_from_the_device_itself(monkeypatch):
@@ -1732,7 +1871,7 @@ def test_padding_rows_take_no_probability_and_no_gradient():
         logits = model.lm_head(model.hidden_states(idx))[..., :70]
     expected = F.cross_entropy(logits.reshape(-1, 70), idx.roll(-1, dims=1).reshape(-1))
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=0)
-    assert model.num_params(non_embedding=False) == sum(p.numel() for p in model.parameters()) - 58 * 16
+    assert gpt.num_params(model, non_embedding=False) == sum(p.numel() for p in model.parameters()) - 58 * 16
 
 
 def test_checkpoints_from_before_padding_load_unpadded(tmp_path):
@@ -1769,6 +1908,16 @@ def test_export_refuses_models_that_are_not_gpt2_shaped(tmp_path):
                                          r"activation='relu'"):
         gpt.export_to_hf(model, tmp_path / "export")
     assert not (tmp_path / "export" / "model.safetensors").exists()
+
+
+def test_export_refuses_the_modern_switches_in_one_line(tmp_path):
+    model = tiny_model(norm="rmsnorm", qk_norm=True, logit_softcap=30.0, activation="relu2")
+    with pytest.raises(ValueError, match=r"^cannot export to HF GPT-2: norm='rmsnorm' \(GPT-2 has 'layernorm'\), "
+                                         r"qk_norm=True \(GPT-2 has False\), activation='relu2' \(GPT-2 has 'gelu'\), "
+                                         r"logit_softcap=30.0 \(GPT-2 has 0.0\)$"):
+        gpt.export_to_hf(model, tmp_path / "export")
+    with pytest.raises(ValueError, match=r"logit_softcap=-1.0 must be a finite number >= 0"):
+        tiny_config(logit_softcap=-1.0)
 
 
 # ==========================================================================================================
@@ -2160,9 +2309,11 @@ def test_train_gradient_accumulation_equals_a_bigger_batch(tmp_path):
                                [r["grad_norm"] for r in train_log(tmp_path / "big")], rtol=1e-4)
 
 
-def test_train_ddp_equals_gradient_accumulation(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_train_ddp_equals_gradient_accumulation(tmp_path, optimizer):
     data = train_make_dataset(tmp_path / "data")
-    common = TRAIN_TINY + [f"--data_dir={data}", "--max_steps=4", "--eval_interval=2", "--total_batch_tokens=256"]
+    common = TRAIN_TINY + [f"--data_dir={data}", "--max_steps=4", "--eval_interval=2", "--total_batch_tokens=256",
+                           f"--optimizer={optimizer}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     code = f"import sys; sys.path.insert(0, {str(REPO)!r}); import torch; torch.set_num_threads(1); " \
            f"import {TRAIN_SCRIPT.stem} as g; g.main(sys.argv[1:])"
@@ -2181,6 +2332,57 @@ def test_train_ddp_equals_gradient_accumulation(tmp_path):
     np.testing.assert_allclose([r["loss"] for r in one], [r["loss"] for r in two], rtol=1e-5)
     np.testing.assert_allclose([r["val_loss"] for r in train_log(tmp_path / "one", "eval")],
                                [r["val_loss"] for r in train_log(tmp_path / "two", "eval")], rtol=1e-5)
+
+
+# Each switch of the modern recipe on its own, as flags and the GPTConfig field it sets.
+MODERN_SWITCHES = {"rmsnorm": (["--norm=rmsnorm"], "norm", "rmsnorm"),
+                   "qk_norm": (["--qk_norm"], "qk_norm", True),
+                   "relu2": (["--activation=relu2"], "activation", "relu2"),
+                   "softcap": (["--logit_softcap=2.5"], "logit_softcap", 2.5),
+                   "zero_init_proj": (["--zero_init_proj"], "zero_init_proj", True),
+                   "muon": (["--optimizer=muon", "--muon_lr=0.05"], "optimizer", "muon")}
+
+
+@pytest.mark.parametrize("switch", MODERN_SWITCHES)
+def test_train_each_modern_switch_trains_samples_and_resumes_exactly(capsys, tmp_path, switch):
+    flags, field, value = MODERN_SWITCHES[switch]
+    data = train_make_dataset(tmp_path / "data")
+    common = [f"--data_dir={data}", "--eval_interval=10", "--lr_decay_steps=20", *flags]
+    train_run(common + [f"--out_dir={tmp_path / 'straight'}", "--max_steps=20"])
+    train_run(common + [f"--out_dir={tmp_path / 'halves'}", "--max_steps=10"])
+    gpt.main([f"--out_dir={tmp_path / 'halves'}", "--init_from=resume", "--max_steps=20"])  # flags from ckpt
+    straight, halves = train_log(tmp_path / "straight"), train_log(tmp_path / "halves")
+    assert [r["loss"] for r in straight] == [r["loss"] for r in halves]
+    val = [r["val_loss"] for r in train_log(tmp_path / "straight", "eval")]
+    assert val == [r["val_loss"] for r in train_log(tmp_path / "halves", "eval")]
+    assert val[-1] < val[0] - 1.0, val  # it learns
+    checkpoint = torch.load(tmp_path / "halves" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert {**checkpoint["config"], **checkpoint["model_config"]}[field] == value
+    capsys.readouterr()
+    gpt.main(["--sample", f"--ckpt={tmp_path / 'halves' / 'ckpt.pt'}", "--max_new_tokens=30", "--ignore_eot"])
+    assert len(capsys.readouterr().out.strip()) > 10
+    if field in gpt.GPT2_ARCHITECTURE:  # HF's GPT-2 cannot express it: one line, nothing written
+        err = train_error(capsys, ["--export_hf", str(tmp_path / "hf"), f"--ckpt={tmp_path / 'halves' / 'ckpt.pt'}"])
+        assert f"cannot export to HF GPT-2: {field}=" in err and not (tmp_path / "hf").exists()
+
+
+def test_train_resume_with_another_optimizer_is_one_line(capsys, tmp_path, train_checkpoint):
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(train_checkpoint, out / "ckpt.pt")
+    err = train_error(capsys, [f"--out_dir={out}", "--init_from=resume", "--max_steps=8", "--optimizer=muon"],
+                      code=2)
+    assert "--optimizer=muon but the checkpoint was trained with adamw" in err
+
+
+def test_train_checkpoints_from_before_the_modern_switches_load_with_defaults(tmp_path, train_checkpoint):
+    checkpoint = torch.load(train_checkpoint, map_location="cpu", weights_only=True)
+    old_fields = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "pos_emb",
+                  "activation", "tie_weights", "attention", "vocab_multiple")
+    checkpoint["model_config"] = {k: checkpoint["model_config"][k] for k in old_fields}
+    model = gpt.model_from_checkpoint(checkpoint, tmp_path / "old.pt")
+    assert model.config == gpt.GPTConfig(**checkpoint["model_config"])
+    assert model.config.norm == "layernorm"
 
 
 def test_train_checkpoint_loads_with_weights_only(train_checkpoint):

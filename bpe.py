@@ -280,7 +280,7 @@ class Tokenizer:
         if vocab_size > 65_536:
             raise ValueError(f"vocab_size {vocab_size} is above 65,536: token shards store ids as uint16")
         t0 = time.perf_counter()
-        # count_pretokens_simple's counts, without running the regex over repeated text: see Part II, chunks.
+        # count_pretokens_simple's counts, without the regex over repeated text: see the workshop, chunks.
         pretoken_counts = count_pretokens(texts, pattern, special_tokens, verbose)
         if not pretoken_counts:
             raise ValueError("the training text is empty: give at least one non-empty document")
@@ -326,7 +326,7 @@ class Tokenizer:
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode text, treating special-token text like any other text."""
         # encode_ordinary_simple's ids, with each distinct chunk of text (" the", " of") split and merged
-        # once, then cached: see Part II, chunks (split_chunks) and encode caches (_encode_chunk).
+        # once, then cached: see the workshop, chunks (split_chunks) and encode caches (_encode_chunk).
         cache, ids = self._cache, []
         for chunk in split_chunks(text):
             tokens = cache.get(chunk)

@@ -382,7 +382,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.n_embd = config.n_head, config.n_embd
-        # Linear is nn.Linear with a faster CPU route for the few rows of a generation step: Part II, Linear.
+        # Linear: nn.Linear, with a faster CPU route for a generation step's few rows (the workshop, Linear).
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
@@ -569,7 +569,7 @@ class GPT(nn.Module):
             self.register_buffer("rotary_sin", sin, persistent=False)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         # Padding rows are added after construction, so the random numbers drawn for every other weight
-        # are the same as in an unpadded model: Part II, pad_rows.
+        # are the same as in an unpadded model: the workshop, pad_rows.
         for module in (self.transformer.wte, self.lm_head):
             module.weight = nn.Parameter(pad_rows(module.weight.detach(), config.padded_vocab_size))
         self.transformer.wte.num_embeddings = self.lm_head.out_features = config.padded_vocab_size
@@ -626,7 +626,7 @@ class GPT(nn.Module):
             return self.logits(x), None
         x, targets = x.view(-1, x.size(-1)), targets.reshape(-1)  # (B*T, C), (B*T,)
         # F.cross_entropy(self.logits(x), targets, ignore_index=-1), without ever holding the (B*T, V)
-        # logits: Part II, chunked_cross_entropy.
+        # logits: the workshop, chunked_cross_entropy.
         return None, chunked_cross_entropy(x, output_rows(self, x.device), targets, self.config.vocab_size,
                                            self.config.logit_softcap)
 
@@ -813,7 +813,7 @@ def make_optimizer(model: GPT, cfg: SimpleNamespace, runtime: Runtime) -> torch.
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                               fused=True if runtime.fused_adamw else None)
-    # Muon's momentum state and AdamW's, stepped and saved as one optimizer: Part II, MuonWithAdamW
+    # Muon's momentum state and AdamW's, stepped and saved as one optimizer: the workshop, MuonWithAdamW
     return MuonWithAdamW(model, adamw, cfg.muon_lr) if muon else adamw
 
 
@@ -824,8 +824,8 @@ def make_optimizer(model: GPT, cfg: SimpleNamespace, runtime: Runtime) -> torch.
 # few Newton-Schulz iterations (matmuls only) come close enough. Embedding and output rows are tokens,
 # updated as they occur, and 1-D gains and biases have no directions: those stay with AdamW. Muon's
 # momentum is Nesterov's, warmed up from 0.85 to 0.95 over the first 300 steps, and each update is scaled
-# by sqrt(max(1, rows / cols)) so that its RMS matches across shapes: Part II, Muon. In recipe 1 it lowers
-# the val loss more than any other switch here, in the same steps (the README's ablation).
+# by sqrt(max(1, rows / cols)) so that its RMS matches across shapes: the workshop, Muon. In recipe 1 it
+# lowers the val loss more than any other switch here, in the same steps (the README's ablation).
 
 def orthogonalize(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """(..., rows, cols) -> about U V^T, where U S V^T is its SVD: singular values near 1, vectors kept.
@@ -932,16 +932,16 @@ def build_model(cfg: SimpleNamespace, overrides: dict, meta: dict,
                 checkpoint: dict | None) -> tuple[GPT, str]:
     """The model to train and its tokenizer's text: the checkpoint's, GPT-2's weights, or a new model."""
     if checkpoint is not None:
-        # GPT(its model_config) with its weights, or one clear error: Part II, model_from_checkpoint
+        # GPT(its model_config) with its weights, or one clear error: the workshop, model_from_checkpoint
         model = model_from_checkpoint(checkpoint, checkpoint_path(cfg), dropout=cfg.dropout)
-        # model flags that contradict the loaded weights are refused: Part II, check_architecture
+        # model flags that contradict the loaded weights are refused: the workshop, check_architecture
         check_architecture(model.config, overrides, str(checkpoint_path(cfg)))
         return model, checkpoint["tokenizer"]
     tokenizer_text = (Path(cfg.data_dir) / meta["tokenizer"]).read_text(encoding="utf-8")
     if cfg.init_from == "scratch":
         return GPT(model_config(cfg, vocab_size=int(meta["vocab_size"]))), tokenizer_text
     # Fine-tuning GPT-2 (with a lower --learning_rate), on data tokenized with GPT-2's tokenizer; OpenAI's
-    # weights come in through Part II, from_gpt2.
+    # weights come in through the workshop's from_gpt2.
     model = from_gpt2(cfg.init_from, cfg.gpt2_dir or None)
     check_architecture(model.config, overrides, cfg.init_from)
     if cfg.dropout != model.config.dropout:  # dropout has no weights: rebuild with it and copy them over
@@ -1008,12 +1008,12 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
     optimizer = make_optimizer(model, cfg, runtime)
     data_generator = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
-    # MFU's numerator and denominator: Part II, flops_per_token and peak_flops_per_second. Trap: a timed
+    # MFU's numerator and denominator: the workshop, flops_per_token and peak_flops_per_second. Trap: a timed
     # peak draws its matrix from dropout's generator, so it must come before a resume restores that generator.
     flops, peak_flops = flops_per_token(model, cfg.block_size), peak_flops_per_second(runtime, cfg.peak_flops)
     step, best_val_loss, saved_step, best = 0, math.inf, -1, (-1, 0)  # best: best_step, evals_since_best
     if checkpoint is not None:
-        # the optimizer, the scaler and every random generator as they were: Part II, restore_training_state
+        # the optimizer, scaler and random generators as they were: the workshop, restore_training_state
         step, best_val_loss, *best = restore_training_state(checkpoint, optimizer, runtime, data_generator,
                                                             rank)
         saved_step = step
@@ -1073,8 +1073,8 @@ def optimizer_step(run: Run, stop: "StopOnSignal") -> dict:
     runtime.scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)
     # One all-reduce carries the step's loss for the log, and whether any process was asked to stop (the
-    # processes decide together: Part II, StopOnSignal). One read brings them and the gradient norm to the
-    # CPU: the step's only wait for the GPU.
+    # processes decide together: the workshop, StopOnSignal). One read brings them and the gradient norm
+    # to the CPU: the step's only wait for the GPU.
     stats = torch.stack([loss_sum, torch.tensor(float(stop.requested), device=device)])
     if run.world_size > 1:
         dist.all_reduce(stats)
@@ -1135,7 +1135,7 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
     """One process's training: start (or restore) the run, then step, evaluating and checkpointing."""
     resumed = checkpoint is not None
     run = start_run(cfg, overrides, checkpoint, runtime, rank, world_size)
-    # log.jsonl (cut back to the checkpoint on resume) and Ctrl-C: Part II, RunLog and StopOnSignal
+    # log.jsonl (cut back to the checkpoint on resume) and Ctrl-C: the workshop, RunLog and StopOnSignal
     log_path = Path(cfg.out_dir) / "log.jsonl"
     with RunLog(log_path, rank == 0, run.step if resumed else None) as log, StopOnSignal(rank == 0) as stop:
         # ---- TRAINING SECTION BEGIN
@@ -1145,7 +1145,7 @@ def train_loop(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, r
             due = run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps
             if due and run.step != run.saved_step:
                 evaluate_and_checkpoint(run, log)
-            # --early_stop: evaluations without a lower val loss, counted across resumes: Part II, stops_early
+            # --early_stop: evaluations without a better val loss, resumes too (the workshop, stops_early)
             if run.step >= cfg.max_steps or stop.agreed or stops_early(run, log):
                 break
             record = optimizer_step(run, stop)
@@ -1213,7 +1213,7 @@ def run_sampling(cfg: SimpleNamespace, overrides: dict) -> None:
     runtime = setup_device(cfg.device, cfg.dtype)  # Part II, setup_device
     model, tokenizer = load_for_sampling(cfg, runtime.device)
     check_model_for_sampling(model, cfg)  # NaN weights, more beams than tokens: Part II
-    # --prompt as ids (text, or FILE:path): Part II, encode_prompt
+    # --prompt as ids (text, or FILE:path): the workshop, encode_prompt
     prompt = torch.tensor([encode_prompt(cfg.prompt, tokenizer)], device=runtime.device)  # (1, T)
     stop_token = None if cfg.ignore_eot else tokenizer.eot_token
     generator = torch.Generator(device=runtime.device).manual_seed(cfg.seed)
@@ -1254,7 +1254,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             train(overrides)
     except (ValueError, OSError, FloatingPointError, KeyboardInterrupt) as e:
-        # One line, and the exit status: 2 a bad flag, 1 a failed run, 130 Ctrl-C. Part II, exit_with
+        # One line, and the exit status: 2 a bad flag, 1 a failed run, 130 Ctrl-C. The workshop, exit_with
         exit_with(e)
 
 

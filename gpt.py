@@ -1435,9 +1435,8 @@ def cross_entropy_and_grads(x: torch.Tensor, weight: torch.Tensor, targets: torc
     it, while the logsumexp, the softmax and the loss are float32. Logit columns from vocab_size on are
     padding rows of weight: they are set to -inf, so they take no probability and get no gradient. softcap > 0
     scores softcap * tanh(logits / softcap) instead (GPT.logits), whose derivative 1 - tanh^2 then multiplies
-    the logits' gradient before it reaches x and weight. Being a
-    custom op, it is one opaque node to torch.compile: the chunk loop runs as written instead of being
-    unrolled into the graph."""
+    the logits' gradient before it reaches x and weight. Being a custom op, it is one opaque node to
+    torch.compile: the chunk loop runs as written instead of being unrolled into the graph."""
     with torch.autocast(x.device.type, enabled=False):
         counted = targets != -1
         loss = torch.zeros((), dtype=torch.float32, device=x.device)

@@ -1181,6 +1181,8 @@ def train(overrides: dict) -> None:
     try:
         with OutDirLock(Path(cfg.out_dir), enabled=rank == 0):  # one run per out_dir: Part II, OutDirLock
             train_loop(cfg, overrides, checkpoint, runtime, rank, world_size)
+        if ddp:  # wait for rank 0's last checkpoint: a process group torn down while a peer works can abort
+            dist.barrier()
     finally:
         if ddp:
             dist.destroy_process_group()

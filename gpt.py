@@ -43,6 +43,8 @@ Part II, the workshop: what makes the lesson fast, safe, interoperable and visib
    11. Command-line conveniences: --help, the flag checks, --prompt
    12. Evaluation and workflow: the best weights kept (best.pt), early stopping, a checkpoint scored on a
        whole split, on any text or on HellaSwag, samples written to a file
+   13. Post-training: a new run from any checkpoint, LoRA, instruction tuning and a terminal chat,
+       distillation, DPO
 """
 import codecs
 import difflib
@@ -89,7 +91,8 @@ from bpe import Tokenizer, load_tokenizer, write_atomically
 
 # I/O
 out_dir: Annotated[str, "ckpt.pt, best.pt, log.jsonl (a JSON record per step and evaluation) go here"] = "out"
-init_from: Annotated[str, "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl"] = "scratch"
+init_from: Annotated[str, "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | PATH/ckpt.pt"] = \
+    "scratch"
 ckpt: Annotated[str, "checkpoint to resume, sample, score or export; empty: out_dir's (weights_path)"] = ""
 gpt2_dir: Annotated[str, "HF's GPT-2 files (model.safetensors, merges.txt, vocab.json); empty: download"] = ""
 eval_interval: Annotated[int, "evaluate every this many steps (and checkpoint, see below)"] = 250
@@ -155,11 +158,22 @@ eval: Annotated[str, "val: score --ckpt on the whole val split of --data_dir | h
 eval_text: Annotated[str, "score --ckpt on this UTF-8 text file: loss, perplexity, bits/byte; exit"] = ""
 eval_stride: Annotated[int, "tokens scored per window after the first; 0: block_size // 2"] = 0
 hellaswag_file: Annotated[str, "HellaSwag's val jsonl; empty: data/hellaswag_val.jsonl (downloaded)"] = ""
+# post-training (the workshop, section 13)
+lora_rank: Annotated[int, "train low-rank adapters of this rank, the base weights frozen; 0: off"] = 0
+lora_alpha: Annotated[float, "the adapters' output is scaled by lora_alpha / lora_rank"] = 16.0
+lora_targets: Annotated[str, "where adapters go: attention | mlp | both"] = "attention"
+teacher: Annotated[str, "distil from this checkpoint (or gpt2...): its softened predictions in the loss"] = ""
+distill_temperature: Annotated[float, "softens both distributions in the distillation term"] = 2.0
+distill_weight: Annotated[float, "w: loss = (1 - w) * cross-entropy + w * T^2 * KL(teacher||student)"] = 0.5
+dpo_data: Annotated[str, "DPO on this jsonl of {prompt, chosen, rejected}; reference: the start model"] = ""
+dpo_beta: Annotated[float, "DPO's beta: how far from the reference model the policy may move"] = 0.1
+chat: Annotated[bool, "a terminal chat with --ckpt (trained on prepare_fineweb.py --chat data)"] = False
 
 KNOB_GROUPS = {"out_dir": "I/O", "data_dir": "data", "learning_rate": "optimiser and schedule",
                "n_layer": "model (the vocabulary size comes from the data's meta.json)", "device": "system",
                "sample": "sampling, export and plotting",
-               "eval": "evaluation"}  # --help's headings, by each group's first knob
+               "eval": "evaluation",
+               "lora_rank": "post-training (the workshop, section 13)"}  # --help's headings, by first knob
 MODEL_KNOBS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos_emb", "norm", "qk_norm",
                "activation", "logit_softcap", "zero_init_proj", "tie_weights", "attention")  # in GPTConfig
 INIT_CHOICES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -940,6 +954,8 @@ def build_model(cfg: SimpleNamespace, overrides: dict, meta: dict,
     tokenizer_text = (Path(cfg.data_dir) / meta["tokenizer"]).read_text(encoding="utf-8")
     if cfg.init_from == "scratch":
         return GPT(model_config(cfg, vocab_size=int(meta["vocab_size"]))), tokenizer_text
+    if cfg.init_from.endswith(".pt"):  # a checkpoint's weights, a new run: the workshop, fine_tune_from
+        return fine_tune_from(cfg, overrides, tokenizer_text)
     # Fine-tuning GPT-2 (with a lower --learning_rate), on data tokenized with GPT-2's tokenizer; OpenAI's
     # weights come in through the workshop's from_gpt2.
     model = from_gpt2(cfg.init_from, cfg.gpt2_dir or None)
@@ -982,6 +998,7 @@ class Run:
     tokens_per_step: int
     flops_per_token: float             # training FLOPs per token, and the device's peak FLOP/s: for MFU
     peak_flops: float
+    post: "PostTraining"               # distillation's teacher, DPO's reference: the workshop, section 13
     step: int = 0                      # optimizer steps done
     best_val_loss: float = math.inf
     saved_step: int = -1               # the step the checkpoint on disk holds (-1: none yet)
@@ -997,12 +1014,15 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
     # The data before the model: a --block_size the shards cannot fill is refused before it is allocated.
     windows = {split: TokenWindows(data_dir, meta["splits"][split]["shards"], cfg.block_size, split)
                for split in ("train", "val")}
+    # Chat shards with a loss mask, or DPO's preference pairs, read the same way: the workshop, section 13
+    windows = post_training_windows(cfg, meta, data_dir, windows)
     # torch.manual_seed first, so every process builds the same initial weights (DDP also copies process
     # 0's to the others).
     torch.manual_seed(cfg.seed)
     with out_of_memory_as_one_line(cfg):  # a model too large for the memory: Part II
         model, tokenizer_text = build_model(cfg, overrides, meta, checkpoint)
     check_model_fits_data(model, meta, cfg)  # vocabulary, context, every token id: Part II
+    model = add_lora(model, cfg, checkpoint)  # --lora_rank: adapters on frozen weights (the workshop)
     model.to(device)
     accumulation_steps, tokens_per_step = micro_steps(cfg, world_size)
     optimizer = make_optimizer(model, cfg, runtime)
@@ -1031,7 +1051,8 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
             train_model = torch.compile(train_model)
     run = Run(cfg, runtime, rank, world_size, meta, model, fast_model, train_model, optimizer,
               tokenizer_from_text(tokenizer_text), tokenizer_text, windows, data_generator,
-              accumulation_steps, tokens_per_step, flops, peak_flops, step, best_val_loss, saved_step, *best)
+              accumulation_steps, tokens_per_step, flops, peak_flops,
+              start_post_training(cfg, model, runtime), step, best_val_loss, saved_step, *best)
     if rank == 0:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         print_start(run)  # the model, the device, the step's tokens, the data: Part II
@@ -1049,7 +1070,7 @@ def forward_backward(run: Run, windows: torch.Tensor) -> torch.Tensor:
         last = micro_step == run.accumulation_steps - 1
         with run.train_model.no_sync() if ddp and not last else nullcontext():
             with run.runtime.autocast():
-                _, loss = run.train_model(x, y)
+                loss = training_loss(run, x, y)  # the model's loss (or distillation's, DPO's: the workshop)
             loss = loss / run.accumulation_steps  # gradients add up over micro-steps: this makes them a mean
             run.runtime.scaler.scale(loss).backward()
         loss_sum += loss.detach().float()
@@ -1118,6 +1139,7 @@ def evaluate_and_checkpoint(run: Run, log: "RunLog") -> None:
         record["val_bits_per_byte"] = losses["val"] / math.log(2) * val_tokens / val_bytes
     if device.type == "cuda":
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    record.update(post_training_metrics(run))  # DPO's reward margin and accuracy: the workshop, section 13
     improved = losses["val"] < run.best_val_loss
     if improved:
         run.best_val_loss, run.best_step = losses["val"], run.step
@@ -1167,6 +1189,8 @@ def train(overrides: dict) -> None:
         checkpoint = load_checkpoint(checkpoint_path(cfg))  # torch.load, checked: Part II, load_checkpoint
         check_resumable(checkpoint, checkpoint_path(cfg))  # optimizer and RNG states there: Part II
         cfg = make_config(overrides, base=checkpoint["config"])
+    elif cfg.init_from.endswith(".pt"):  # a new run from a checkpoint's weights: the workshop, section 13
+        cfg = make_config(overrides, base=model_knobs_of(Path(cfg.init_from)))
 
     # torchrun starts one process per GPU (or per CPU slot) and tells each its place in these variables.
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
@@ -1253,6 +1277,8 @@ def main(argv: list[str] | None = None) -> None:
             run_bench(cfg)  # Part II, run_bench
         elif cfg.eval or cfg.eval_text:
             run_evaluation(cfg, overrides)  # whole split, any text, HellaSwag: Part II, run_evaluation
+        elif cfg.chat:
+            run_chat(cfg, overrides)  # a terminal chat: Part II, run_chat
         else:
             train(overrides)
     except (ValueError, OSError, FloatingPointError, KeyboardInterrupt) as e:
@@ -2723,8 +2749,9 @@ def help_text() -> str:
 
 def check_config(cfg: SimpleNamespace) -> SimpleNamespace:
     """cfg, once every knob with a fixed set of choices or a range is within it; else a FlagError."""
-    if cfg.init_from not in INIT_CHOICES:
-        raise FlagError(f"--init_from={cfg.init_from!r} is not one of {', '.join(INIT_CHOICES)}")
+    if cfg.init_from not in INIT_CHOICES and not cfg.init_from.endswith(".pt"):
+        raise FlagError(f"--init_from={cfg.init_from!r} is not one of {', '.join(INIT_CHOICES)} or a "
+                        f"checkpoint (PATH/ckpt.pt)")
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         raise FlagError(f"--dtype={cfg.dtype!r} is not one of auto, {', '.join(DTYPES)}")
     for name in ("batch_size", "eval_interval", "eval_iters", "log_interval", "num_samples",
@@ -2748,6 +2775,7 @@ def check_config(cfg: SimpleNamespace) -> SimpleNamespace:
         raise FlagError(f"--optimizer={cfg.optimizer!r} is not one of adamw, muon")
     if not 0 <= cfg.muon_lr < math.inf:
         raise FlagError(f"--muon_lr={cfg.muon_lr} must be a finite number >= 0")
+    check_post_training_flags(cfg)  # section 13
     return cfg
 
 
@@ -3183,6 +3211,109 @@ def write_samples(cfg: SimpleNamespace, model: GPT, tokenizer: Tokenizer, prompt
     write_file(path, lambda tmp: Path(tmp).write_text("\n".join(samples), encoding="utf-8"))
     seeds = "" if cfg.beam else f" (seeds {cfg.seed} to {cfg.seed + n - 1})"
     print(f"wrote {n} sample(s) to {path}{seeds}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 13. Post-training: a new run from any checkpoint, LoRA, instruction tuning and a terminal chat,
+#     distillation into a smaller model, DPO
+#
+# Each is a change to one of the loop's parts, switched on by its flags, never a second loop: the model
+# (adapters on frozen weights), the data (chat shards with a loss mask, preference pairs), the loss
+# (distillation's, DPO's). With every flag at its default, each hook below gives back what it was given.
+
+def check_post_training_flags(cfg: SimpleNamespace) -> None:
+    """The post-training knobs within their ranges; else a FlagError."""
+    if cfg.lora_rank < 0:
+        raise FlagError(f"--lora_rank={cfg.lora_rank} must not be negative (0 turns LoRA off)")
+    if not 0 < cfg.lora_alpha < math.inf:
+        raise FlagError(f"--lora_alpha={cfg.lora_alpha} must be a finite number > 0")
+    if cfg.lora_targets not in LORA_TARGETS:
+        raise FlagError(f"--lora_targets={cfg.lora_targets!r} is not one of {', '.join(LORA_TARGETS)}")
+    if not 0 < cfg.distill_temperature < math.inf:
+        raise FlagError(f"--distill_temperature={cfg.distill_temperature} must be a finite number > 0")
+    if not 0 <= cfg.distill_weight <= 1:
+        raise FlagError(f"--distill_weight={cfg.distill_weight} must be in [0, 1]")
+    if not 0 < cfg.dpo_beta < math.inf:
+        raise FlagError(f"--dpo_beta={cfg.dpo_beta} must be a finite number > 0")
+
+
+# -- A new run from any checkpoint ---------------------------------------------------------------------------
+
+def model_knobs_of(path: Path) -> dict:
+    """The model knobs of the run that wrote the checkpoint at path (block_size, dropout, ...): a run that
+    starts from its weights keeps them unless a flag says otherwise (a smaller block_size, a new dropout)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--init_from={path}: no such checkpoint (a run's ckpt.pt or best.pt)")
+    config = read_checkpoint_lazily(path).get("config")
+    return {k: config[k] for k in MODEL_KNOBS if k in config} if isinstance(config, dict) else {}
+
+
+def fine_tune_from(cfg: SimpleNamespace, overrides: dict, data_tokenizer_text: str) -> tuple[GPT, str]:
+    """--init_from=PATH: the checkpoint's weights (best.pt or ckpt.pt of any run) start a new run: step 0,
+    a fresh optimizer, the data's tokenizer, which must be the checkpoint's (or extend it: fit_vocabulary)."""
+    path = Path(cfg.init_from)
+    checkpoint = load_checkpoint(path)
+    model = model_from_checkpoint(checkpoint, path, dropout=cfg.dropout)
+    check_architecture(model.config, overrides, str(path))
+    model = fit_vocabulary(model, checkpoint["tokenizer"], data_tokenizer_text, path, cfg)
+    return model, data_tokenizer_text
+
+
+def fit_vocabulary(model: GPT, model_tokenizer_text: str, data_tokenizer_text: str, source: Path,
+                   cfg: SimpleNamespace) -> GPT:
+    """The model, for data tokenized with data_tokenizer_text; refused unless that is the model's own."""
+    if model_tokenizer_text != data_tokenizer_text:
+        raise ValueError(f"{cfg.data_dir} was tokenized with another tokenizer than {source}'s: prepare it "
+                         f"with --tokenizer=<that run's data folder>/tokenizer.bpe")
+    return model
+
+
+# -- LoRA ----------------------------------------------------------------------------------------------------
+
+LORA_TARGETS = ("attention", "mlp", "both")
+
+
+def add_lora(model: GPT, cfg: SimpleNamespace, checkpoint: dict | None) -> GPT:
+    """--lora_rank > 0: adapters on the chosen matrices, every other weight frozen; else the model as is."""
+    return model
+
+
+# -- Instruction tuning: chat shards with a loss mask, and a terminal chat -----------------------------------
+
+def post_training_windows(cfg: SimpleNamespace, meta: dict, data_dir: Path,
+                          windows: dict[str, TokenWindows]) -> dict[str, TokenWindows]:
+    """The training and val windows: chat data's with its loss mask, DPO's pairs, or the plain ones."""
+    return windows
+
+
+def run_chat(cfg: SimpleNamespace, overrides: dict) -> None:
+    """python gpt.py --chat --ckpt=...: a terminal chat."""
+    raise NotImplementedError
+
+
+# -- Distillation and DPO: other losses for the same loop ----------------------------------------------------
+
+@dataclass
+class PostTraining:
+    """The frozen models a loss may need beside the one being trained."""
+    teacher: GPT | None = None     # --teacher: distillation's
+    reference: GPT | None = None   # --dpo_data: DPO's, the model the run starts from
+
+
+def start_post_training(cfg: SimpleNamespace, model: GPT, runtime: Runtime) -> PostTraining:
+    """The teacher and the reference the flags ask for (none by default)."""
+    return PostTraining()
+
+
+def training_loss(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The loss of one micro-batch: the model's cross-entropy, or distillation's or DPO's loss."""
+    _, loss = run.train_model(x, y)
+    return loss
+
+
+def post_training_metrics(run: Run) -> dict:
+    """What an evaluation adds to its record: DPO's reward margin and accuracy on held-out pairs."""
+    return {}
 
 
 if __name__ == "__main__":

@@ -3094,6 +3094,37 @@ def test_flow_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, train_c
 
 
 # ==========================================================================================================
+# Post-training: a new run from any checkpoint
+
+def test_init_from_a_checkpoint_starts_a_new_run_from_its_weights(tmp_path, train_checkpoint, capsys):
+    # Step 0 of the new run scores the checkpoint's weights (the same val loss as the base's last
+    # evaluation, on the same data and seed); its model knobs (block_size=32) come from the checkpoint.
+    data = train_checkpoint.parent.parent / "data"
+    base_eval = train_log(train_checkpoint.parent, "eval")[-1]
+    gpt.main([f"--data_dir={data}", f"--out_dir={tmp_path / 'ft'}", f"--init_from={train_checkpoint}",
+              "--max_steps=2", "--eval_interval=2", "--eval_iters=2", "--batch_size=4", "--peak_flops=1e11",
+              "--learning_rate=1e-3", "--min_lr=1e-4", "--warmup_steps=1"])
+    evals = train_log(tmp_path / "ft", "eval")
+    assert [r["step"] for r in evals] == [0, 2]
+    assert evals[0]["val_loss"] == base_eval["val_loss"]
+    assert [r["step"] for r in train_log(tmp_path / "ft")] == [1, 2]  # step 0, a fresh optimizer
+    saved = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
+    assert saved["config"]["block_size"] == 32 and saved["config"]["init_from"] == str(train_checkpoint)
+    capsys.readouterr()
+    missing = tmp_path / "none" / "ckpt.pt"
+    assert train_error(capsys, [f"--data_dir={data}", f"--init_from={missing}"]) == \
+        f"error: --init_from={missing}: no such checkpoint (a run's ckpt.pt or best.pt)\n"
+    other = train_make_dataset(tmp_path / "other", vocab_size=400)
+    (other / "tokenizer.bpe").write_text(Tokenizer.train("a small other text " * 50, 300).dumps(),
+                                         encoding="utf-8")
+    assert "was tokenized with another tokenizer than" in train_error(
+        capsys, [f"--data_dir={other}", f"--init_from={train_checkpoint}", f"--out_dir={tmp_path / 'x'}"])
+    assert train_error(capsys, ["--init_from=gpt3"], code=2) == \
+        "error: --init_from='gpt3' is not one of scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl " \
+        "or a checkpoint (PATH/ckpt.pt)\n"
+
+
+# ==========================================================================================================
 # README.md: every command line in it parses, and the recipes run end to end (for a few steps)
 
 def readme_commands(section: str | None = None) -> list[list[str]]:

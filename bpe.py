@@ -31,7 +31,8 @@ Part I, the lesson: the whole tokenizer, each piece written the plain way first.
   7. saving and loading     a versioned text format with a checksum
 Part II, the workshop: the same ids faster, and the tokenizer connected to the rest of the world:
   8. chunks, 9. encode caches, 10. GPT-2's files, 11. tiktoken, 12. batch encoding,
-  13. files (the one atomic write and tokenizer loader of all three programs), 14. command line.
+  13. the chat template (special tokens for roles, a conversation as ids and a loss mask),
+  14. files (the one atomic write and tokenizer loader of all three programs), 15. command line.
 """
 from __future__ import annotations
 
@@ -701,7 +702,92 @@ def encode_batch(self, texts: list[str], allowed_special: set[str] | str = froze
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 13. Files: the one atomic write, and the one tokenizer loader (prepare_fineweb.py and gpt.py use both)
+# 13. The chat template: a conversation as ids, and which of them a model learns to write
+#
+# Instruction tuning trains a pretrained model on conversations. Four special tokens, added after the
+# tokenizer's own ids (<|endoftext|> keeps its id, so a pretrained model's rows all stay in place), mark who
+# speaks and where a message ends. A conversation starts with <|endoftext|>, as every document does, then
+# each message (system, user or assistant) is <|role|> content <|end|>:
+#
+#     ids:  <|endoftext|> <|user|> Hi ! <|end|> <|assistant|> Hello . <|end|>
+#     mask:       0           0     0 0    0          0          1   1    1
+#
+# A message's content is encoded as ordinary text, so a user who types "<|end|>" gets the tokens of those
+# seven characters, never the special id: nobody can close a message or speak as the assistant by typing.
+# The mask is 1 exactly on each assistant message's content and its closing <|end|>: the model learns to
+# answer and to stop, not to predict the user. prepare_fineweb.py --chat writes conversations this way and
+# gpt.py --chat talks in it; this is the template's one definition.
+
+CHAT_ROLES = ("system", "user", "assistant")
+CHAT_END = "<|end|>"
+CHAT_TOKENS = tuple(f"<|{role}|>" for role in CHAT_ROLES) + (CHAT_END,)
+
+
+@tokenizer_method
+def with_chat_tokens(self) -> Tokenizer:
+    """The tokenizer plus CHAT_TOKENS, each new one given the next id after the largest so far; tokens
+    it already has keep theirs, so a second call changes nothing."""
+    specials = dict(self.special_tokens)
+    for token in CHAT_TOKENS:
+        if token not in specials:
+            specials[token] = max([self.vocab_size - 1, *specials.values()]) + 1
+    return Tokenizer(self.mergeable_ranks, self.pattern, specials)
+
+
+@tokenizer_method
+def render_message(self, role: str, content: str) -> tuple[list[int], list[int]]:
+    """One message as ids, <|role|> content <|end|>, and its loss mask (1 on an assistant's content and
+    <|end|>, else 0). ValueError for an unknown role, content that is not a string, or no chat tokens."""
+    if role not in CHAT_ROLES:
+        raise ValueError(f"unknown role {role!r}: use one of {', '.join(CHAT_ROLES)}")
+    if not isinstance(content, str):
+        raise ValueError(f"the {role} message's content is {type(content).__name__}, not a string")
+    missing = [token for token in CHAT_TOKENS if token not in self.special_tokens]
+    if missing:
+        raise ValueError(f"the tokenizer has no {missing[0]} token: extend it with with_chat_tokens()")
+    content_ids = self.encode_ordinary(content)  # ordinary: special-token text in content is plain text
+    ids = [self.special_tokens[f"<|{role}|>"], *content_ids, self.special_tokens[CHAT_END]]
+    learned = int(role == "assistant")
+    return ids, [0] + [learned] * (len(content_ids) + 1)
+
+
+@tokenizer_method
+def render_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """A conversation [{"role": ..., "content": ...}, ...] as ids, <|endoftext|> first, and its loss mask."""
+    if self.eot_token is None:
+        raise ValueError("the tokenizer has no <|endoftext|> token, which starts every conversation")
+    ids, mask = [self.eot_token], [0]
+    for message in messages:
+        message_ids, message_mask = self.render_message(message["role"], message["content"])
+        ids += message_ids
+        mask += message_mask
+    return ids, mask
+
+
+@tokenizer_method
+def parse_chat(self, ids: Iterable[int]) -> list[dict]:
+    """render_chat's inverse: the messages in ids (<|endoftext|> ignored). A last message without its
+    <|end|> (a reply cut short) is kept as it is; ValueError for text outside a message."""
+    roles = {self.special_tokens.get(f"<|{role}|>"): role for role in CHAT_ROLES}
+    end, specials = self.special_tokens.get(CHAT_END), set(self.special_tokens.values())
+    messages, content = [], None  # content: the ids of the open message; None between messages
+    for i in ids:
+        if content is not None and i not in specials:
+            content.append(i)
+        elif content is not None and i == end:
+            messages[-1]["content"], content = self.decode(content), None
+        elif content is None and i in roles:
+            messages.append({"role": roles[i], "content": ""})
+            content = []
+        elif not (content is None and i == self.eot_token):
+            raise ValueError(f"id {i} ({self.decode([i])!r}) is not where a rendered chat has it")
+    if content is not None:
+        messages[-1]["content"] = self.decode(content)
+    return messages
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 14. Files: the one atomic write, and the one tokenizer loader (prepare_fineweb.py and gpt.py use both)
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Call write(temp_path) on a new file beside path, flush it to disk, then rename it over path.
@@ -750,7 +836,7 @@ def load_tokenizer(spec: str | os.PathLike, flag: str = "--tokenizer") -> Tokeni
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 14. Command line
+# 15. Command line
 
 class FlagParser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of argparse's usage dump; exit 2, as argparse does

@@ -964,6 +964,7 @@ def build_model(cfg: SimpleNamespace, overrides: dict, meta: dict,
         weights = model.state_dict()
         model = GPT(replace(model.config, dropout=cfg.dropout))
         model.load_state_dict(weights)
+    model = fit_gpt2_vocabulary(model, cfg, meta, tokenizer_text)  # chat tokens' rows: the workshop, sec. 13
     return model, tokenizer_text
 
 
@@ -2735,7 +2736,9 @@ def help_text() -> str:
     lines = ["usage: python gpt.py [--key=value ...]      train (the default)",
              "       python gpt.py --sample [--ckpt=out/ckpt.pt] [--prompt=TEXT] ...",
              "       python gpt.py --export_hf=DIR [--ckpt=...]   |   python gpt.py --plot [--out_dir=...]",
-             "       python gpt.py --eval=val|hellaswag [--ckpt=...]   |   python gpt.py --eval_text=FILE"]
+             "       python gpt.py --eval=val|hellaswag [--ckpt=...]   |   python gpt.py --eval_text=FILE",
+             "       python gpt.py --chat [--ckpt=...] [--prompt=SYSTEM]   a user turn per line of stdin:",
+             "                     an empty line is skipped, end of input (Ctrl-D) ends the chat"]
     group = None
     for knob_group, name, comment in config_knobs():
         if knob_group != group:
@@ -3261,11 +3264,52 @@ def fine_tune_from(cfg: SimpleNamespace, overrides: dict, data_tokenizer_text: s
 
 def fit_vocabulary(model: GPT, model_tokenizer_text: str, data_tokenizer_text: str, source: Path,
                    cfg: SimpleNamespace) -> GPT:
-    """The model, for data tokenized with data_tokenizer_text; refused unless that is the model's own."""
-    if model_tokenizer_text != data_tokenizer_text:
+    """The model, for data tokenized with data_tokenizer_text: the model's own tokenizer, or the same plus
+    new special tokens after its ids (the chat template's: prepare_fineweb.py --chat), for which the
+    vocabulary grows (grow_vocabulary, deterministic from the weights); any other tokenizer is refused."""
+    if model_tokenizer_text == data_tokenizer_text:
+        return model
+    ours, data = tokenizer_from_text(model_tokenizer_text), tokenizer_from_text(data_tokenizer_text)
+    new_ids = [i for token, i in data.special_tokens.items() if token not in ours.special_tokens]
+    if (data.mergeable_ranks != ours.mergeable_ranks or data.pattern != ours.pattern or not new_ids
+            or min(new_ids) < ours.vocab_size
+            or any(data.special_tokens.get(token) != i for token, i in ours.special_tokens.items())):
+        their_data = "gpt2" if str(source).startswith("gpt2") else "<that run's data folder>/tokenizer.bpe"
         raise ValueError(f"{cfg.data_dir} was tokenized with another tokenizer than {source}'s: prepare it "
-                         f"with --tokenizer=<that run's data folder>/tokenizer.bpe")
+                         f"with --tokenizer={their_data}")
+    return grow_vocabulary(model, data.vocab_size)
+
+
+def grow_vocabulary(model: GPT, vocab_size: int) -> GPT:
+    """The model with vocab_size token ids, in place: each new row of the embedding (and of an untied
+    output layer) starts as the mean of the real rows. A new token then reads in as an average token and
+    is scored like one, where a random row would be noise the first steps must undo, and a zero row would
+    give it no gradient through the embedding. No random numbers: a run that rebuilds the model from the
+    same weights gets the same rows."""
+    old, config = model.config.vocab_size, replace(model.config, vocab_size=vocab_size)
+    if vocab_size <= old:
+        return model
+
+    def grown(weight: torch.Tensor) -> nn.Parameter:
+        rows = weight.detach()[:old]  # (old, C), the padding rows left behind
+        mean = rows.mean(dim=0, keepdim=True).expand(vocab_size - old, -1)
+        return nn.Parameter(pad_rows(torch.cat((rows, mean)), config.padded_vocab_size))
+
+    model.lm_head.weight = grown(model.lm_head.weight)
+    model.transformer.wte.weight = model.lm_head.weight if config.tie_weights \
+        else grown(model.transformer.wte.weight)
+    model.transformer.wte.num_embeddings = model.lm_head.out_features = config.padded_vocab_size
+    model.config = config
     return model
+
+
+def fit_gpt2_vocabulary(model: GPT, cfg: SimpleNamespace, meta: dict, data_tokenizer_text: str) -> GPT:
+    """--init_from=gpt2...: data with GPT-2's ids trains as it is; data with more (prepare_fineweb.py --chat
+    --tokenizer=gpt2) must be GPT-2's tokenizer plus special tokens, which fit_vocabulary gives rows."""
+    if int(meta["vocab_size"]) <= model.config.vocab_size:
+        return model  # check_model_fits_data checks every id
+    return fit_vocabulary(model, gpt2_tokenizer(cfg.gpt2_dir).dumps(), data_tokenizer_text,
+                          Path(cfg.init_from), cfg)
 
 
 # -- LoRA ----------------------------------------------------------------------------------------------------
@@ -3280,15 +3324,142 @@ def add_lora(model: GPT, cfg: SimpleNamespace, checkpoint: dict | None) -> GPT:
 
 # -- Instruction tuning: chat shards with a loss mask, and a terminal chat -----------------------------------
 
+from bpe import CHAT_END, CHAT_TOKENS  # the chat template (bpe.py, section 13): its one definition
+
+
 def post_training_windows(cfg: SimpleNamespace, meta: dict, data_dir: Path,
                           windows: dict[str, TokenWindows]) -> dict[str, TokenWindows]:
     """The training and val windows: chat data's with its loss mask, DPO's pairs, or the plain ones."""
+    if any("masks" in meta["splits"][split] for split in windows):  # prepare_fineweb.py --chat
+        return {split: MaskedTokenWindows(w, data_dir, meta["splits"][split], split) for split, w in
+                windows.items()}
     return windows
 
 
+class MaskedTokenWindows(TokenWindows):
+    """Chat data's windows: the same windows of tokens, with the targets that the loss mask marks as not
+    learned (all but the assistant's answers) set to -1, which the loss ignores. The masks are shards of
+    the same format beside the token shards (meta.json: "masks", parallel to "shards"), read at the same
+    positions. A micro-batch with no learned target at all (a long user message) has a loss of 0 and no
+    gradient: the chunked loss divides by at least 1 target."""
+
+    def __init__(self, windows: TokenWindows, data_dir: Path, split_meta: dict, split: str):
+        vars(self).update(vars(windows))
+        shards, masks = split_meta["shards"], split_meta.get("masks")
+        if not isinstance(masks, list) or len(masks) != len(shards):
+            raise ValueError(f"{data_dir / 'meta.json'}: the {split} split lists {len(shards)} shards but "
+                             f"{len(masks) if isinstance(masks, list) else 'no'} loss masks; re-run "
+                             f"prepare_fineweb.py --chat")
+        mask_of = {data_dir / shard: data_dir / mask for shard, mask in zip(shards, masks)}
+        self.masks = TokenWindows.__new__(TokenWindows)  # the same windows, read from the masks
+        vars(self.masks).update(vars(windows), paths=[mask_of[path] for path in windows.paths])
+        for path, mask, count in zip(windows.paths, self.masks.paths, windows.token_counts):
+            if shard_token_count(mask) != count or shard_max_token_id(mask, None) > 1:
+                raise ValueError(f"{mask} is not the loss mask of {path} ({count:,} values of 0 or 1); "
+                                 f"re-run prepare_fineweb.py --chat")
+
+    def read(self, window_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = super().read(window_ids, device)
+        _, learned = self.masks.read(window_ids, device)  # (B, T): the mask at the targets' positions
+        return x, y.masked_fill(learned == 0, -1)
+
+
 def run_chat(cfg: SimpleNamespace, overrides: dict) -> None:
-    """python gpt.py --chat --ckpt=...: a terminal chat."""
-    raise NotImplementedError
+    """python gpt.py --chat --ckpt=...: a terminal chat. Each line on stdin is a user turn (an empty line is
+    skipped); the reply streams to stdout until <|end|>; end of input ends the chat. --prompt gives the
+    system message. The prompt "> " shows only on a terminal, so a pipe's output is the replies alone."""
+    runtime = setup_device(cfg.device, cfg.dtype)
+    quiet = SimpleNamespace(**{**vars(cfg), "sample": True})  # say whose weights on stderr, as --sample does
+    model, tokenizer = load_for_sampling(quiet, runtime.device)
+    check_model_for_sampling(model, cfg)
+    missing = [token for token in CHAT_TOKENS if token not in tokenizer.special_tokens]
+    if missing:
+        source = cfg.init_from if cfg.init_from.startswith("gpt2") else weights_path(cfg)
+        raise ValueError(f"{source} has no chat tokens ({', '.join(missing)}): fine-tune it first on the "
+                         f"data of prepare_fineweb.py --chat (--init_from={source} --data_dir=THAT_FOLDER)")
+    session = ChatSession(model, tokenizer, system_message(cfg, overrides), cfg)
+    with runtime.autocast(), torch.inference_mode():
+        while True:
+            if sys.stdin.isatty():
+                print("> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line:  # end of input
+                return
+            if line.strip():
+                session.answer(line.rstrip("\r\n"))
+
+
+def system_message(cfg: SimpleNamespace, overrides: dict) -> str:
+    """--chat's system message: --prompt's text (FILE:path reads a file), none unless it is given."""
+    if "prompt" not in overrides:
+        return ""
+    if not cfg.prompt.startswith("FILE:"):
+        return cfg.prompt
+    path = Path(cfg.prompt.removeprefix("FILE:"))
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompt=FILE:{path}: no such file")
+    return read_utf8(path)
+
+
+class ChatSession:
+    """A conversation, kept in the model's KV cache.
+
+    The model sees a window: <|endoftext|> and the system message (kept whatever happens), then the
+    exchanges (a user message and the reply), oldest first, then the one in progress. Each new token runs
+    alone against the cache, as in GPT.advance, while the window fits in block_size. When it no longer
+    does, the oldest exchanges leave it, until it fits with room for a reply, and the rest is computed
+    afresh once; a single exchange longer than the context keeps its last block_size tokens.
+
+    Exchanges are kept as the ids the model saw and wrote, never re-encoded from text: a reply encoded
+    afresh could split into other tokens than those the model generated."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, system: str, cfg: SimpleNamespace):
+        self.model, self.tokenizer = model, tokenizer
+        self.head = [tokenizer.eot_token] + (tokenizer.render_message("system", system)[0] if system else [])
+        self.exchanges: list[list[int]] = []
+        self.current: list[int] = []
+        self.caches, self.cached = None, 0  # the caches hold the window's first `cached` tokens
+        self.room = min(cfg.max_new_tokens, model.config.block_size // 2)
+        self.max_new_tokens = cfg.max_new_tokens
+        device = model.lm_head.weight.device
+        self.sampling = dict(temperature=0.0 if cfg.greedy else cfg.temperature, top_k=cfg.top_k or None,
+                             top_p=None if cfg.top_p == 1.0 else cfg.top_p,
+                             generator=torch.Generator(device=device).manual_seed(cfg.seed))
+
+    def window(self) -> list[int]:
+        return self.head + [i for exchange in self.exchanges for i in exchange] + self.current
+
+    def next_token_logits(self) -> torch.Tensor:
+        """(1, V) logits for the token after the window; only the tokens not yet cached run."""
+        block, window = self.model.config.block_size, self.window()
+        if self.caches is None or len(window) > block:
+            while self.exchanges and len(window) > block - self.room:
+                self.exchanges.pop(0)  # the oldest exchange leaves the window
+                window = self.window()
+            window = window[-block:]
+            self.caches, self.cached = self.model.new_caches(1, block), 0
+        new = torch.tensor([window[self.cached:]], device=self.model.lm_head.weight.device)
+        self.cached = len(window)
+        return self.model.next_token_logits(new, self.caches)
+
+    def answer(self, text: str) -> list[int]:
+        """Stream the reply to a user message to stdout; returns its ids (without <|end|>)."""
+        tokenizer, specials = self.tokenizer, set(self.tokenizer.special_tokens.values())
+        self.current = tokenizer.render_message("user", text)[0] + [tokenizer.special_tokens["<|assistant|>"]]
+        utf8, reply = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
+        for _ in range(self.max_new_tokens):
+            token = sample_from_logits(self.next_token_logits(), **self.sampling).item()
+            if token in specials:  # <|end|>; any special token ends a reply, since no content holds one
+                break
+            reply.append(token)
+            self.current.append(token)
+            sys.stdout.write(utf8.decode(tokenizer.decode_bytes([token])))
+            sys.stdout.flush()
+        print(utf8.decode(b"", final=True), flush=True)
+        # Closed as the template closes every message; the model reads <|end|> with the next turn.
+        self.exchanges.append(self.current + [tokenizer.special_tokens[CHAT_END]])
+        self.current = []
+        return reply
 
 
 # -- Distillation and DPO: other losses for the same loop ----------------------------------------------------

@@ -5,6 +5,8 @@
     python prepare_fineweb.py --input=a.txt,b.jsonl --val_from=end   # your own files, offline
     python prepare_fineweb.py --input=input.txt --vocab_size=257 --val_from=end   # byte-level, last 10% val
     python prepare_fineweb.py --dataset=tinystories --tokenizer=gpt2 # GPT-2's tokenizer, not a new one
+    python prepare_fineweb.py --chat --input=chats.jsonl --tokenizer=data/tinystories/tokenizer.bpe
+                                       # conversations for instruction tuning: shards and loss masks
 (The README's recipes are the tested end-to-end runs.)
 
 What happens, in order:
@@ -30,8 +32,8 @@ by Ctrl-C or SIGTERM.
 
 Map. Part I, the lesson: the shard format; the pipeline (keep or drop each document, encode in order,
 pack whole documents, write shards). Part II, the workshop: document sources; the document filter's
-memory and counts; the tokenizer; encoding workers; the resume ledger (meta.json, settings, clean-up);
-progress; flags; main.
+memory and counts; the tokenizer; encoding workers; chat conversations (--chat); the resume ledger
+(meta.json, settings, clean-up); progress; flags; main.
 """
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
-from bpe import GPT2_PATTERN, GPT4_PATTERN, Tokenizer, load_tokenizer, write_atomically
+from bpe import CHAT_ROLES, CHAT_TOKENS, GPT2_PATTERN, GPT4_PATTERN, Tokenizer, load_tokenizer, \
+    write_atomically
 
 EOT = "<|endoftext|>"  # separates documents in .txt inputs and precedes every document in the shards
 
@@ -215,6 +218,7 @@ class Source:
     hub_config: str | None
     files: list[Path]
     text_column: str
+    chat: bool = False  # --chat: .jsonl conversations, one per line (see "Chat conversations")
 
     def describe(self) -> str:
         if self.hub_id:
@@ -233,6 +237,8 @@ def open_source(args: argparse.Namespace) -> Source:
         return Source(name, hub_id, args.config or config, [], args.text_column)
     files = [Path(part) for part in args.input.split(",") if part]
     for path in files:
+        if args.chat and path.suffix.lower() != ".jsonl":
+            raise ValueError(f"--input {path}: --chat reads .jsonl files, one conversation per line")
         if path.suffix.lower() not in LOCAL_LOADERS:
             raise ValueError(f"--input {path}: unsupported file type {path.suffix!r} "
                              "(use .txt, .jsonl, .json, .parquet)")
@@ -246,7 +252,7 @@ def open_source(args: argparse.Namespace) -> Source:
         for earlier in files[:i]:
             if path.samefile(earlier):
                 raise ValueError(f"--input {path}: given twice (also as {earlier}); give each file once")
-    return Source(args.name or files[0].stem, None, None, files, args.text_column)
+    return Source(args.name or files[0].stem, None, None, files, args.text_column, args.chat)
 
 
 def check_utf8(path: Path, block_size: int = 1 << 20) -> None:
@@ -391,6 +397,8 @@ def read_documents(source: Source, split: str = "train") -> Iterator[str]:
     """All non-empty documents of the source in order (split: a hub split name)."""
     if source.hub_id:
         documents = read_hub(source, split)
+    elif source.chat:  # each conversation as the JSON of its messages: see "Chat conversations"
+        documents = (text for path in source.files for text in read_conversations(path))
     else:
         documents = (text for path in source.files for text in read_file(path, source.text_column))
     return (text for text in documents if text)
@@ -552,10 +560,10 @@ def check_tokenizer(tokenizer: Tokenizer) -> None:
 # about 1 MB of documents. The pool uses "spawn" on every OS: it is the only method on Windows and the
 # default on macOS, so what the tests run here is what those users run.
 
-worker_encoding: tiktoken.Encoding | None = None  # set in each worker process by start_worker
+worker_encoding: tiktoken.Encoding | Tokenizer | None = None  # set in each worker by start_worker
 
 
-def start_worker(encoding: tiktoken.Encoding, main_pid: int, stop: threading.Event) -> None:
+def start_worker(encoding: tiktoken.Encoding | Tokenizer, main_pid: int, stop: threading.Event) -> None:
     """Each worker's setup. Signals are the main process's to handle: Ctrl-C, or SIGTERM sent to the
     whole process group (`timeout`, a scheduler), must not kill a worker part way, since a worker that
     dies holding the pool's queue lock leaves the pool unable to stop. A worker exits when the main
@@ -591,12 +599,14 @@ def chunks_of(texts: Iterable[str], chunk_chars: int = 1 << 20) -> Iterator[list
 class EncodingPool:
     """A "spawn" pool of encoding workers that stops within seconds, whoever sends the signal."""
 
-    def __init__(self, tokenizer: Tokenizer, workers: int):
+    def __init__(self, tokenizer: Tokenizer, workers: int, chat: bool = False):
         self.workers = workers
+        # --chat: conversations go through the chat template, which is bpe.py's (see "Chat conversations")
+        self.encode = encode_conversations if chat else encode_documents
         context = multiprocessing.get_context("spawn")
         self.stop_event = context.Event()
         self.others = set(multiprocessing.active_children())  # children that are not ours to stop
-        setup = (tokenizer.to_tiktoken(), os.getpid(), self.stop_event)
+        setup = (tokenizer if chat else tokenizer.to_tiktoken(), os.getpid(), self.stop_event)
         self.pool = context.Pool(workers, start_worker, setup)
         self.processes = [p for p in multiprocessing.active_children() if p not in self.others]
 
@@ -605,7 +615,7 @@ class EncodingPool:
         its whole input ahead on a thread: on a 10B-token stream, the whole dataset into memory.)"""
         in_flight = deque()
         for chunk in chunks_of(texts):
-            in_flight.append(self.pool.apply_async(encode_documents, (chunk,)))
+            in_flight.append(self.pool.apply_async(self.encode, (chunk,)))
             if len(in_flight) >= 2 * self.workers:
                 yield self.result(in_flight.popleft())
         while in_flight:
@@ -644,6 +654,119 @@ class WorkerDied(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Chat conversations (--chat): shards of conversations, and a loss mask beside each
+#
+# Each line of a .jsonl input is one conversation, {"messages": [{"role": ..., "content": ...}, ...]}, or
+# {"prompt": ..., "response": ...} for one user turn and its answer. The main process checks every line as
+# it reads it (a bad one stops the run naming its file and line) and hands the messages on as JSON text,
+# one "document" per conversation, so the filters and the pipeline of Part I run unchanged. The workers
+# render them with bpe.py's chat template (its one definition, so they get the bpe.py Tokenizer rather than
+# its tiktoken twin): ids and the loss mask, as (token, mask) rows that a ChatShard writes to two files,
+# the shard and beside it its mask (<shard>.mask: the same format, uint16 1 where the token is a learned
+# target, 0 elsewhere; not .bin, so tools that glob *_train_*.bin never read a mask as tokens). meta.json
+# lists the masks of each split under "masks", parallel to "shards".
+
+CHAT_FORMAT = "<shard>.mask beside each shard: the same format, uint16 1 where the token is learned, else 0"
+
+
+def read_conversations(path: Path) -> Iterator[str]:
+    """A .jsonl file's conversations, in order, each as the JSON text of its messages; blank lines skipped."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+                if line.strip():
+                    yield json.dumps(conversation_messages(json.loads(line)), ensure_ascii=False)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--input {path} line {line_no}: not valid JSON ({error.msg} at column "
+                                 f"{error.colno}); give one JSON object per line") from None
+            except UnicodeDecodeError as error:
+                raise ValueError(f"--input {path} line {line_no}: not UTF-8 (byte {error.start} of the "
+                                 "line); convert the file to UTF-8") from None
+            except ValueError as error:
+                raise ValueError(f"--input {path} line {line_no}: {error}") from None
+
+
+def conversation_messages(record: object) -> list[dict]:
+    """One line's conversation as [{"role", "content"}, ...]; a ValueError says what is wrong with it."""
+    usage = 'give {"messages": [{"role": ..., "content": ...}, ...]} or {"prompt": ..., "response": ...}'
+    if isinstance(record, dict) and "messages" in record:
+        messages = record["messages"]
+    elif isinstance(record, dict) and "prompt" in record and "response" in record:
+        messages = [{"role": "user", "content": record["prompt"]},
+                    {"role": "assistant", "content": record["response"]}]
+    else:
+        raise ValueError(f"no \"messages\" (nor \"prompt\" and \"response\"): {usage}")
+    if messages == []:
+        raise ValueError("\"messages\" is empty: give at least a user message and the assistant's answer")
+    if not isinstance(messages, list):
+        raise ValueError(f"\"messages\" is {json.dumps(messages)[:30]}, not a list of messages: {usage}")
+    for k, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {k} is {json.dumps(message)[:30]}, not an object: {usage}")
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise ValueError(f"message {k} has the role {json.dumps(role)[:30]}: use one of "
+                             f"{', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise ValueError(f"message {k}'s content is {json.dumps(content)[:30]}, not a string; give its "
+                             "text as a JSON string")
+    if not any(message["role"] == "assistant" for message in messages):
+        raise ValueError("no assistant message: training learns only the assistant's answers; add one")
+    return [{"role": message["role"], "content": message["content"]} for message in messages]
+
+
+def encode_conversations(texts: list[str]) -> tuple[np.ndarray, list[int], list[int]]:
+    """encode_documents for --chat, in the workers: each conversation rendered with the chat template, as
+    (N, 2) uint16 rows of (token id, mask); per conversation its tokens and the UTF-8 bytes of its text."""
+    rows, token_counts, byte_counts = [], [], []
+    for text in texts:
+        messages = json.loads(text)
+        ids, mask = worker_encoding.render_chat(messages)  # a bpe.py Tokenizer here (EncodingPool)
+        rows.append(np.array([ids, mask], dtype="<u2").T)
+        token_counts.append(len(ids))
+        byte_counts.append(sum(len(message["content"].encode("utf-8")) for message in messages))
+    return np.concatenate(rows), token_counts, byte_counts
+
+
+class ChatShard(Shard):
+    """A shard of conversations: the tokens as Shard writes them, and the mask beside them, in its own
+    Shard (same format, same .tmp-then-rename life)."""
+
+    def __init__(self, path: Path, split: str):
+        super().__init__(path, split)
+        self.mask = Shard(path.with_suffix(".mask"), split)
+
+    def add(self, rows: np.ndarray, n_bytes: int) -> None:
+        """rows: (n, 2) of one conversation, token ids then mask values."""
+        super().add(np.ascontiguousarray(rows[:, 0]), n_bytes)
+        self.mask.add(np.ascontiguousarray(rows[:, 1]), 0)
+
+    def close(self) -> None:
+        super().close()
+        self.mask.close()
+
+
+def shard_files(shard: Shard) -> list[Shard]:
+    """The files a shard writes: a chat shard's mask, then the shard itself."""
+    return [shard.mask, shard] if isinstance(shard, ChatShard) else [shard]
+
+
+def listed_masks(meta: dict) -> dict[str, str]:
+    """{mask file: its shard} for the masks meta.json lists (none without --chat)."""
+    return {mask: shard for totals in meta["splits"].values()
+            for shard, mask in zip(totals["shards"], totals.get("masks", []))}
+
+
+def add_chat_meta(meta: dict) -> None:
+    """What meta.json says about chat data: the template's tokens (in the tokenizer), what a mask is, and
+    each split's list of masks (filled as its shards are)."""
+    meta["chat"] = {"tokens": list(CHAT_TOKENS), "masks": CHAT_FORMAT}
+    for totals in meta["splits"].values():
+        totals["masks"] = []
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The resume ledger: meta.json
 #
 # meta.json lists the complete shards (name -> split, tokens, documents, bytes, max_token_id), sums them
@@ -662,9 +785,10 @@ class Ledger:
     def new_shard(self, split: str) -> Shard:
         """The next shard, numbered in source order across both splits."""
         path = self.out_dir / f"{self.name}_{split}_{len(self.meta['shards']):06d}.bin"
+        kind = ChatShard if "chat" in self.meta else Shard  # --chat: a loss mask beside the tokens
         # A Ctrl-C between creating the .tmp file and noting it here would leave the file behind.
         with interrupts_deferred(), naming_errors(path):
-            self.open_shard = Shard(path, split)
+            self.open_shard = kind(path, split)
         return self.open_shard
 
     def complete(self, shard: Shard) -> None:
@@ -674,7 +798,8 @@ class Ledger:
         # The rename and meta.json's new entry belong together: a shard on disk that meta.json does not list
         # would look complete but be unknown to a resume. So a Ctrl-C here waits until both are done.
         with interrupts_deferred():
-            os.replace(shard.tmp_path, shard.path)
+            for part in shard_files(shard):  # a chat shard's mask first: a named shard always has its mask
+                os.replace(part.tmp_path, part.path)
             self.open_shard = None
             self.meta["shards"][shard.path.name] = {"split": shard.split, "tokens": shard.tokens,
                                                     "documents": shard.documents, "bytes": shard.bytes,
@@ -684,17 +809,19 @@ class Ledger:
             totals["tokens"] += shard.tokens
             totals["documents"] += shard.documents
             totals["bytes"] += shard.bytes
+            if isinstance(shard, ChatShard):
+                totals["masks"].append(shard.mask.path.name)
             write_json(self.out_dir / "meta.json", self.meta)
 
     def discard_open_shard(self) -> None:
         """Remove the incomplete shard of a stopped or failed run: no .tmp file outlives the run."""
         shard, self.open_shard = self.open_shard, None
-        if shard is not None:
+        for part in shard_files(shard) if shard is not None else []:
             try:
-                shard.file.close()
+                part.file.close()
             except OSError:  # the buffered tail cannot be written either (a full disk): it is dropped anyway
                 pass
-            shard.tmp_path.unlink(missing_ok=True)
+            part.tmp_path.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -732,7 +859,8 @@ def interrupts_deferred(then_raise: bool = True):
 
 # Settings added after shards were first written, with the value the older runs had (None: unknown, so an
 # older meta.json without it is not a change; the filters were off).
-SETTINGS_ADDED_LATER = {"input_mtime_ns": None, "dedup": False, "min_chars": 0, "max_chars": 0}
+SETTINGS_ADDED_LATER = {"input_mtime_ns": None, "dedup": False, "min_chars": 0, "max_chars": 0,
+                        "chat": False}
 
 
 def run_settings(args: argparse.Namespace, source: Source, tokenizer: Tokenizer | None) -> dict:
@@ -743,7 +871,7 @@ def run_settings(args: argparse.Namespace, source: Source, tokenizer: Tokenizer 
     settings = {"source": source.describe(), "text_column": source.text_column, "val_size": args.val_size,
                 "val_from": args.val_from, "max_tokens": args.max_tokens, "shard_size": args.shard_size,
                 "tokenizer": args.tokenizer, "dedup": args.dedup, "min_chars": args.min_chars,
-                "max_chars": args.max_chars}
+                "max_chars": args.max_chars, "chat": args.chat}
     if source.files:
         settings["input_bytes"] = [path.stat().st_size for path in source.files]
         settings["input_mtime_ns"] = [path.stat().st_mtime_ns for path in source.files]
@@ -762,7 +890,13 @@ ATOMIC_TEMP = re.compile(r"\.(meta\.json|tokenizer\.bpe)\.(\d+)\.[0-9a-f]{8}\.tm
 
 
 def is_shard_name(file_name: str, name: str) -> bool:
-    return re.fullmatch(rf"{re.escape(name)}_(train|val)_\d{{6}}\.bin(\.tmp)?", file_name) is not None
+    """A shard of the run `name`, or its loss mask (--chat), or the .tmp file of either."""
+    return re.fullmatch(rf"{re.escape(name)}_(train|val)_\d{{6}}\.(bin|mask)(\.tmp)?", file_name) is not None
+
+
+def listed_files(meta: dict) -> set[str]:
+    """The files meta.json lists: its shards, and with --chat their loss masks."""
+    return set(meta["shards"]) | set(listed_masks(meta))
 
 
 def process_is_alive(pid: int) -> bool:
@@ -778,7 +912,7 @@ def process_is_alive(pid: int) -> bool:
 def leftovers(out_dir: Path, name: str, meta: dict | None) -> list[Path]:
     """Files of this program that no complete run needs: shards meta.json does not list (or all of them
     when meta is None), their .tmp files, and temp files of killed writes."""
-    listed = set(meta["shards"]) if meta is not None else set()
+    listed = listed_files(meta) if meta is not None else set()
     found = []
     for path in out_dir.iterdir():
         atomic = ATOMIC_TEMP.fullmatch(path.name)
@@ -819,10 +953,12 @@ def resume_state(out_dir: Path, settings: dict) -> dict | None:
             return None
         raise ValueError(f"{out_dir / 'tokenizer.bpe'} is missing, and the shards in {out_dir} need it; "
                          "pass --overwrite to rebuild them")
-    for name, shard in meta["shards"].items():
+    tokens = {name: shard["tokens"] for name, shard in meta["shards"].items()}
+    tokens.update({mask: tokens.get(name, -1) for mask, name in listed_masks(meta).items()})  # --chat's
+    for name, count in tokens.items():
         path = out_dir / name
-        if not path.is_file() or path.stat().st_size != shard_file_size(shard["tokens"]):
-            raise ValueError(f"{path} is missing or not the {shard['tokens']:,}-token shard meta.json lists; "
+        if not path.is_file() or path.stat().st_size != shard_file_size(count):
+            raise ValueError(f"{path} is missing or not the {count:,}-token shard meta.json lists; "
                              f"pass --overwrite to rebuild {out_dir}")
     earlier = {key: settings.get(key) if value is None else value
                for key, value in SETTINGS_ADDED_LATER.items()}
@@ -845,13 +981,16 @@ def resume_state(out_dir: Path, settings: dict) -> dict | None:
 
 def new_meta(source: Source, tokenizer: Tokenizer, settings: dict, command: str) -> dict:
     """meta.json before the first shard; ShardWriter adds each shard, and "complete" turns true at the end."""
-    return {"dataset": source.describe(), "tokenizer": "tokenizer.bpe", "vocab_size": tokenizer.vocab_size,
+    meta = {"dataset": source.describe(), "tokenizer": "tokenizer.bpe", "vocab_size": tokenizer.vocab_size,
             "eot_id": tokenizer.eot_token, "pattern": tokenizer.pattern,
             "format": SHARD_FORMAT,
             "command": command, "settings": settings, "complete": False,
             "splits": {split: {"shards": [], "tokens": 0, "documents": 0, "bytes": 0,
                                "dropped": dict.fromkeys(DROP_REASONS, 0)} for split in ("train", "val")},
             "shards": {}}
+    if settings.get("chat"):  # and the loss masks: see "Chat conversations"
+        add_chat_meta(meta)
+    return meta
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -877,7 +1016,7 @@ def start_fresh(out_dir: Path, name: str, tokenizer: Tokenizer, meta: dict, over
                          "move it away or choose another --out_dir")
     ours = leftovers(out_dir, name, None)
     if old is not None:
-        ours += [out_dir / shard for shard in old["shards"]]
+        ours += [out_dir / file_name for file_name in listed_files(old)]
     if overwrite:
         foreign = sorted(path.name for path in out_dir.iterdir()
                          if path not in ours and path.name not in ("meta.json", "tokenizer.bpe"))
@@ -976,6 +1115,10 @@ def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--config", help="hub config (default: sample-10BT for fineweb, none otherwise)")
     source.add_argument("--input", metavar="FILE[,FILE...]", help="local .txt (documents separated by "
                         f"{EOT} lines, else by blank lines), .jsonl/.json or .parquet (a text column)")
+    source.add_argument("--chat", action="store_true", help="the inputs are .jsonl conversations, one per "
+                        'line: {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]} or '
+                        '{"prompt": ..., "response": ...}; written with bpe.py\'s chat template, a loss mask '
+                        "beside each shard (needs --tokenizer: the model's own)")
     source.add_argument("--text_column", default="text",
                         help="column holding the documents (default: %(default)s)")
     tokenizer = parser.add_argument_group("tokenizer")
@@ -1027,6 +1170,9 @@ def check_flags(parser: FlagParser, args: argparse.Namespace) -> None:
     """What argparse cannot check alone: an error here exits 2, as argparse's own do."""
     if args.dataset and args.input:
         parser.error("give either --dataset or --input, not both")
+    if args.chat and (not args.input or args.tokenizer == "train"):
+        parser.error("--chat needs --input=FILE.jsonl and the tokenizer of the model to fine-tune: "
+                     "--tokenizer=gpt2 or --tokenizer=<its data folder>/tokenizer.bpe")
     if args.workers < 1:
         parser.error(f"--workers={args.workers}: need at least 1")
     if args.shard_size < 1 or args.max_tokens == 0:
@@ -1052,6 +1198,8 @@ def prepare(args: argparse.Namespace, command: str) -> int:
     source = open_source(args)
     out_dir = Path(args.out_dir or Path("data") / source.name)
     loaded = None if args.tokenizer == "train" else load_tokenizer(args.tokenizer)
+    if args.chat:  # the chat template's tokens after the tokenizer's own (see "Chat conversations")
+        loaded = loaded.with_chat_tokens()
     settings = run_settings(args, source, loaded)
 
     meta = None if args.overwrite else resume_state(out_dir, settings)
@@ -1121,7 +1269,7 @@ def write_splits(args: argparse.Namespace, source: Source, val_range: range | No
     pool, interrupted = None, False
     try:
         with interrupts_deferred():  # a pool stopped while it starts could leave workers that nothing ends
-            pool = EncodingPool(tokenizer, args.workers)
+            pool = EncodingPool(tokenizer, args.workers, args.chat)
         for i, split in enumerate(split_order):
             documents = split_documents(source, split, val_range)
             followed = i + 1 < len(split_order)

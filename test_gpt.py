@@ -3198,6 +3198,7 @@ def test_lora_checkpoint_holds_the_adapters_and_names_its_base(train_checkpoint,
     lora = checkpoint["lora"]
     assert (lora["rank"], lora["alpha"], lora["targets"]) == (4, 16.0, "both")
     assert lora["base"] == str(train_checkpoint.resolve())
+    assert gpt.best_weights(checkpoint, 1.0)["lora"] == lora  # best.pt keeps what sampling needs
     evals = train_log(lora_run.parent, "eval")  # step 0 scores the base's weights, as the base's last evaluation
     assert evals[0]["step"] == 0 and evals[0]["val_loss"] == train_log(train_checkpoint.parent, "eval")[-1]["val_loss"]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
@@ -3223,6 +3224,8 @@ def test_lora_sample_eval_and_export_use_the_merged_model(capsys, tmp_path, lora
     assert capsys.readouterr().out == gpt.tokenizer_from_text(checkpoint["tokenizer"]).decode(expected) + "\n"
     gpt.main(["--eval=val", f"--ckpt={lora_run}"])
     assert "val split" in capsys.readouterr().out
+    gpt.main(["--plot", f"--ckpt={lora_run}"])
+    assert f"wrote {lora_run.parent / 'weights.png'}" in capsys.readouterr().out
 
 
 def test_lora_resume_is_exact_and_keeps_its_settings(capsys, tmp_path, train_checkpoint):

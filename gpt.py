@@ -908,6 +908,8 @@ def evaluate(model: torch.nn.Module, splits: dict[str, TokenWindows], cfg: Simpl
 #     tokenizer                   the tokenizer as text (Tokenizer.dumps), so sampling needs no other file
 #     rng                         the data generator's state (the position in the data) and each process's
 #                                 torch / CUDA / MPS generator states (dropout)
+#     lora                        a LoRA run's only: the adapters' rank, alpha, targets and the base whose
+#                                 frozen weights they adapt (model then holds only the adapters)
 #
 # When: at an evaluation whose val loss is the best so far (every evaluation with always_save_checkpoint;
 # never at step 0, which has learned nothing), at the end of the run and when Ctrl-C stops it, so that
@@ -1119,6 +1121,7 @@ def save_run(run: Run) -> None:
     state = training_state(run.model, run.optimizer, run.runtime, run.step, run.best_val_loss, run.cfg,
                            run.tokenizer_text, run.data_generator, run.world_size)
     state.update(best_step=run.best_step, evals_since_best=run.evals_since_best)
+    state = lora_checkpoint(run.model, state)  # a LoRA run keeps only its adapters: the workshop, section 13
     if run.rank == 0:
         path = Path(run.cfg.out_dir) / "ckpt.pt"
         keep_best_weights(run, path, state)  # to best.pt, if ckpt.pt holds them and moves on: Part II
@@ -1609,9 +1612,12 @@ class MuonWithAdamW:
     GradScaler use."""
 
     def __init__(self, model: "GPT", adamw: torch.optim.AdamW, lr: float):
-        matrices = [(name, p) for name, p in model.transformer.h.named_parameters() if p.dim() == 2]
-        stacked = [p for name, p in matrices if name.endswith("attn.c_attn.weight")]
-        others = [p for name, p in matrices if not name.endswith("attn.c_attn.weight")]
+        # With LoRA the weights are frozen and the adapters are the matrices (c_attn's B stacks q, k, v).
+        matrices = [(name, p) for name, p in model.transformer.h.named_parameters()
+                    if p.dim() == 2 and p.requires_grad]
+        qkv = ("attn.c_attn.weight", "attn.c_attn.lora_B")
+        stacked = [p for name, p in matrices if name.endswith(qkv)]
+        others = [p for name, p in matrices if not name.endswith(qkv)]
         self.muon, self.adamw = Muon([{"params": stacked, "pieces": 3}, {"params": others}], lr), adamw
 
     @property
@@ -1944,6 +1950,8 @@ def model_from_checkpoint(checkpoint: dict, path: Path, dropout: float | None = 
         raise ValueError(f"{path}: its model_config does not fit this gpt.py's GPTConfig ({e})") from None
     if dropout is not None:
         config = replace(config, dropout=dropout)
+    if "lora" in checkpoint:  # adapters only: their base's weights, the adapters merged in (section 13)
+        return merge_adapters(lora_base_model(checkpoint, path, config), checkpoint, path)
     model = GPT(config)
     try:
         model.load_state_dict(checkpoint["model"])
@@ -2236,6 +2244,8 @@ def print_start(run: Run) -> None:
     """The start-up lines: the model, the device and precision (and why), what a step holds, the data."""
     cfg, runtime, model = run.cfg, run.runtime, run.model
     print(f"model: {num_params(model) / 1e6:.2f}M parameters, {model.config}")
+    if getattr(model, "lora", None):
+        print(lora_summary(model))  # trainable and total parameters: section 13
     print(f"device {runtime.device}, autocast {str(runtime.autocast_dtype).removeprefix('torch.')} "
           f"({runtime.why}), {run.world_size} process(es); {run.tokens_per_step:,} tokens per step = "
           f"{cfg.batch_size} x {cfg.block_size} x {run.world_size} x {run.accumulation_steps} micro-step(s); "
@@ -2889,8 +2899,8 @@ def read_checkpoint_lazily(path: Path) -> dict:
 
 def best_weights(state: dict, val_loss: float) -> dict:
     """What best.pt holds: a checkpoint's weights and what sampling needs, and the evaluation's val loss."""
-    return {**{key: state[key] for key in ("model", "model_config", "config", "tokenizer", "step")},
-            "val_loss": val_loss}
+    keys = ("model", "model_config", "config", "tokenizer", "step") + (("lora",) if "lora" in state else ())
+    return {**{key: state[key] for key in keys}, "val_loss": val_loss}
 
 
 def keep_best_weights(run: Run, path: Path, state: dict) -> None:
@@ -3313,13 +3323,168 @@ def fit_gpt2_vocabulary(model: GPT, cfg: SimpleNamespace, meta: dict, data_token
 
 
 # -- LoRA ----------------------------------------------------------------------------------------------------
+#
+# LoRA (Hu et al., 2021): a fine-tune changes a weight matrix W (out, in) by an update of low rank, so it
+# is learned as one: W x + b + (alpha / r) * B (A x), with A (r, in) and B (out, r), r small (4 to 64),
+# and W and every other weight frozen. The optimizer's state shrinks with the trainable parameters, and a
+# checkpoint holds only A and B, plus the name of the base whose weights they adapt. A is drawn as a Linear's
+# weight would be (kaiming-uniform, as peft does) and B starts at 0, so step 0 is the base model exactly.
+# Scaling by alpha / r spares re-tuning the learning rate when r changes (the paper's reason). Sampling,
+# evaluation, plots and export use a plain GPT with W + (alpha / r) B A as weights (model_from_checkpoint).
+#
+# Checkpoint: model holds only the adapters ("transformer.h.0.attn.c_attn.lora_A", ...), and
+#     lora = {"rank", "alpha", "targets", "base": the run's --init_from (a checkpoint's absolute path, or
+#             gpt2...), "base_checksum": the sum of |w| over the base's weights, to notice a changed base}
+# A base that is itself a LoRA checkpoint is merged first, like any base loaded by model_from_checkpoint.
+# A vocabulary the run's data extended (chat tokens) is rebuilt from the base by fit_vocabulary, which is
+# deterministic: the new embedding rows are frozen too, so they are not in the checkpoint.
 
-LORA_TARGETS = ("attention", "mlp", "both")
+LORA_TARGETS = {"attention": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj"),
+                "both": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}  # the Linears per block
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear's weight and bias (the same Parameters, under the same names) and a trainable low-rank
+    update beside them: (..., in) -> (..., out)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.weight = base.weight
+        self.register_parameter("bias", base.bias)  # None without --bias
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear draws its weight
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.scale = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Through the rank-r bottleneck: A x is (..., r); B = 0 adds exactly 0 until B has learned something.
+        update = F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return linear(x, self.weight, self.bias) + self.scale * update
 
 
 def add_lora(model: GPT, cfg: SimpleNamespace, checkpoint: dict | None) -> GPT:
-    """--lora_rank > 0: adapters on the chosen matrices, every other weight frozen; else the model as is."""
+    """--lora_rank > 0: adapters on the chosen matrices, every other weight frozen; else the model as is.
+    Resuming, the checkpoint's adapters on its base's weights; the flags must be the run's."""
+    saved = checkpoint.get("lora") if checkpoint is not None else None
+    wanted = (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) if cfg.lora_rank else None
+    if checkpoint is not None and wanted != (saved and (saved["rank"], saved["alpha"], saved["targets"])):
+        path = checkpoint_path(cfg)
+        has = f"adapters of rank {saved['rank']}, alpha {saved['alpha']:g} on {saved['targets']}" if saved \
+            else "no LoRA adapters"
+        flags = f"--lora_rank={cfg.lora_rank} --lora_alpha={cfg.lora_alpha:g} " \
+                f"--lora_targets={cfg.lora_targets}"
+        raise FlagError(f"{flags if wanted else '--lora_rank=0'} but {path} holds {has}: resume without the "
+                        f"--lora flags, or start a new run from it with --init_from={path}")
+    if not cfg.lora_rank:
+        return model
+    if checkpoint is not None:
+        # build_model merged the adapters into the weights, as sampling wants them; training needs them apart.
+        path = checkpoint_path(cfg)
+        model = attach_adapters(lora_base_model(checkpoint, path, model.config), saved)
+        load_adapters(model, checkpoint["model"], path)
+        return model
+    if cfg.init_from == "scratch":
+        raise FlagError("--lora_rank adapts trained weights: name them with --init_from=PATH/ckpt.pt or gpt2")
+    base = cfg.init_from if cfg.init_from.startswith("gpt2") else str(Path(cfg.init_from).resolve())
+    if Path(base).name in ("ckpt.pt", BEST_FILE) and Path(base).parent == Path(cfg.out_dir).resolve():
+        raise FlagError(f"--init_from={cfg.init_from} is in --out_dir={cfg.out_dir}, where this run's "
+                        f"checkpoints would overwrite the base its adapters need: choose another --out_dir")
+    lora = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets, "base": base,
+            "base_checksum": weights_checksum(model)}
+    return attach_adapters(model, lora)
+
+
+def attach_adapters(model: GPT, lora: dict) -> GPT:
+    """Freeze every weight and put adapters on the lora dict's targets in each block; model.lora = lora."""
+    model.requires_grad_(False)
+    for block in model.transformer.h:
+        for target in LORA_TARGETS[lora["targets"]]:
+            parent, _, name = target.rpartition(".")
+            layer = block.get_submodule(parent)
+            setattr(layer, name, LoRALinear(getattr(layer, name), lora["rank"], lora["alpha"]))
+    model.lora = lora
     return model
+
+
+def weights_checksum(model: GPT) -> float:
+    """The sum of |w| over every weight (in float64): a base checkpoint overwritten since (a run continued
+    into the same file) sums to something else."""
+    return sum(p.detach().abs().sum(dtype=torch.float64).item() for p in model.parameters())
+
+
+def load_adapters(model: GPT, adapters: dict, path: Path) -> None:
+    """The checkpoint's adapters into the model's (from attach_adapters); every name and shape must fit."""
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(adapters) != set(trainable) or any(adapters[k].shape != p.shape for k, p in trainable.items()):
+        raise ValueError(f"{path}: its adapters do not fit its lora settings {model.lora['rank']}, "
+                         f"{model.lora['targets']} (an edited or damaged checkpoint): train them anew")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(adapters[name])
+
+
+def lora_base_model(checkpoint: dict, path: Path, config: GPTConfig) -> GPT:
+    """A plain GPT(config) with the weights of the LoRA checkpoint's base, as its run started from them (the
+    vocabulary extended again, if the run's data added tokens); one line if the base is gone or changed."""
+    lora, run_config = checkpoint["lora"], checkpoint["config"]
+    base, base_tokenizer = lora["base"], None
+    if base.startswith("gpt2"):
+        base_model = from_gpt2(base, run_config.get("gpt2_dir") or None, config.vocab_multiple)
+    else:
+        if not Path(base).is_file():
+            raise FileNotFoundError(f"{path} holds LoRA adapters for the base {base}, which is gone: put "
+                                    f"that checkpoint back there (the adapters alone are no model)")
+        base_checkpoint = load_checkpoint(Path(base))
+        base_model = model_from_checkpoint(base_checkpoint, Path(base))  # a LoRA base: merged, recursively
+        base_tokenizer = base_checkpoint["tokenizer"]
+    if base_model.config.vocab_size != config.vocab_size:  # the run's data added tokens: rebuilt the same way
+        base_tokenizer = base_tokenizer or gpt2_tokenizer(run_config.get("gpt2_dir", "")).dumps()
+        base_model = fit_vocabulary(base_model, base_tokenizer, checkpoint["tokenizer"], Path(base),
+                                    SimpleNamespace(**run_config))
+    model = GPT(config)
+    try:
+        model.load_state_dict(base_model.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its LoRA base {base} no longer fits the adapters' model "
+                         f"({str(e).splitlines()[0]}): restore the base they were trained on") from None
+    if not math.isclose(weights_checksum(model), lora["base_checksum"], rel_tol=1e-9):
+        raise ValueError(f"{path}: its LoRA base {base} has changed since the adapters were trained on it: "
+                         f"restore that checkpoint, or train new adapters with --init_from={base}")
+    return model
+
+
+def merge_adapters(model: GPT, checkpoint: dict, path: Path) -> GPT:
+    """The plain model with the checkpoint's adapters merged into its weights: W + (alpha / r) B A."""
+    lora, adapters = checkpoint["lora"], checkpoint["model"]
+    names = [f"transformer.h.{i}.{target}" for i in range(model.config.n_layer)
+             for target in LORA_TARGETS[lora["targets"]]]
+    weights = dict(model.named_parameters())
+    if set(adapters) != {f"{name}.lora_{m}" for name in names for m in "AB"}:
+        raise ValueError(f"{path}: its adapters do not fit its lora settings {lora['rank']}, "
+                         f"{lora['targets']} (an edited or damaged checkpoint): train them anew")
+    with torch.no_grad():
+        for name in names:
+            update = adapters[f"{name}.lora_B"].float() @ adapters[f"{name}.lora_A"].float()  # (out, in)
+            weights[f"{name}.weight"].add_(update, alpha=lora["alpha"] / lora["rank"])
+    return model
+
+
+def lora_checkpoint(model: GPT, state: dict) -> dict:
+    """A LoRA run's checkpoint: the trainable parameters (the adapters) for model, and the lora dict."""
+    if not getattr(model, "lora", None):
+        return state
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {**state, "model": {k: v for k, v in state["model"].items() if k in trainable}, "lora": model.lora}
+
+
+def lora_summary(model: GPT) -> str:
+    """The start-up line of a LoRA run: what trains, out of how much."""
+    lora = model.lora
+    total = num_params(model, non_embedding=False)  # padding rows left out, as in the line above it
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (f"lora: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%), rank "
+            f"{lora['rank']}, alpha {lora['alpha']:g}, on {', '.join(LORA_TARGETS[lora['targets']])}; "
+            f"base {lora['base']}")
 
 
 # -- Instruction tuning: chat shards with a loss mask, and a terminal chat -----------------------------------

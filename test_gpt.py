@@ -3446,6 +3446,195 @@ def test_chat_fine_tunes_gpt2_with_the_chat_tokens(tmp_path, train_tiny_gpt2_dir
 
 
 # ==========================================================================================================
+# Post-training: LoRA
+
+def lora_setup(tmp_path: Path, optimizer: str = "adamw") -> tuple[GPT, GPT, object]:
+    """A tiny base model, the same weights with adapters on every target, and the settings that made them."""
+    cfg = gpt.make_config({"lora_rank": 4, "lora_alpha": 8.0, "lora_targets": "both", "optimizer": optimizer,
+                           "init_from": str(tmp_path / "base" / "ckpt.pt"), "out_dir": str(tmp_path / "out")})
+    return tiny_model(seed=1), gpt.add_lora(tiny_model(seed=1), cfg, None), cfg
+
+
+def lora_adapters_of(model: GPT) -> dict:
+    """What a LoRA checkpoint holds: the adapters and the lora dict."""
+    return gpt.lora_checkpoint(model, {"model": model.state_dict()})
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_lora_starts_as_the_base_trains_only_the_adapters_and_merges_to_the_same_model(tmp_path, optimizer):
+    base, model, cfg = lora_setup(tmp_path, optimizer)
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():  # step 0 is the base model exactly: B starts at 0
+        assert torch.equal(model(idx)[0], base(idx)[0])
+    assert torch.equal(model.generate(idx[:, :4], 20, temperature=0), base.generate(idx[:, :4], 20, temperature=0))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(name.rsplit(".", 1)[1] in ("lora_A", "lora_B") for name in trainable)
+    assert len(trainable) == 2 * 4 * 2  # A and B on 4 matrices in each of 2 blocks
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    model.train()
+    optimizer = gpt.make_optimizer(model, cfg, gpt.setup_device("cpu"))
+    for _ in range(3):
+        _, loss = model(idx, torch.roll(idx, -1, dims=1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[name], before) for name, before in frozen.items())
+    assert all(after[name].abs().sum() > 0 for name in trainable if name.endswith("lora_B"))  # B has learned
+    checkpoint = lora_adapters_of(model)
+    assert sorted(checkpoint["model"]) == sorted(trainable)
+    assert {k: checkpoint["lora"][k] for k in ("rank", "alpha", "targets")} == \
+        {"rank": 4, "alpha": 8.0, "targets": "both"}
+    merged = gpt.merge_adapters(tiny_model(seed=1), checkpoint, tmp_path / "ckpt.pt")
+    assert type(merged.transformer.h[0].attn.c_attn) is gpt.Linear  # a plain GPT again
+    with torch.no_grad():
+        unmerged_logits, merged_logits = model(idx)[0], merged(idx)[0]
+    assert not torch.equal(unmerged_logits, base(idx)[0])
+    torch.testing.assert_close(merged_logits, unmerged_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_model_keeps_working_compiled(tmp_path):
+    _, model, _ = lora_setup(tmp_path)
+    idx = torch.randint(0, 64, (2, 16))
+    model.train()
+    _, eager = model(idx, idx)
+    _, compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(idx, idx)
+    torch.testing.assert_close(compiled, eager)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, train_checkpoint) -> Path:
+    """A LoRA run (attention and MLP) of 6 steps on the shared tiny checkpoint; returns its ckpt.pt."""
+    root = tmp_path_factory.mktemp("lora")
+    data = train_checkpoint.parent.parent / "data"
+    train_run([f"--data_dir={data}", f"--out_dir={root / 'out'}", f"--init_from={train_checkpoint}", "--max_steps=6",
+               "--eval_interval=3", "--lora_rank=4", "--lora_targets=both", "--learning_rate=3e-2"])
+    return root / "out" / "ckpt.pt"
+
+
+def test_lora_checkpoint_holds_the_adapters_and_names_its_base(train_checkpoint, lora_run):
+    checkpoint = torch.load(lora_run, weights_only=True)
+    assert checkpoint["model"] and all(".lora_" in key for key in checkpoint["model"])
+    lora = checkpoint["lora"]
+    assert (lora["rank"], lora["alpha"], lora["targets"]) == (4, 16.0, "both")
+    assert lora["base"] == str(train_checkpoint.resolve())
+    assert gpt.best_weights(checkpoint, 1.0)["lora"] == lora  # best.pt keeps what sampling needs
+    evals = train_log(lora_run.parent, "eval")  # step 0 scores the base's weights, as the base's last evaluation
+    assert evals[0]["step"] == 0 and evals[0]["val_loss"] == train_log(train_checkpoint.parent, "eval")[-1]["val_loss"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+
+
+def test_lora_sample_eval_and_export_use_the_merged_model(capsys, tmp_path, lora_run):
+    transformers = pytest.importorskip("transformers")
+    checkpoint = torch.load(lora_run, weights_only=True)
+    merged = gpt.model_from_checkpoint(checkpoint, lora_run).eval()
+    assert type(merged.transformer.h[0].mlp.c_fc) is gpt.Linear
+    unmerged = gpt.attach_adapters(gpt.lora_base_model(checkpoint, lora_run, merged.config), checkpoint["lora"])
+    gpt.load_adapters(unmerged, checkpoint["model"], lora_run)
+    gpt.main(["--export_hf", str(tmp_path / "hf"), f"--ckpt={lora_run}"])
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, merged(idx)[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hf(idx).logits, unmerged.eval()(idx)[0], rtol=1e-4, atol=1e-4)
+    capsys.readouterr()
+    gpt.main(["--sample", f"--ckpt={lora_run}", "--greedy", "--max_new_tokens=12", "--prompt=First", "--ignore_eot"])
+    prompt = torch.tensor([gpt.tokenizer_from_text(checkpoint["tokenizer"]).encode("First")])
+    expected = merged.generate(prompt, 12, temperature=0)[0].tolist()
+    assert capsys.readouterr().out == gpt.tokenizer_from_text(checkpoint["tokenizer"]).decode(expected) + "\n"
+    gpt.main(["--eval=val", f"--ckpt={lora_run}"])
+    assert "val split" in capsys.readouterr().out
+    gpt.main(["--plot", f"--ckpt={lora_run}"])
+    assert f"wrote {lora_run.parent / 'weights.png'}" in capsys.readouterr().out
+
+
+def test_lora_resume_is_exact_and_keeps_its_settings(capsys, tmp_path, train_checkpoint):
+    data = train_checkpoint.parent.parent / "data"
+    common = [f"--data_dir={data}", f"--init_from={train_checkpoint}", "--lora_rank=2", "--dropout=0.1",
+              "--eval_interval=3", "--lr_decay_steps=6", "--total_batch_tokens=256"]
+    train_run(common + [f"--out_dir={tmp_path / 'straight'}", "--max_steps=6"])
+    started = capsys.readouterr().out  # A (2, C) and B (out, 2) on c_attn and c_proj: 384 per block
+    assert re.search(r"^lora: 768 trainable parameters of 37,504 \(2\.05%\), rank 2, alpha 16, on attn.c_attn, "
+                     r"attn.c_proj; base ", started, re.M)
+    train_run(common + [f"--out_dir={tmp_path / 'halves'}", "--max_steps=3"])
+    gpt.main([f"--out_dir={tmp_path / 'halves'}", "--init_from=resume", "--max_steps=6"])
+    straight, halves = train_log(tmp_path / "straight"), train_log(tmp_path / "halves")
+    assert [r["step"] for r in halves] == list(range(1, 7))
+    assert [r["loss"] for r in straight] == [r["loss"] for r in halves]
+    assert torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=True)["lora"]["base"] == \
+        str(train_checkpoint.resolve())  # the base survives a resume, whose --init_from is "resume"
+    capsys.readouterr()
+    assert "--lora_rank=8 --lora_alpha=16 --lora_targets=attention but" in train_error(
+        capsys, [f"--out_dir={tmp_path / 'halves'}", "--init_from=resume", "--lora_rank=8"], code=2)
+
+
+def test_lora_of_a_lora_checkpoint_starts_from_its_merged_weights(tmp_path, lora_run):
+    data = Path(torch.load(lora_run, weights_only=True)["config"]["data_dir"])
+    train_run([f"--data_dir={data}", f"--out_dir={tmp_path / 'again'}", f"--init_from={lora_run}", "--max_steps=1",
+               "--eval_interval=1", "--lora_rank=2", "--lora_targets=mlp"])
+    evals = train_log(tmp_path / "again", "eval")
+    assert evals[0]["val_loss"] == pytest.approx(train_log(lora_run.parent, "eval")[-1]["val_loss"], rel=1e-5)
+    gpt.main(["--sample", f"--ckpt={tmp_path / 'again' / 'ckpt.pt'}", "--max_new_tokens=4"])  # two merges
+
+
+def test_lora_rebuilds_a_vocabulary_the_runs_data_extended_from_its_base(monkeypatch, train_checkpoint):
+    # Chat data adds tokens: fit_vocabulary grows the embedding (deterministically, from the base's rows). Those
+    # rows are frozen under LoRA, so a LoRA checkpoint does not hold them: loading it grows them again.
+    def grow(model, model_tokenizer, data_tokenizer, source, cfg):  # four new rows at the mean of the real ones
+        calls.append((model_tokenizer, data_tokenizer, source))
+        config = dataclasses.replace(model.config, vocab_size=model.config.vocab_size + 4)
+        state = model.state_dict()
+        rows = state["transformer.wte.weight"][:model.config.vocab_size]
+        rows = torch.cat((rows, rows.mean(0).expand(4, -1)))
+        state["transformer.wte.weight"] = state["lm_head.weight"] = gpt.pad_rows(rows, config.padded_vocab_size)
+        grown = GPT(config)
+        grown.load_state_dict(state)
+        return grown
+
+    calls = []
+    monkeypatch.setattr(gpt, "fit_vocabulary", grow)
+    base = torch.load(train_checkpoint, weights_only=True)
+    plain = gpt.model_from_checkpoint(base, train_checkpoint)
+    extended = grow(plain, base["tokenizer"], "chat", train_checkpoint, None)
+    checkpoint = {"model": {}, "model_config": dataclasses.asdict(extended.config), "config": base["config"],
+                  "tokenizer": "chat", "step": 1, "lora": {"rank": 2, "alpha": 4.0, "targets": "mlp",
+                  "base": str(train_checkpoint), "base_checksum": gpt.weights_checksum(extended)}}
+    rebuilt = gpt.lora_base_model(checkpoint, train_checkpoint.parent / "lora.pt", extended.config)
+    assert calls[-1] == (base["tokenizer"], "chat", train_checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), extended.state_dict().values()))
+
+
+def test_lora_missing_or_changed_base_and_bad_flags_are_one_line(capsys, tmp_path, train_checkpoint):
+    data = train_checkpoint.parent.parent / "data"
+    base = tmp_path / "base" / "ckpt.pt"
+    base.parent.mkdir()
+    shutil.copy(train_checkpoint, base)
+    flags = [f"--data_dir={data}", "--lora_rank=2"]
+    train_run(flags + [f"--out_dir={tmp_path / 'out'}", f"--init_from={base}", "--max_steps=2", "--eval_interval=2"])
+    adapters = tmp_path / "out" / "ckpt.pt"
+    capsys.readouterr()
+    changed = torch.load(base, weights_only=True)
+    changed["model"]["transformer.wte.weight"] += 0.01
+    torch.save(changed, base)
+    assert train_error(capsys, ["--sample", f"--ckpt={adapters}"]) == \
+        f"error: {adapters}: its LoRA base {base.resolve()} has changed since the adapters were trained on it: " \
+        f"restore that checkpoint, or train new adapters with --init_from={base.resolve()}\n"
+    base.unlink()
+    for command in (["--sample"], ["--eval=val"], ["--export_hf", str(tmp_path / "hf")]):
+        assert train_error(capsys, command + [f"--ckpt={adapters}"]) == \
+            f"error: {adapters} holds LoRA adapters for the base {base.resolve()}, which is gone: put that " \
+            f"checkpoint back there (the adapters alone are no model)\n"
+    assert "which is gone" in train_error(capsys, [f"--out_dir={tmp_path / 'out'}", "--init_from=resume"])
+    assert train_error(capsys, flags + ["--lora_targets=all"], code=2) == \
+        "error: --lora_targets='all' is not one of attention, mlp, both\n"
+    assert "--lora_rank adapts trained weights" in train_error(capsys, TRAIN_TINY + flags, code=2)
+    assert "where this run's checkpoints would overwrite the base" in train_error(
+        capsys, TRAIN_TINY + flags + [f"--init_from={train_checkpoint}", f"--out_dir={train_checkpoint.parent}"],
+        code=2)
+
+
+# ==========================================================================================================
 # README.md: every command line in it parses, and the recipes run end to end (for a few steps)
 
 def readme_commands(section: str | None = None) -> list[list[str]]:

@@ -1013,10 +1013,10 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
               world_size: int) -> Run:
     """Build the model, data and optimiser, or restore them from the checkpoint: everything but the loop."""
     device, data_dir = runtime.device, Path(cfg.data_dir)
-    meta = load_meta(data_dir)  # meta.json, checked: Part II, load_meta
+    meta = load_meta(data_dir) if not cfg.dpo_data else dpo_meta(cfg)  # DPO's pairs: no shards (section 13)
     # The data before the model: a --block_size the shards cannot fill is refused before it is allocated.
     windows = {split: TokenWindows(data_dir, meta["splits"][split]["shards"], cfg.block_size, split)
-               for split in ("train", "val")}
+               for split in ("train", "val") if not cfg.dpo_data}
     # Chat shards with a loss mask, or DPO's preference pairs, read the same way: the workshop, section 13
     windows = post_training_windows(cfg, meta, data_dir, windows)
     # torch.manual_seed first, so every process builds the same initial weights (DDP also copies process
@@ -1133,7 +1133,8 @@ def save_run(run: Run) -> None:
 def evaluate_and_checkpoint(run: Run, log: "RunLog") -> None:
     """Evaluate both splits, report, and checkpoint when the val loss improved (or always, if asked)."""
     cfg, device = run.cfg, run.runtime.device
-    losses = evaluate(run.fast_model, run.windows, cfg, run.runtime, run.rank, run.world_size)
+    # the model's cross-entropy, or for DPO the pairs' preference loss: the workshop, evaluated_model
+    losses = evaluate(evaluated_model(run), run.windows, cfg, run.runtime, run.rank, run.world_size)
     check_loss_is_finite(run, sum(losses.values()), run.step, " (evaluation)")  # before sampling from it
     record = {"kind": "eval", "step": run.step, "train_loss": losses["train"], "val_loss": losses["val"],
               "val_perplexity": math.exp(min(losses["val"], 50.0))}
@@ -3495,6 +3496,8 @@ from bpe import CHAT_END, CHAT_TOKENS  # the chat template (bpe.py, section 13):
 def post_training_windows(cfg: SimpleNamespace, meta: dict, data_dir: Path,
                           windows: dict[str, TokenWindows]) -> dict[str, TokenWindows]:
     """The training and val windows: chat data's with its loss mask, DPO's pairs, or the plain ones."""
+    if cfg.dpo_data:  # DPO's preference pairs: section 13, Distillation and DPO
+        return dpo_windows(cfg, meta)
     if any("masks" in meta["splits"][split] for split in windows):  # prepare_fineweb.py --chat
         return {split: MaskedTokenWindows(w, data_dir, meta["splits"][split], split) for split, w in
                 windows.items()}
@@ -3628,6 +3631,14 @@ class ChatSession:
 
 
 # -- Distillation and DPO: other losses for the same loop ----------------------------------------------------
+#
+# Distillation (Hinton et al., 2015) trains a student on a teacher's whole distribution, not just the one
+# token that came next: both are softened by a temperature T, and the student's cross-entropy is mixed
+# with KL(teacher || student), scaled by T^2 so that its gradients keep their size as T grows. DPO (Rafailov
+# et al., 2023) trains on pairs of answers to one prompt, a chosen and a rejected one: the policy's
+# log-probability of each, minus the frozen reference's, is its implicit reward, and the loss pushes the
+# chosen answer's reward above the rejected one's, -log sigmoid(beta * difference). Both losses need the
+# full (B, T, V) logits of their micro-batch, so they suit small models (or small batches).
 
 @dataclass
 class PostTraining:
@@ -3636,20 +3647,322 @@ class PostTraining:
     reference: GPT | None = None   # --dpo_data: DPO's, the model the run starts from
 
 
+def frozen_model(spec: str, cfg: SimpleNamespace, runtime: Runtime, flag: str, tokenizer_text: str) -> GPT:
+    """A model that only scores (eval mode, no gradients, on the run's device): a checkpoint's (PATH) or
+    OpenAI's GPT-2 (gpt2...). Refused in one line unless its tokenizer is tokenizer_text, the run's: the
+    two models' predictions are compared token id by token id."""
+    if spec in GPT2_SIZES:
+        same_tokenizer = gpt2_tokenizer(cfg.gpt2_dir).dumps() == tokenizer_text
+        remedy = "prepare the data with prepare_fineweb.py --tokenizer=gpt2"
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"{flag}={spec}: no such checkpoint (a run's ckpt.pt or best.pt, or "
+                                    f"gpt2...)")
+        checkpoint = load_checkpoint(path)
+        same_tokenizer = checkpoint["tokenizer"] == tokenizer_text
+        remedy = "use a model trained on data prepared with --tokenizer=<its data folder>/tokenizer.bpe"
+    if not same_tokenizer:
+        raise ValueError(f"{flag}={spec} has another tokenizer than this run's data: the two models' "
+                         f"predictions are compared token by token; {remedy}")
+    # Trap: GPT() draws its initial weights from the generator that dropout uses, which a resumed run has
+    # restored by now; building this model must leave it where it was.
+    with torch.random.fork_rng(devices=[]):
+        model = from_gpt2(spec, cfg.gpt2_dir or None) if spec in GPT2_SIZES else \
+            model_from_checkpoint(checkpoint, path)
+    return model.to(runtime.device).eval().requires_grad_(False)
+
+
+def run_tokenizer_text(cfg: SimpleNamespace) -> str:
+    """The tokenizer start_run gives the run (Run.tokenizer_text), known before the Run is: a resumed run's
+    checkpoint's, else its data's."""
+    if cfg.init_from == "resume":
+        return read_checkpoint_lazily(checkpoint_path(cfg))["tokenizer"]
+    data_dir = Path(cfg.data_dir)
+    return (data_dir / load_meta(data_dir)["tokenizer"]).read_text(encoding="utf-8")
+
+
 def start_post_training(cfg: SimpleNamespace, model: GPT, runtime: Runtime) -> PostTraining:
     """The teacher and the reference the flags ask for (none by default)."""
+    if cfg.teacher:
+        teacher = frozen_model(cfg.teacher, cfg, runtime, "--teacher", run_tokenizer_text(cfg))
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"--teacher={cfg.teacher} scores {teacher.config.vocab_size} token ids, the "
+                             f"model {model.config.vocab_size}: distil from a model of the same vocabulary")
+        if teacher.config.block_size < cfg.block_size:
+            raise ValueError(f"--teacher={cfg.teacher} has a context of {teacher.config.block_size} tokens, "
+                             f"shorter than --block_size={cfg.block_size}: lower --block_size")
+        return PostTraining(teacher=teacher)
+    if cfg.dpo_data:
+        start = dpo_start(cfg)
+        # A resumed run's settings say init_from=resume: this one keeps its start model's name there
+        # instead, so that every later resume finds the same reference.
+        cfg.init_from = start
+        reference = frozen_model(start, cfg, runtime, "--init_from", start_tokenizer(start, cfg))
+        return PostTraining(reference=reference)
     return PostTraining()
 
 
 def training_loss(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The loss of one micro-batch: the model's cross-entropy, or distillation's or DPO's loss."""
+    cfg = run.cfg
+    if run.post.reference is not None:
+        return preference_loss(run.train_model, run.post.reference, x, y, cfg.dpo_beta)
+    if run.post.teacher is not None and cfg.distill_weight > 0:  # weight 0: exactly the plain loss below
+        weight, temperature = cfg.distill_weight, cfg.distill_temperature
+        cross_entropy, kl = distillation_terms(run.train_model, run.post.teacher, x, y, temperature)
+        return (1 - weight) * cross_entropy + weight * temperature ** 2 * kl
     _, loss = run.train_model(x, y)
     return loss
 
 
 def post_training_metrics(run: Run) -> dict:
-    """What an evaluation adds to its record: DPO's reward margin and accuracy on held-out pairs."""
+    """What an evaluation adds to its record: DPO's reward margin and accuracy on held-out pairs, or the
+    distillation term on the val windows."""
+    if run.post.reference is not None:
+        return preference_metrics(run)
+    if run.post.teacher is not None:
+        return distillation_metrics(run)
     return {}
+
+
+def eval_sums(run: Run, split: str, measure) -> list[float]:
+    """measure(x, y) -> a (K,) tensor of sums, added up over the batches evaluate() scores on split: the
+    same windows (a generator seeded afresh), shared among the processes the same way."""
+    cfg, device = run.cfg, run.runtime.device
+    windows = run.windows[split]
+    batches = windows.draw(torch.Generator().manual_seed(cfg.seed), cfg.eval_iters, cfg.batch_size)
+    total = None
+    run.fast_model.eval()
+    with torch.no_grad():
+        for i in range(run.rank, cfg.eval_iters, run.world_size):
+            x, y = windows.read(batches[i], device)
+            with run.runtime.autocast():
+                sums = measure(x, y).float()
+            total = sums if total is None else total + sums
+    run.fast_model.train()
+    if run.world_size > 1:
+        dist.all_reduce(total)
+    return total.tolist()
+
+
+# Distillation: the teacher's softened distribution as a second target.
+
+def distillation_terms(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the student's cross-entropy, KL(softmax(teacher / T) || softmax(student / T))), each a mean over
+    the positions whose target is not -1. Both models' logits cover the real vocabulary only, soft-capped
+    as the model's loss caps them (GPT.logits); float32 for the softmaxes."""
+    logits = student(x)[0].float().flatten(0, 1)  # (B*T, V)
+    with torch.no_grad():
+        teacher_logits = teacher(x)[0].float().flatten(0, 1)  # (B*T, V)
+    targets = y.flatten()
+    counted = targets != -1
+    count = counted.sum().clamp(min=1)
+    cross_entropy = F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum") / count
+    student_log = F.log_softmax(logits / temperature, dim=-1)
+    teacher_log = F.log_softmax(teacher_logits / temperature, dim=-1)
+    kl = (teacher_log.exp() * (teacher_log - student_log)).sum(-1)  # (B*T,)
+    return cross_entropy, torch.where(counted, kl, 0.0).sum() / count
+
+
+def distillation_metrics(run: Run) -> dict:
+    """The distillation term, KL(teacher || student) at --distill_temperature, on the val windows (the
+    val loss is the cross-entropy term)."""
+    def measure(x, y):
+        _, kl = distillation_terms(run.fast_model, run.post.teacher, x, y, run.cfg.distill_temperature)
+        return kl[None]
+    kl = eval_sums(run, "val", measure)[0] / run.cfg.eval_iters
+    if run.rank == 0:
+        print(f"distillation at step {run.step}: val KL(teacher || student) {kl:.4f} "
+              f"(T={run.cfg.distill_temperature:g})")
+    return {"val_distill_kl": kl}
+
+
+# DPO: preference pairs read like token windows, and their loss.
+
+def dpo_start(cfg: SimpleNamespace) -> str:
+    """The model a DPO run starts from, which stays its reference: --init_from (a resumed run's, as its
+    checkpoint recorded it)."""
+    if cfg.teacher:
+        raise FlagError("--teacher and --dpo_data are two different losses: use one of them")
+    start = cfg.init_from
+    if start == "resume":
+        config = read_checkpoint_lazily(checkpoint_path(cfg)).get("config")
+        start = config.get("init_from", "") if isinstance(config, dict) else ""
+    if start not in GPT2_SIZES and not start.endswith(".pt"):
+        raise FlagError(f"--dpo_data needs a model to start from, which is also its reference: "
+                        f"--init_from=PATH/ckpt.pt or gpt2..., not {start or 'nothing'}")
+    if start in GPT2_SIZES:
+        return start
+    if not Path(start).is_file():
+        raise FileNotFoundError(f"--init_from={start}: no such checkpoint (DPO's start and reference model)")
+    out = Path(cfg.out_dir).resolve()
+    if Path(start).resolve() in (out / "ckpt.pt", out / BEST_FILE):
+        raise FlagError(f"--init_from={start} is a file this run overwrites, but it must stay DPO's "
+                        f"reference: copy it elsewhere, or choose another --out_dir")
+    return start
+
+
+def start_tokenizer(start: str, cfg: SimpleNamespace) -> str:
+    """The tokenizer (as text) of DPO's start model: its checkpoint's, or GPT-2's."""
+    if start in GPT2_SIZES:
+        return gpt2_tokenizer(cfg.gpt2_dir).dumps()
+    return read_checkpoint_lazily(Path(start))["tokenizer"]
+
+
+def dpo_meta(cfg: SimpleNamespace) -> dict:
+    """What start_run needs of meta.json, for DPO, which reads no shards: the start model's tokenizer (written
+    to out_dir/tokenizer.bpe, where build_model reads it) and empty splits (post_training_windows reads the
+    pairs instead)."""
+    if cfg.batch_size % 2:
+        raise FlagError(f"--batch_size={cfg.batch_size} must be even with --dpo_data: a micro-batch holds "
+                        f"chosen/rejected pairs")
+    text = start_tokenizer(dpo_start(cfg), cfg)
+    path = Path(cfg.out_dir).resolve() / "tokenizer.bpe"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    tokenizer = tokenizer_from_text(text)
+    return {"dataset": cfg.dpo_data, "tokenizer": str(path), "vocab_size": tokenizer.vocab_size,
+            "eot_id": tokenizer.eot_token, "splits": {split: {"shards": [], "tokens": 0, "bytes": 0}
+                                                      for split in ("train", "val")}}
+
+
+DPO_FIELDS = ("prompt", "chosen", "rejected")
+
+
+def read_preference_pairs(path: Path, tokenizer: Tokenizer, block_size: int) -> list[tuple]:
+    """--dpo_data's lines as (chosen ids, rejected ids, prompt length): each sequence is <|endoftext|> +
+    prompt + response + <|endoftext|>, cut to block_size + 1 tokens at the response's end; the prompt
+    length counts the leading <|endoftext|>. A line that is not such a pair is refused in one line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--dpo_data={path}: no such file (a jsonl of {{prompt, chosen, rejected}})")
+    eot, pairs = tokenizer.eot_token, []
+    if eot is None:
+        raise ValueError("the tokenizer has no <|endoftext|> token, which DPO's sequences start and end with")
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path} line {number}"
+            try:
+                item = json.loads(raw.decode("utf-8")) if raw.strip() else None
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{where}: not a JSON object ({type(e).__name__}: {str(e)[:80]}); each line "
+                                 f"is {{\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}}") from None
+            if item is None:
+                continue  # a blank line
+            if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in DPO_FIELDS):
+                raise ValueError(f"{where}: needs the string fields prompt, chosen and rejected; fix the "
+                                 f"line")
+            prompt = [eot] + tokenizer.encode_ordinary(item["prompt"])
+            if len(prompt) > block_size:
+                raise ValueError(f"{where}: the prompt is {len(prompt) - 1} tokens, which leaves no room for "
+                                 f"an answer in --block_size={block_size}: shorten it or raise --block_size")
+            chosen, rejected = ((prompt + tokenizer.encode_ordinary(item[k]) + [eot])[:block_size + 1]
+                                for k in ("chosen", "rejected"))
+            pairs.append((chosen, rejected, len(prompt)))
+    if len(pairs) < 2:
+        raise ValueError(f"--dpo_data={path} holds {len(pairs)} pair(s): DPO needs at least 2 (the last 10% "
+                         f"are held out for evaluation)")
+    return pairs
+
+
+class PreferencePairs:
+    """One split's DPO pairs, with TokenWindows' interface (num_windows, draw, read): a window is a pair.
+    A micro-batch of batch_size sequences holds batch_size // 2 pairs: row 2i the prompt and the chosen
+    answer, row 2i + 1 the prompt and the rejected one. Rows are padded on the right to the longest in the
+    batch (causal attention: padding never changes the positions before it), and targets are -1 except on
+    the answer's tokens, its closing <|endoftext|> included."""
+
+    def __init__(self, pairs: list[tuple], block_size: int, pad_id: int):
+        self.pairs, self.block_size, self.pad_id = pairs, block_size, pad_id
+        self.num_windows = len(pairs)
+
+    def draw(self, generator: torch.Generator, num_batches: int, batch_size: int) -> torch.Tensor:
+        """(num_batches, batch_size // 2) random pair ids: the data order's only randomness is generator's."""
+        return torch.randint(self.num_windows, (num_batches, batch_size // 2), generator=generator)
+
+    def read(self, pair_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P,) pair ids -> inputs x and targets y, each (2P, T) int64 on device, T the longest row."""
+        rows = [(self.pairs[i][side], self.pairs[i][2]) for i in pair_ids.tolist() for side in (0, 1)]
+        width = max(len(ids) for ids, _ in rows) - 1
+        x = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        y = torch.full((len(rows), width), -1, dtype=torch.long)
+        for row, (ids, prompt_length) in enumerate(rows):
+            ids = torch.tensor(ids)
+            x[row, :len(ids) - 1] = ids[:-1]
+            y[row, prompt_length - 1:len(ids) - 1] = ids[prompt_length:]  # the answer's tokens only
+        if device.type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+
+def dpo_windows(cfg: SimpleNamespace, meta: dict) -> dict[str, PreferencePairs]:
+    """--dpo_data's pairs, tokenized with the run's tokenizer: the last 10% (at least 1) are the val pairs."""
+    tokenizer = tokenizer_from_text(Path(meta["tokenizer"]).read_text(encoding="utf-8"))
+    pairs = read_preference_pairs(Path(cfg.dpo_data), tokenizer, cfg.block_size)
+    held_out = max(1, len(pairs) // 10)
+    return {split: PreferencePairs(part, cfg.block_size, tokenizer.eot_token)
+            for split, part in (("train", pairs[:-held_out]), ("val", pairs[-held_out:]))}
+
+
+def sequence_log_probs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B,) each row's summed log-probability of its targets (those that are not -1)."""
+    logits = model(x)[0].float()  # (B, T, V)
+    nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")  # 0 at -1
+    return -nll.view(y.shape).sum(1)
+
+
+def preference_margins(policy: nn.Module, reference: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       beta: float) -> torch.Tensor:
+    """(P,) DPO's reward margins of the P pairs in x, y: beta * ((pc - rc) - (pr - rr)), p the policy's
+    log-probability of an answer, r the reference's, c chosen, r rejected."""
+    policy_log_probs = sequence_log_probs(policy, x, y)  # (2P,)
+    with torch.no_grad():
+        reference_log_probs = sequence_log_probs(reference, x, y)
+    rewards = policy_log_probs - reference_log_probs
+    return beta * (rewards[0::2] - rewards[1::2])
+
+
+def preference_loss(policy: nn.Module, reference: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    beta: float) -> torch.Tensor:
+    """DPO's loss, the pairs' mean -log sigmoid(margin): ln 2 where the policy is still the reference."""
+    return -F.logsigmoid(preference_margins(policy, reference, x, y, beta)).mean()
+
+
+class PreferenceLoss(nn.Module):
+    """For evaluate(), which scores model(x, y): DPO's loss of the pairs in x, y instead of cross-entropy, so
+    that the val loss printed, kept with best.pt and watched by --early_stop is the one DPO lowers."""
+
+    def __init__(self, policy: nn.Module, reference: GPT, beta: float):
+        super().__init__()
+        self.policy, self.beta = policy, beta
+        # In a tuple, not a submodule: evaluate's .train() afterwards must leave the reference in eval mode.
+        self.frozen = (reference,)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[None, torch.Tensor]:
+        return None, preference_loss(self.policy, self.frozen[0], x, y, self.beta)
+
+
+def evaluated_model(run: Run) -> nn.Module:
+    """What evaluate() scores: the model (its cross-entropy), or for DPO the pairs' preference loss."""
+    if run.post.reference is None:
+        return run.fast_model
+    return PreferenceLoss(run.fast_model, run.post.reference, run.cfg.dpo_beta)
+
+
+def preference_metrics(run: Run) -> dict:
+    """DPO on the val pairs evaluate() scores: the mean reward margin, and the share of pairs whose chosen
+    answer the policy prefers more than the reference does (margin > 0)."""
+    def measure(x, y):
+        margins = preference_margins(run.fast_model, run.post.reference, x, y, run.cfg.dpo_beta)
+        count = torch.tensor(float(margins.numel()), device=x.device)
+        return torch.stack([margins.sum(), (margins > 0).float().sum(), count])
+    margin_sum, preferred, pairs = eval_sums(run, "val", measure)
+    record = {"dpo_val_margin": margin_sum / pairs, "dpo_val_accuracy": preferred / pairs}
+    if run.rank == 0:
+        print(f"DPO at step {run.step}: val reward margin {record['dpo_val_margin']:.4f}, accuracy "
+              f"{record['dpo_val_accuracy']:.1%} of {pairs:.0f} pairs")
+    return record
 
 
 if __name__ == "__main__":

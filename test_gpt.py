@@ -3634,6 +3634,174 @@ def test_lora_missing_or_changed_base_and_bad_flags_are_one_line(capsys, tmp_pat
         code=2)
 
 
+
+# ==========================================================================================================
+# Post-training: distillation and DPO
+
+def dd_run(tmp_path: Path, name: str, argv: list[str]) -> Path:
+    """A tiny run into tmp_path / name, with evaluations at steps 0 and 2; returns its out_dir."""
+    out = tmp_path / name
+    gpt.main(TRAIN_TINY + [f"--out_dir={out}", "--eval_interval=2"] + argv)
+    return out
+
+
+def test_distillation_with_weight_0_equals_plain_training(tmp_path, train_checkpoint):
+    data = train_checkpoint.parent.parent / "data"
+    base = [f"--data_dir={data}", "--max_steps=3"]
+    plain = dd_run(tmp_path, "plain", base)
+    distilled = dd_run(tmp_path, "distilled", base + [f"--teacher={train_checkpoint}", "--distill_weight=0"])
+    assert [r["loss"] for r in train_log(plain)] == [r["loss"] for r in train_log(distilled)]
+    evals = train_log(distilled, "eval")
+    assert [r["val_loss"] for r in train_log(plain, "eval")] == [r["val_loss"] for r in evals]
+    assert all(r["val_distill_kl"] > 0 for r in evals)  # a new model is far from the trained teacher
+    weighted = dd_run(tmp_path, "weighted", base + [f"--teacher={train_checkpoint}", "--distill_weight=0.5"])
+    assert [r["loss"] for r in train_log(weighted)] != [r["loss"] for r in train_log(plain)]
+
+
+def test_distillation_kl_is_0_when_the_student_is_the_teacher(tmp_path, train_checkpoint):
+    # The student starts from the teacher's weights: its first loss, all KL (weight 1), is exactly 0.
+    data = train_checkpoint.parent.parent / "data"
+    out = dd_run(tmp_path, "self", [f"--data_dir={data}", f"--init_from={train_checkpoint}", "--max_steps=1",
+                                    f"--teacher={train_checkpoint}", "--distill_weight=1"])
+    assert train_log(out)[0]["loss"] == 0.0
+    assert train_log(out, "eval")[0]["val_distill_kl"] == 0.0
+
+
+def test_distillation_terms_are_cross_entropy_and_kl_over_the_targets():
+    torch.manual_seed(0)
+    student_logits, teacher_logits = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    y = torch.randint(7, (2, 5))
+    y[0, :2] = -1  # a chat mask: these positions are not learned
+    ce, kl = gpt.distillation_terms(lambda x: (student_logits, None), lambda x: (teacher_logits, None), y, y, 2.0)
+    kept = y.flatten() != -1
+    s, t = student_logits.flatten(0, 1)[kept], teacher_logits.flatten(0, 1)[kept]
+    assert torch.allclose(ce, F.cross_entropy(s, y.flatten()[kept]))
+    expected = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="batchmean")
+    assert torch.allclose(kl, expected)
+
+
+def test_distillation_teacher_with_another_tokenizer_is_one_line(capsys, tmp_path, train_checkpoint):
+    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    other = Tokenizer.train(text[-100_000:], 320)
+    data = train_make_dataset(tmp_path / "other", other.encode_ordinary(text[:20_000]),
+                              other.encode_ordinary(text[-5_000:]), vocab_size=other.vocab_size)
+    (data / "tokenizer.bpe").write_text(other.dumps(), encoding="utf-8")
+    err = train_error(capsys, TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}",
+                                            f"--teacher={train_checkpoint}"])
+    assert err.startswith(f"error: --teacher={train_checkpoint} has another tokenizer than this run's data")
+    missing = tmp_path / "none.pt"
+    assert f"--teacher={missing}: no such checkpoint" in train_error(
+        capsys, TRAIN_TINY + [f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", f"--teacher={missing}"])
+
+
+def test_distillation_from_gpt2(capsys, tmp_path, train_tiny_gpt2_dir, train_checkpoint):
+    # A GPT-2 teacher needs GPT-2-tokenized data; then a small student learns from it.
+    argv = TRAIN_TINY + [f"--out_dir={tmp_path / 'out'}", "--teacher=gpt2", f"--gpt2_dir={train_tiny_gpt2_dir}"]
+    err = train_error(capsys, argv + [f"--data_dir={train_checkpoint.parent.parent / 'data'}"])
+    assert err.startswith("error: --teacher=gpt2 has another tokenizer than this run's data") and "--tokenizer=gpt2" in err
+    tokenizer = Tokenizer.from_gpt2(DATA / "gpt2" / "vocab.bpe", DATA / "gpt2" / "encoder.json")
+    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    data = train_make_dataset(tmp_path / "data", train_tokens=tokenizer.encode_ordinary(text[:5000]),
+                              val_tokens=tokenizer.encode_ordinary(text[-2000:]), vocab_size=tokenizer.vocab_size)
+    (data / "tokenizer.bpe").write_text(tokenizer.dumps(), encoding="utf-8")
+    gpt.main(argv + [f"--data_dir={data}", "--max_steps=2", "--n_embd=16"])
+    losses = [r["loss"] for r in train_log(tmp_path / "out")]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+
+
+@pytest.fixture(scope="module")
+def dd_pairs(tmp_path_factory) -> Path:
+    """A jsonl of 12 preference pairs: a line of Shakespeare, its next line (chosen) or another one."""
+    lines = [line for line in (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8").splitlines()
+             if 10 < len(line) < 40][:40]
+    path = tmp_path_factory.mktemp("dpo") / "pairs.jsonl"
+    pairs = [{"prompt": lines[i], "chosen": lines[i + 1], "rejected": lines[-1 - i]} for i in range(12)]
+    path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs), encoding="utf-8")
+    return path
+
+
+def test_dpo_loss_at_step_0_is_ln_2(tmp_path, train_checkpoint, dd_pairs, capsys):
+    # No --data_dir: the pairs are the data, tokenized with the start checkpoint's tokenizer.
+    out = dd_run(tmp_path, "dpo", [f"--init_from={train_checkpoint}", f"--dpo_data={dd_pairs}", "--max_steps=2"])
+    assert abs(train_log(out)[0]["loss"] - math.log(2)) < 1e-6
+    first, last = train_log(out, "eval")
+    assert abs(first["val_loss"] - math.log(2)) < 1e-6 and abs(first["train_loss"] - math.log(2)) < 1e-6
+    assert first["dpo_val_margin"] == 0.0 and first["dpo_val_accuracy"] == 0.0
+    assert last["step"] == 2 and "dpo_val_margin" in last and 0 <= last["dpo_val_accuracy"] <= 1
+    assert "DPO at step 2: val reward margin" in capsys.readouterr().out
+    saved = torch.load(out / "ckpt.pt", weights_only=True)
+    assert saved["config"]["init_from"] == str(train_checkpoint)
+    assert saved["tokenizer"] == torch.load(train_checkpoint, weights_only=True)["tokenizer"]
+
+
+def test_dpo_pairs_and_a_step_that_raises_the_margin(train_checkpoint, dd_pairs):
+    checkpoint = torch.load(train_checkpoint, weights_only=True)
+    tokenizer = Tokenizer.loads(checkpoint["tokenizer"])
+    pairs = gpt.read_preference_pairs(dd_pairs, tokenizer, 32)
+    windows = gpt.PreferencePairs(pairs, 32, tokenizer.eot_token)
+    x, y = windows.read(torch.tensor([0, 1]), torch.device("cpu"))
+    chosen, rejected, prompt_length = pairs[0]
+    assert x.shape[0] == 4 and x[0, :len(chosen) - 1].tolist() == chosen[:-1]
+    assert (y[0, :prompt_length - 1] == -1).all() and y[0, prompt_length - 1:len(chosen) - 1].tolist() == \
+        chosen[prompt_length:] and (y[0, len(chosen) - 1:] == -1).all()
+    assert x[1, :len(rejected) - 1].tolist() == rejected[:-1] and chosen[-1] == tokenizer.eot_token
+    policy = gpt.model_from_checkpoint(checkpoint, train_checkpoint)
+    reference = gpt.model_from_checkpoint(checkpoint, train_checkpoint).eval()
+    before = gpt.preference_margins(policy, reference, x, y, 0.1)
+    assert (before == 0).all()
+    gpt.preference_loss(policy, reference, x, y, 0.1).backward()
+    torch.optim.SGD(policy.parameters(), lr=0.1).step()
+    with torch.no_grad():
+        after = gpt.preference_margins(policy, reference, x, y, 0.1)
+    assert after.mean() > 0
+
+
+def test_dpo_resume_is_exact(tmp_path, train_checkpoint, dd_pairs):
+    # dropout and 2 micro-steps: the RNG and the position in the pairs must be restored
+    argv = [f"--init_from={train_checkpoint}", f"--dpo_data={dd_pairs}", "--lr_decay_steps=4", "--dropout=0.1",
+            "--total_batch_tokens=256"]
+    straight = dd_run(tmp_path, "straight", argv + ["--max_steps=4"])
+    halves = dd_run(tmp_path, "halves", argv + ["--max_steps=2"])
+    for steps in (3, 4):  # twice: the second resume starts from a resumed run's checkpoint
+        gpt.main([f"--out_dir={halves}", "--init_from=resume", f"--max_steps={steps}"])
+    assert [r["loss"] for r in train_log(halves)] == [r["loss"] for r in train_log(straight)]
+    halves_evals = {r["step"]: r["val_loss"] for r in train_log(halves, "eval")}  # and step 3's, where it stopped
+    assert all(r["val_loss"] == halves_evals[r["step"]] for r in train_log(straight, "eval"))
+    a, b = (torch.load(out / "ckpt.pt", weights_only=True)["model"] for out in (straight, halves))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dpo_from_gpt2(tmp_path, train_tiny_gpt2_dir, dd_pairs):
+    gpt.main(["--init_from=gpt2", f"--gpt2_dir={train_tiny_gpt2_dir}", f"--dpo_data={dd_pairs}", "--block_size=32",
+              "--batch_size=2", "--eval_iters=1", "--peak_flops=1e11", f"--out_dir={tmp_path}", "--max_steps=1"])
+    assert abs(train_log(tmp_path)[0]["loss"] - math.log(2)) < 1e-6
+    assert Tokenizer.loads(torch.load(tmp_path / "ckpt.pt", weights_only=True)["tokenizer"]).vocab_size == 50257
+
+
+def test_dpo_errors_are_one_line(capsys, tmp_path, train_checkpoint, dd_pairs):
+    base = TRAIN_TINY + [f"--init_from={train_checkpoint}", f"--out_dir={tmp_path / 'out'}"]
+    bad = tmp_path / "bad.jsonl"
+    good = dd_pairs.read_text(encoding="utf-8").splitlines()
+    for line, message in (("{not json", "not a JSON object"),
+                          ('{"prompt": "a", "chosen": "b"}', "needs the string fields prompt, chosen and rejected"),
+                          ('["a", "b", "c"]', "needs the string fields"),
+                          (json.dumps({"prompt": "word " * 40, "chosen": "b", "rejected": "c"}),
+                           "leaves no room for an answer in --block_size=32")):
+        bad.write_text("\n".join(good[:2] + ["", line] + good[2:]) + "\n", encoding="utf-8")
+        err = train_error(capsys, base + [f"--dpo_data={bad}"])
+        assert err.startswith(f"error: {bad} line 4: ") and message in err, err
+    assert "--dpo_data needs a model to start from" in train_error(
+        capsys, TRAIN_TINY + [f"--dpo_data={dd_pairs}", f"--out_dir={tmp_path / 'out'}"], code=2)
+    assert "--batch_size=3 must be even" in train_error(capsys, base + [f"--dpo_data={dd_pairs}", "--batch_size=3"],
+                                                        code=2)
+    bad.write_text(good[0] + "\n", encoding="utf-8")
+    assert "holds 1 pair(s): DPO needs at least 2" in train_error(capsys, base + [f"--dpo_data={bad}"])
+    assert "--dpo_data=" in train_error(capsys, base + [f"--dpo_data={tmp_path / 'none.jsonl'}"])
+    assert "two different losses" in train_error(
+        capsys, base + [f"--dpo_data={dd_pairs}", f"--teacher={train_checkpoint}"], code=2)
+
+
+
 # ==========================================================================================================
 # README.md: every command line in it parses, and the recipes run end to end (for a few steps)
 

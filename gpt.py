@@ -19,6 +19,8 @@ sets of flags, with the losses they reach):
     python gpt.py --plot --compare=out/a,out/b                 # several runs' curves on one figure
     python gpt.py --export_hf=DIR                              # the checkpoint as a Hugging Face GPT-2
     python gpt.py --eval=val --ckpt=out/best.pt                # loss on the whole val split (or hellaswag)
+    python gpt.py --init_from=out/ckpt.pt --out_dir=out/sft ... # a new run from its weights (LoRA, chat)
+    python gpt.py --chat --out_dir=out/sft                     # talk to a model tuned on --chat data
     python gpt.py --help                                       # every knob with its default and meaning
 
 Part I, the lesson: stop at its end and you have read the whole program.
@@ -74,7 +76,7 @@ import torch.nn.functional as F
 from torch import Tensor  # for the loss op's signature, which torch.library reads
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from bpe import Tokenizer, load_tokenizer, write_atomically
+from bpe import CHAT_END, CHAT_TOKENS, Tokenizer, load_tokenizer, write_atomically
 
 # ==========================================================================================================
 # Part I: the lesson
@@ -1140,7 +1142,7 @@ def evaluate_and_checkpoint(run: Run, log: "RunLog") -> None:
               "val_perplexity": math.exp(min(losses["val"], 50.0))}
     val = run.meta["splits"]["val"]
     val_tokens, val_bytes = val.get("tokens", 0), val.get("bytes", 0)
-    if val_bytes:  # a tokenizer-independent measure: how many bits the model needs per byte of text
+    if val_bytes and "masks" not in val:  # bits per byte of text (chat data's loss covers answers only)
         record["val_bits_per_byte"] = losses["val"] / math.log(2) * val_tokens / val_bytes
     if device.type == "cuda":
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -2847,15 +2849,19 @@ def check_schedule(cfg: SimpleNamespace, print_warnings: bool = True) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
+def prompt_text(prompt_flag: str) -> str:
+    """--prompt's text: as given, or FILE:path reads it from a file."""
+    if not prompt_flag.startswith("FILE:"):
+        return prompt_flag
+    path = Path(prompt_flag.removeprefix("FILE:"))
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompt=FILE:{path}: no such file")
+    return path.read_text(encoding="utf-8")
+
+
 def encode_prompt(prompt_flag: str, tokenizer: Tokenizer) -> list[int]:
     """--prompt as ids; FILE:path reads the text from a file. Special tokens in it (<|endoftext|>) count."""
-    text = prompt_flag
-    if prompt_flag.startswith("FILE:"):
-        path = Path(prompt_flag.removeprefix("FILE:"))
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompt=FILE:{path}: no such file")
-        text = path.read_text(encoding="utf-8")
-    ids = tokenizer.encode(text, allowed_special="all")
+    ids = tokenizer.encode(prompt_text(prompt_flag), allowed_special="all")
     if not ids:
         raise ValueError("--prompt encodes to no tokens: give some text, or leave it out to start a new "
                          "document")
@@ -3288,23 +3294,29 @@ def fit_vocabulary(model: GPT, model_tokenizer_text: str, data_tokenizer_text: s
         their_data = "gpt2" if str(source).startswith("gpt2") else "<that run's data folder>/tokenizer.bpe"
         raise ValueError(f"{cfg.data_dir} was tokenized with another tokenizer than {source}'s: prepare it "
                          f"with --tokenizer={their_data}")
-    return grow_vocabulary(model, data.vocab_size)
+    return grow_vocabulary(model, data)
 
 
-def grow_vocabulary(model: GPT, vocab_size: int) -> GPT:
-    """The model with vocab_size token ids, in place: each new row of the embedding (and of an untied
-    output layer) starts as the mean of the real rows. A new token then reads in as an average token and
-    is scored like one, where a random row would be noise the first steps must undo, and a zero row would
-    give it no gradient through the embedding. No random numbers: a run that rebuilds the model from the
-    same weights gets the same rows."""
-    old, config = model.config.vocab_size, replace(model.config, vocab_size=vocab_size)
-    if vocab_size <= old:
+def grow_vocabulary(model: GPT, tokenizer: Tokenizer) -> GPT:
+    """The model with the tokenizer's vocabulary, in place: each new row of the embedding (and of an untied
+    output layer) starts as the mean of the rows of its name's tokens (<|user|>: those of "user"), or of
+    all real rows if the name has none. A new token then reads in like the word it names, and the four
+    chat tokens start apart (a row they shared would make them one token: under LoRA, which freezes the
+    embedding, for good). A random row would be noise the first steps must undo, and a zero row would give
+    it no gradient through the embedding. No random numbers: a run that rebuilds the model from the same
+    weights gets the same rows."""
+    old = model.config.vocab_size
+    config = replace(model.config, vocab_size=tokenizer.vocab_size)
+    if config.vocab_size <= old:
         return model
+    names = {i: token for token, i in tokenizer.special_tokens.items()}
+    sources = [[i for i in tokenizer.encode_ordinary(names.get(new, "").strip("<|>")) if i < old]
+               for new in range(old, config.vocab_size)]  # (the ids each new row averages)
 
     def grown(weight: torch.Tensor) -> nn.Parameter:
         rows = weight.detach()[:old]  # (old, C), the padding rows left behind
-        mean = rows.mean(dim=0, keepdim=True).expand(vocab_size - old, -1)
-        return nn.Parameter(pad_rows(torch.cat((rows, mean)), config.padded_vocab_size))
+        new = [rows[ids].mean(dim=0) if ids else rows.mean(dim=0) for ids in sources]
+        return nn.Parameter(pad_rows(torch.cat((rows, torch.stack(new))), config.padded_vocab_size))
 
     model.lm_head.weight = grown(model.lm_head.weight)
     model.transformer.wte.weight = model.lm_head.weight if config.tie_weights \
@@ -3490,9 +3502,6 @@ def lora_summary(model: GPT) -> str:
 
 # -- Instruction tuning: chat shards with a loss mask, and a terminal chat -----------------------------------
 
-from bpe import CHAT_END, CHAT_TOKENS  # the chat template (bpe.py, section 13): its one definition
-
-
 def post_training_windows(cfg: SimpleNamespace, meta: dict, data_dir: Path,
                           windows: dict[str, TokenWindows]) -> dict[str, TokenWindows]:
     """The training and val windows: chat data's with its loss mask, DPO's pairs, or the plain ones."""
@@ -3536,6 +3545,9 @@ def run_chat(cfg: SimpleNamespace, overrides: dict) -> None:
     """python gpt.py --chat --ckpt=...: a terminal chat. Each line on stdin is a user turn (an empty line is
     skipped); the reply streams to stdout until <|end|>; end of input ends the chat. --prompt gives the
     system message. The prompt "> " shows only on a terminal, so a pipe's output is the replies alone."""
+    for name in ("beam", "num_samples"):
+        if name in overrides:
+            raise FlagError(f"--{name} is for --sample: --chat answers each line with one sampled reply")
     runtime = setup_device(cfg.device, cfg.dtype)
     quiet = SimpleNamespace(**{**vars(cfg), "sample": True})  # say whose weights on stderr, as --sample does
     model, tokenizer = load_for_sampling(quiet, runtime.device)
@@ -3559,14 +3571,7 @@ def run_chat(cfg: SimpleNamespace, overrides: dict) -> None:
 
 def system_message(cfg: SimpleNamespace, overrides: dict) -> str:
     """--chat's system message: --prompt's text (FILE:path reads a file), none unless it is given."""
-    if "prompt" not in overrides:
-        return ""
-    if not cfg.prompt.startswith("FILE:"):
-        return cfg.prompt
-    path = Path(cfg.prompt.removeprefix("FILE:"))
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompt=FILE:{path}: no such file")
-    return read_utf8(path)
+    return prompt_text(cfg.prompt) if "prompt" in overrides else ""
 
 
 class ChatSession:
@@ -3726,20 +3731,21 @@ def post_training_metrics(run: Run) -> dict:
     return {}
 
 
-def eval_sums(run: Run, split: str, measure) -> list[float]:
-    """measure(x, y) -> a (K,) tensor of sums, added up over the batches evaluate() scores on split: the
-    same windows (a generator seeded afresh), shared among the processes the same way."""
+def eval_sums(run: Run, split: str, measure, count: int) -> list[float]:
+    """measure(x, y) -> a (count,) tensor of sums, added up over the batches evaluate() scores on split: the
+    same windows (a generator seeded afresh), shared among the processes the same way (a process may get
+    none, with more processes than --eval_iters: its zeros still join the all-reduce)."""
     cfg, device = run.cfg, run.runtime.device
     windows = run.windows[split]
     batches = windows.draw(torch.Generator().manual_seed(cfg.seed), cfg.eval_iters, cfg.batch_size)
-    total = None
+    total = torch.zeros(count, device=device)
     run.fast_model.eval()
     with torch.no_grad():
         for i in range(run.rank, cfg.eval_iters, run.world_size):
             x, y = windows.read(batches[i], device)
             with run.runtime.autocast():
                 sums = measure(x, y).float()
-            total = sums if total is None else total + sums
+            total += sums
     run.fast_model.train()
     if run.world_size > 1:
         dist.all_reduce(total)
@@ -3772,7 +3778,7 @@ def distillation_metrics(run: Run) -> dict:
     def measure(x, y):
         _, kl = distillation_terms(run.fast_model, run.post.teacher, x, y, run.cfg.distill_temperature)
         return kl[None]
-    kl = eval_sums(run, "val", measure)[0] / run.cfg.eval_iters
+    kl = eval_sums(run, "val", measure, 1)[0] / run.cfg.eval_iters
     if run.rank == 0:
         print(f"distillation at step {run.step}: val KL(teacher || student) {kl:.4f} "
               f"(T={run.cfg.distill_temperature:g})")
@@ -3801,7 +3807,7 @@ def dpo_start(cfg: SimpleNamespace) -> str:
     if Path(start).resolve() in (out / "ckpt.pt", out / BEST_FILE):
         raise FlagError(f"--init_from={start} is a file this run overwrites, but it must stay DPO's "
                         f"reference: copy it elsewhere, or choose another --out_dir")
-    return start
+    return str(Path(start).resolve())  # absolute: a resume from another folder finds the reference
 
 
 def start_tokenizer(start: str, cfg: SimpleNamespace) -> str:
@@ -3813,13 +3819,13 @@ def start_tokenizer(start: str, cfg: SimpleNamespace) -> str:
 
 def dpo_meta(cfg: SimpleNamespace) -> dict:
     """What start_run needs of meta.json, for DPO, which reads no shards: the start model's tokenizer (written
-    to out_dir/tokenizer.bpe, where build_model reads it) and empty splits (post_training_windows reads the
-    pairs instead)."""
+    to out_dir/dpo_tokenizer.bpe, a name no other program writes, where build_model reads it) and empty
+    splits (post_training_windows reads the pairs instead)."""
     if cfg.batch_size % 2:
         raise FlagError(f"--batch_size={cfg.batch_size} must be even with --dpo_data: a micro-batch holds "
                         f"chosen/rejected pairs")
     text = start_tokenizer(dpo_start(cfg), cfg)
-    path = Path(cfg.out_dir).resolve() / "tokenizer.bpe"
+    path = Path(cfg.out_dir).resolve() / "dpo_tokenizer.bpe"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     tokenizer = tokenizer_from_text(text)
@@ -3833,13 +3839,16 @@ DPO_FIELDS = ("prompt", "chosen", "rejected")
 
 def read_preference_pairs(path: Path, tokenizer: Tokenizer, block_size: int) -> list[tuple]:
     """--dpo_data's lines as (chosen ids, rejected ids, prompt length): each sequence is <|endoftext|> +
-    prompt + response + <|endoftext|>, cut to block_size + 1 tokens at the response's end; the prompt
-    length counts the leading <|endoftext|>. A line that is not such a pair is refused in one line."""
+    prompt + response + <|endoftext|>, or, for a model with the chat tokens, the conversation --chat has:
+    <|endoftext|><|user|> prompt <|end|><|assistant|> response <|end|>. It is cut to block_size + 1 tokens
+    at the response's end; the prompt length counts the leading tokens. A line that is not such a pair is
+    refused in one line."""
     if not path.is_file():
         raise FileNotFoundError(f"--dpo_data={path}: no such file (a jsonl of {{prompt, chosen, rejected}})")
     eot, pairs = tokenizer.eot_token, []
     if eot is None:
         raise ValueError("the tokenizer has no <|endoftext|> token, which DPO's sequences start and end with")
+    chat = all(token in tokenizer.special_tokens for token in CHAT_TOKENS)
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             where = f"{path} line {number}"
@@ -3853,11 +3862,15 @@ def read_preference_pairs(path: Path, tokenizer: Tokenizer, block_size: int) -> 
             if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in DPO_FIELDS):
                 raise ValueError(f"{where}: needs the string fields prompt, chosen and rejected; fix the "
                                  f"line")
-            prompt = [eot] + tokenizer.encode_ordinary(item["prompt"])
+            prompt, end = [eot] + tokenizer.encode_ordinary(item["prompt"]), [eot]
+            if chat:  # the prompt as a user turn, the answers as the assistant's: the format --chat speaks
+                prompt = tokenizer.render_chat([{"role": "user", "content": item["prompt"]}])[0] + \
+                    [tokenizer.special_tokens["<|assistant|>"]]
+                end = [tokenizer.special_tokens[CHAT_END]]
             if len(prompt) > block_size:
                 raise ValueError(f"{where}: the prompt is {len(prompt) - 1} tokens, which leaves no room for "
                                  f"an answer in --block_size={block_size}: shorten it or raise --block_size")
-            chosen, rejected = ((prompt + tokenizer.encode_ordinary(item[k]) + [eot])[:block_size + 1]
+            chosen, rejected = ((prompt + tokenizer.encode_ordinary(item[k]) + end)[:block_size + 1]
                                 for k in ("chosen", "rejected"))
             pairs.append((chosen, rejected, len(prompt)))
     if len(pairs) < 2:
@@ -3871,7 +3884,7 @@ class PreferencePairs:
     A micro-batch of batch_size sequences holds batch_size // 2 pairs: row 2i the prompt and the chosen
     answer, row 2i + 1 the prompt and the rejected one. Rows are padded on the right to the longest in the
     batch (causal attention: padding never changes the positions before it), and targets are -1 except on
-    the answer's tokens, its closing <|endoftext|> included."""
+    the answer's tokens, its closing <|endoftext|> (or <|end|>) included."""
 
     def __init__(self, pairs: list[tuple], block_size: int, pad_id: int):
         self.pairs, self.block_size, self.pad_id = pairs, block_size, pad_id
@@ -3957,7 +3970,7 @@ def preference_metrics(run: Run) -> dict:
         margins = preference_margins(run.fast_model, run.post.reference, x, y, run.cfg.dpo_beta)
         count = torch.tensor(float(margins.numel()), device=x.device)
         return torch.stack([margins.sum(), (margins > 0).float().sum(), count])
-    margin_sum, preferred, pairs = eval_sums(run, "val", measure)
+    margin_sum, preferred, pairs = eval_sums(run, "val", measure, 3)
     record = {"dpo_val_margin": margin_sum / pairs, "dpo_val_accuracy": preferred / pairs}
     if run.rank == 0:
         print(f"DPO at step {run.step}: val reward margin {record['dpo_val_margin']:.4f}, accuracy "

@@ -3278,7 +3278,7 @@ def test_chat_prepare_bad_lines_are_one_line_errors_naming_file_and_line(tmp_pat
     prepare_assert_one_line_error(code, err, "--chat reads .jsonl files")
 
 
-def test_chat_fit_vocabulary_grows_rows_to_the_mean():
+def test_chat_fit_vocabulary_grows_rows_that_start_as_their_names():
     base, chat = train_tokenizer(), train_tokenizer().with_chat_tokens()
     cfg = gpt.SimpleNamespace(data_dir="data/chat")
     for tie in (True, False):
@@ -3291,7 +3291,10 @@ def test_chat_fit_vocabulary_grows_rows_to_the_mean():
             weight = grown.state_dict()[key]
             assert weight.shape == (384, 16)
             assert torch.equal(weight[:320], before[key][:320])
-            assert torch.allclose(weight[320:324], before[key][:320].mean(dim=0).expand(4, -1))
+            for token in bpe.CHAT_TOKENS:  # <|user|> starts as the mean of the rows of "user"'s tokens
+                ids = base.encode_ordinary(token.strip("<|>"))
+                assert torch.allclose(weight[chat.special_tokens[token]], before[key][ids].mean(dim=0))
+            assert len({tuple(row.tolist()) for row in weight[320:324]}) == 4  # four tokens, four rows
             assert not weight[324:].any()
         assert (grown.lm_head.weight is grown.transformer.wte.weight) == tie
         torch.manual_seed(0)
@@ -3354,7 +3357,8 @@ def test_chat_training_learns_only_the_assistant_tokens(tmp_path, chat_fine_tune
     tokens = prepare_read_shard(data / shard).astype(np.int64)
     mask = prepare_read_shard(data / meta["splits"]["train"]["masks"][0])
     block = 8
-    windows = gpt.post_training_windows(None, meta, data, {"train": gpt.TokenWindows(data, [shard], block, "train")})
+    windows = gpt.post_training_windows(gpt.make_config({}), meta, data,
+                                      {"train": gpt.TokenWindows(data, [shard], block, "train")})
     starts = torch.arange(0, 40)
     x, y = windows["train"].read(starts, torch.device("cpu"))
     assert torch.equal(x, torch.stack([torch.from_numpy(tokens[s:s + block]) for s in starts.tolist()]))
@@ -3375,8 +3379,8 @@ def test_chat_training_learns_only_the_assistant_tokens(tmp_path, chat_fine_tune
         window = torch.tensor([position - block])
         losses = []
         for folder in (data, edited):
-            reader = gpt.post_training_windows(None, meta, folder, {"train": gpt.TokenWindows(folder, [shard], block,
-                                                                                               "train")})["train"]
+            reader = gpt.post_training_windows(gpt.make_config({}), meta, folder,
+                                               {"train": gpt.TokenWindows(folder, [shard], block, "train")})["train"]
             with torch.no_grad():
                 losses.append(model(*reader.read(window, torch.device("cpu")))[1].item())
         assert (losses[0] != losses[1]) == changes, (position, losses)
@@ -3418,6 +3422,8 @@ def test_chat_through_a_pipe_answers_and_stops_at_end(chat_fine_tuned, train_che
         f"error: {train_checkpoint} has no chat tokens (<|system|>, <|user|>, <|assistant|>, <|end|>): fine-tune " \
         f"it first on the data of prepare_fineweb.py --chat (--init_from={train_checkpoint} " \
         f"--data_dir=THAT_FOLDER)\n"
+    assert train_error(capsys, ["--chat", f"--ckpt={chat_fine_tuned}", "--beam=2"], code=2) == \
+        "error: --beam is for --sample: --chat answers each line with one sampled reply\n"
 
     class Interrupted(io.StringIO):
         def readline(self, *args):
@@ -3754,6 +3760,19 @@ def test_dpo_pairs_and_a_step_that_raises_the_margin(train_checkpoint, dd_pairs)
     with torch.no_grad():
         after = gpt.preference_margins(policy, reference, x, y, 0.1)
     assert after.mean() > 0
+
+
+def test_dpo_pairs_of_a_chat_model_are_conversations(dd_pairs):
+    # With the chat tokens the prompt is a user turn, the answers the assistant's, each closed by <|end|>:
+    # the format --chat speaks, so DPO tunes the replies the chat will produce.
+    tokenizer = train_tokenizer().with_chat_tokens()
+    item = json.loads(dd_pairs.read_text(encoding="utf-8").splitlines()[0])
+    chosen, rejected, prompt_length = gpt.read_preference_pairs(dd_pairs, tokenizer, 512)[0]
+    prompt = tokenizer.render_chat([{"role": "user", "content": item["prompt"]}])[0] + \
+        [tokenizer.special_tokens["<|assistant|>"]]
+    assert prompt_length == len(prompt) and chosen[:prompt_length] == prompt
+    assert chosen[prompt_length:] == tokenizer.encode_ordinary(item["chosen"]) + [tokenizer.special_tokens["<|end|>"]]
+    assert rejected[prompt_length:-1] == tokenizer.encode_ordinary(item["rejected"])
 
 
 def test_dpo_resume_is_exact(tmp_path, train_checkpoint, dd_pairs):

@@ -1057,7 +1057,8 @@ def start_run(cfg: SimpleNamespace, overrides: dict, checkpoint: dict | None, ru
     run = Run(cfg, runtime, rank, world_size, meta, model, fast_model, train_model, optimizer,
               tokenizer_from_text(tokenizer_text), tokenizer_text, windows, data_generator,
               accumulation_steps, tokens_per_step, flops, peak_flops,
-              start_post_training(cfg, model, runtime), step, best_val_loss, saved_step, *best)
+              start_post_training(cfg, model, runtime, tokenizer_text), step, best_val_loss, saved_step,
+              *best)
     if rank == 0:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         print_start(run)  # the model, the device, the step's tokens, the data: Part II
@@ -1967,7 +1968,7 @@ def model_from_checkpoint(checkpoint: dict, path: Path, dropout: float | None = 
 def check_model_for_sampling(model: GPT, cfg: SimpleNamespace) -> None:
     """Refuse weights that are NaN or infinite (an edited or damaged checkpoint: every draw would fail) and
     more beams than the vocabulary has tokens (the first step cannot fill them)."""
-    source = cfg.init_from if cfg.init_from.startswith("gpt2") else weights_path(cfg)
+    source = weights_source(cfg)
     broken = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
     if broken is not None:
         raise ValueError(f"{source} holds non-finite weights (NaN or inf in {broken}): it cannot be sampled; "
@@ -2884,6 +2885,11 @@ def weights_path(cfg: SimpleNamespace) -> Path:
     return best if best.is_file() else Path(cfg.out_dir) / "ckpt.pt"
 
 
+def weights_source(cfg: SimpleNamespace) -> str | Path:
+    """What sampling, scoring and --chat read, for messages: --init_from=gpt2..., or weights_path's file."""
+    return cfg.init_from if cfg.init_from.startswith("gpt2") else weights_path(cfg)
+
+
 def say_which_weights(cfg: SimpleNamespace, path: Path, checkpoint: dict) -> None:
     """Say whose weights are used. --sample says it on stderr (stdout is the sample), and only when it chose
     the file itself: with --ckpt its output stays exactly the sample."""
@@ -3209,7 +3215,7 @@ def write_samples(cfg: SimpleNamespace, model: GPT, tokenizer: Tokenizer, prompt
     """--output_file: num_samples samples, each under a line of the settings that made it. Sample i is drawn
     alone with the generator seeded seed + i, so it is exactly what --seed=<seed + i> prints; the file is
     written atomically, once every sample is drawn."""
-    source = cfg.init_from if cfg.init_from.startswith("gpt2") else weights_path(cfg)
+    source = weights_source(cfg)
     stop_token, n = options["stop_token"], cfg.num_samples
     samples = []
     for i in range(n):
@@ -3554,7 +3560,7 @@ def run_chat(cfg: SimpleNamespace, overrides: dict) -> None:
     check_model_for_sampling(model, cfg)
     missing = [token for token in CHAT_TOKENS if token not in tokenizer.special_tokens]
     if missing:
-        source = cfg.init_from if cfg.init_from.startswith("gpt2") else weights_path(cfg)
+        source = weights_source(cfg)
         raise ValueError(f"{source} has no chat tokens ({', '.join(missing)}): fine-tune it first on the "
                          f"data of prepare_fineweb.py --chat (--init_from={source} --data_dir=THAT_FOLDER)")
     session = ChatSession(model, tokenizer, system_message(cfg, overrides), cfg)
@@ -3678,19 +3684,12 @@ def frozen_model(spec: str, cfg: SimpleNamespace, runtime: Runtime, flag: str, t
     return model.to(runtime.device).eval().requires_grad_(False)
 
 
-def run_tokenizer_text(cfg: SimpleNamespace) -> str:
-    """The tokenizer start_run gives the run (Run.tokenizer_text), known before the Run is: a resumed run's
-    checkpoint's, else its data's."""
-    if cfg.init_from == "resume":
-        return read_checkpoint_lazily(checkpoint_path(cfg))["tokenizer"]
-    data_dir = Path(cfg.data_dir)
-    return (data_dir / load_meta(data_dir)["tokenizer"]).read_text(encoding="utf-8")
-
-
-def start_post_training(cfg: SimpleNamespace, model: GPT, runtime: Runtime) -> PostTraining:
-    """The teacher and the reference the flags ask for (none by default)."""
+def start_post_training(cfg: SimpleNamespace, model: GPT, runtime: Runtime,
+                        tokenizer_text: str) -> PostTraining:
+    """The teacher and the reference the flags ask for (none by default); each must have the run's
+    tokenizer, tokenizer_text (for DPO, the start model's own: dpo_meta made it the run's)."""
     if cfg.teacher:
-        teacher = frozen_model(cfg.teacher, cfg, runtime, "--teacher", run_tokenizer_text(cfg))
+        teacher = frozen_model(cfg.teacher, cfg, runtime, "--teacher", tokenizer_text)
         if teacher.config.vocab_size != model.config.vocab_size:
             raise ValueError(f"--teacher={cfg.teacher} scores {teacher.config.vocab_size} token ids, the "
                              f"model {model.config.vocab_size}: distil from a model of the same vocabulary")
@@ -3703,7 +3702,7 @@ def start_post_training(cfg: SimpleNamespace, model: GPT, runtime: Runtime) -> P
         # A resumed run's settings say init_from=resume: this one keeps its start model's name there
         # instead, so that every later resume finds the same reference.
         cfg.init_from = start
-        reference = frozen_model(start, cfg, runtime, "--init_from", start_tokenizer(start, cfg))
+        reference = frozen_model(start, cfg, runtime, "--init_from", tokenizer_text)
         return PostTraining(reference=reference)
     return PostTraining()
 

@@ -1593,6 +1593,11 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self) -> None:
         first, last, warmup_steps = MUON_MOMENTUM
+        # Pieces of one shape are orthogonalised together, as one (n, rows, cols) batch: a GPT has many
+        # matrices but few shapes, and on a GPU one batched product per shape replaces a dozen kernel
+        # launches per matrix. A tall piece goes in transposed, which is what orthogonalize does with it
+        # anyway (the same arithmetic), so c_fc's (4C, C) pieces share a batch with c_proj's (C, 4C).
+        batches: dict[tuple, list] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -1605,9 +1610,18 @@ class Muon(torch.optim.Optimizer):
                 buffer.lerp_(p.grad, 1 - momentum)        # the average of recent gradients
                 update = p.grad.lerp(buffer, momentum)    # Nesterov: the gradient, pushed along the average
                 pieces = update.view(group["pieces"], -1, p.size(1))  # (pieces, rows, cols)
-                scale = max(1.0, pieces.size(1) / pieces.size(2)) ** 0.5  # the same RMS for every shape
-                p.add_(orthogonalize(pieces).view_as(p), alpha=-group["lr"] * scale)
+                tall = pieces.size(1) > pieces.size(2)
+                pieces = pieces.mT if tall else pieces
+                shape = (*pieces.shape[1:], pieces.dtype)
+                batches.setdefault(shape, []).append((p, pieces, tall, group["lr"]))
                 state["step"] += 1
+        for items in batches.values():
+            done = orthogonalize(torch.cat([pieces for _, pieces, _, _ in items]))
+            counts = [pieces.size(0) for _, pieces, _, _ in items]
+            for (p, pieces, tall, lr), out in zip(items, done.split(counts)):
+                rows, cols = p.size(0) // pieces.size(0), p.size(1)
+                scale = max(1.0, rows / cols) ** 0.5  # the same RMS for every shape
+                p.add_((out.mT if tall else out).reshape(p.shape), alpha=-lr * scale)
 
 
 class MuonWithAdamW:

@@ -1536,6 +1536,24 @@ def test_muon_step_is_nesterov_momentum_then_orthogonalised_and_scaled():
     assert muon.state_dict()["state"][0]["step"] == 2
 
 
+def test_muon_orthogonalises_same_shaped_pieces_as_one_batch_with_the_same_result():
+    torch.manual_seed(0)  # q, k, v pieces, a wide and a tall matrix that share a batch, and a lone shape
+    shapes = {"qkv": (48, 16), "wide": (16, 64), "tall": (64, 16), "square": (16, 16), "other": (8, 24)}
+    weights = {name: torch.nn.Parameter(torch.randn(shape)) for name, shape in shapes.items()}
+    muon = gpt.Muon([{"params": [weights["qkv"]], "pieces": 3},
+                     {"params": [w for name, w in weights.items() if name != "qkv"]}], lr=0.1)
+    expected = {}
+    for name, w in weights.items():
+        w.grad = torch.randn_like(w)
+        # The first update is a multiple of the gradient, and orthogonalize does not see the scale.
+        pieces = w.grad.view(3 if name == "qkv" else 1, -1, w.size(1))
+        scale = max(1.0, pieces.size(1) / pieces.size(2)) ** 0.5
+        expected[name] = w.detach() - 0.1 * scale * gpt.orthogonalize(pieces).view_as(w)
+    muon.step()
+    for name, w in weights.items():
+        torch.testing.assert_close(w.detach(), expected[name], msg=name)
+
+
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = GPT(tiny_config(tie_weights=False))
     optimizer = gpt.make_optimizer(model, gpt.make_config({"optimizer": "muon"}), gpt.setup_device("cpu"))

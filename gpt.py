@@ -1673,9 +1673,11 @@ def num_params(model: GPT, non_embedding: bool = True) -> int:
 
 def flops_per_token(model: GPT, seq_len: int | None = None) -> float:
     """Training FLOPs per token (forward + backward): 6 per parameter (2 forward, 4 backward) plus the
-    attention scores and weighted sums, 12 * n_layer * n_embd * T (PaLM paper, appendix B)."""
+    attention scores and weighted sums, 12 * n_layer * n_embd * T (PaLM paper, appendix B). An untied token
+    embedding is a table lookup, not a matmul: only the output layer's copy of the vocabulary counts."""
     c = model.config
-    return 6 * num_params(model) + 12 * c.n_layer * c.n_embd * (seq_len or c.block_size)
+    lookup = 0 if c.tie_weights else c.vocab_size * c.n_embd
+    return 6 * (num_params(model) - lookup) + 12 * c.n_layer * c.n_embd * (seq_len or c.block_size)
 
 
 def synchronize(device: torch.device) -> None:

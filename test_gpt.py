@@ -1554,6 +1554,12 @@ def test_muon_orthogonalises_same_shaped_pieces_as_one_batch_with_the_same_resul
         torch.testing.assert_close(w.detach(), expected[name], msg=name)
 
 
+def test_flops_per_token_counts_an_untied_embedding_as_a_lookup():
+    tied, untied = GPT(tiny_config()), GPT(tiny_config(tie_weights=False))
+    assert gpt.num_params(untied) > gpt.num_params(tied)  # the output layer's own matrix
+    assert gpt.flops_per_token(untied) == gpt.flops_per_token(tied)  # the same matmuls
+
+
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = GPT(tiny_config(tie_weights=False))
     optimizer = gpt.make_optimizer(model, gpt.make_config({"optimizer": "muon"}), gpt.setup_device("cpu"))

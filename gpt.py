@@ -1662,7 +1662,7 @@ class MuonWithAdamW:
 
 def num_params(model: GPT, non_embedding: bool = True) -> int:
     """Parameters, counting a tied matrix once and no padding row. non_embedding drops the position table, as
-    the scaling-law papers do (the token embedding stays: it doubles as the output layer)."""
+    the scaling-law papers do (the token embedding stays: tied, it is the output layer too)."""
     n = sum(p.numel() for p in model.parameters())
     c = model.config
     n -= (c.padded_vocab_size - c.vocab_size) * c.n_embd * (1 if c.tie_weights else 2)  # padding rows
@@ -3877,11 +3877,12 @@ def read_preference_pairs(path: Path, tokenizer: Tokenizer, block_size: int) -> 
             if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in DPO_FIELDS):
                 raise ValueError(f"{where}: needs the string fields prompt, chosen and rejected; fix the "
                                  f"line")
-            prompt, end = [eot] + tokenizer.encode_ordinary(item["prompt"]), [eot]
             if chat:  # the prompt as a user turn, the answers as the assistant's: the format --chat speaks
                 prompt = tokenizer.render_chat([{"role": "user", "content": item["prompt"]}])[0] + \
                     [tokenizer.special_tokens["<|assistant|>"]]
                 end = [tokenizer.special_tokens[CHAT_END]]
+            else:
+                prompt, end = [eot] + tokenizer.encode_ordinary(item["prompt"]), [eot]
             if len(prompt) > block_size:
                 raise ValueError(f"{where}: the prompt is {len(prompt) - 1} tokens, which leaves no room for "
                                  f"an answer in --block_size={block_size}: shorten it or raise --block_size")
